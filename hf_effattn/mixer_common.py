@@ -1,0 +1,90 @@
+"""Pieces shared by the mixers: padding masks, the short causal convolution, the gated output norm."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def current_padding_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """The `[B, T]` bool mask (True = real token) of the current tokens, from a 2-D mask over the whole sequence."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    mask = attention_mask[:, -seq_len:].bool()
+    return None if bool(mask.all()) else mask
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None, num_keys: int, batch: int, device) -> torch.Tensor:
+    """`[B, num_keys]` bool validity of the last `num_keys` positions (cached window + current tokens)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return torch.ones(batch, num_keys, dtype=torch.bool, device=device)
+    mask = attention_mask[:, -num_keys:].bool()
+    if mask.shape[1] < num_keys:
+        # positions before the mask's start (the mask was cropped by the caller) are real tokens
+        mask = F.pad(mask, (num_keys - mask.shape[1], 0), value=True)
+    return mask
+
+
+def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zeroes padded positions of a `[B, T, ...]` tensor; `where` (not a product) so NaNs cannot leak through."""
+    if mask is None:
+        return x
+    return torch.where(mask.view(*mask.shape, *([1] * (x.dim() - 2))), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, as Llama's."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class ShortConvolution(nn.Module):
+    """Depthwise causal convolution followed by SiLU, with its last `kernel_size - 1` inputs kept in the cache."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+
+    def forward(self, x: torch.Tensor, past_key_values=None, layer_idx: int | None = None) -> torch.Tensor:
+        # x: [B, T, C]
+        seq_len = x.shape[1]
+        x = x.transpose(1, 2)
+        context = self.kernel_size - 1
+        if past_key_values is not None:
+            layer = past_key_values.layers[layer_idx]
+            had_state = layer.has_previous_state[0]
+            full = past_key_values.update_conv_state(x, layer_idx, conv_kernel_size=context)
+            if not had_state:
+                full = F.pad(x, (context, 0))
+        else:
+            full = F.pad(x, (context, 0))
+        y = F.conv1d(full, self.weight.to(x.dtype), groups=x.shape[1])[..., -seq_len:]
+        return F.silu(y).transpose(1, 2)
+
+
+class GatedOutput(nn.Module):
+    """Per-head RMSNorm of the mixer output, times a SiLU gate computed from the layer input (fla's o_norm/g_proj)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, use_norm: bool, use_gate: bool, eps: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.o_norm = RMSNorm(head_dim, eps=eps) if use_norm else None
+        self.g_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False) if use_gate else None
+
+    def forward(self, o: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        # o: [B, T, H, V] -> [B, T, H * V]
+        if self.o_norm is not None:
+            o = self.o_norm(o)
+        o = o.flatten(2)
+        if self.g_proj is not None:
+            o = o * F.silu(self.g_proj(hidden_states))
+        return o

@@ -1,0 +1,134 @@
+"""Linear-attention mixers with a fixed-size fp32 recurrent state: `gdn`, `deltanet`, `gla`.
+
+All three share q/k/v/o projections named as in the teacher (GQA-aware: keys/values are repeated over each query
+group, so every query head owns one `[K, V]` state), an optional short causal convolution, and a gated output norm.
+Padding never reaches the state: padded positions get zero keys, values, write strengths and decays.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mixer_common import GatedOutput, ShortConvolution, current_padding_mask, zero_padding
+from .ops_reference import chunk_linear_attention, recurrent_linear_attention
+
+# prompts up to this length run token by token at inference; longer ones run chunked
+RECURRENT_MAX_LEN = 64
+
+
+class LinearMixer(nn.Module):
+    use_delta_rule = True
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        options = config.mixer_config(layer_idx)
+        self.layer_idx = layer_idx
+        self.num_heads = options["num_heads"]
+        self.num_kv_heads = options["num_kv_heads"]
+        self.head_dim = options["head_dim"]
+        self.chunk_size = options["chunk_size"]
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        conv_channels = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.conv1d = ShortConvolution(conv_channels, options["conv_size"]) if options["conv_size"] else None
+        self.output = GatedOutput(
+            hidden, self.num_heads, self.head_dim, options["output_norm"], options["output_gate"], config.rms_norm_eps
+        )
+
+    def gates(self, hidden_states: torch.Tensor):
+        """(g, beta): log decay `[B, T, H]` or `[B, T, H, K]` (or None) and write strength `[B, T, H]` (or None)."""
+        raise NotImplementedError
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, past_key_values=None, **kwargs):
+        batch, seq_len, _ = hidden_states.shape
+        mask = current_padding_mask(attention_mask, seq_len)
+        qkv = zero_padding(torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1), mask)
+        if self.conv1d is not None:
+            qkv = zero_padding(self.conv1d(qkv, past_key_values, self.layer_idx), mask)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        # [B, T, H, D], keys and values repeated over each query group
+        shape = (batch, seq_len, -1, self.head_dim)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+        if self.use_delta_rule:
+            # the delta rule is stable only for unit-norm keys
+            q, k = F.normalize(q.float(), dim=-1).to(q.dtype), F.normalize(k.float(), dim=-1).to(k.dtype)
+        g, beta = self.gates(hidden_states)
+        g, beta = (None if x is None else zero_padding(x, mask) for x in (g, beta))
+
+        initial_state = None
+        if past_key_values is not None:
+            layer = past_key_values.layers[self.layer_idx]
+            if layer.is_recurrent_states_initialized[0]:
+                initial_state = layer.recurrent_states[0]
+        use_recurrent = seq_len <= RECURRENT_MAX_LEN and not self.training
+        op_args = dict(g=g, beta=beta, initial_state=initial_state, output_final_state=past_key_values is not None)
+        if use_recurrent:
+            o, state = recurrent_linear_attention(q, k, v, **op_args)
+        else:
+            o, state = chunk_linear_attention(q, k, v, chunk_size=self.chunk_size, **op_args)
+        if past_key_values is not None:
+            past_key_values.update_recurrent_state(state, self.layer_idx)
+        return self.o_proj(self.output(o, hidden_states))
+
+
+class GatedDeltaNet(LinearMixer):
+    """Gated DeltaNet (Yang et al., 2024): delta rule with a per-head data-dependent decay, Mamba2-style."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.b_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+        self.a_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+        # decay = -exp(A_log) * softplus(a + dt_bias), as in Mamba2 and fla
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+
+    def reset_gate_parameters(self, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """fla's initialisation: A ~ U(1, 16), dt ~ logU(1e-3, 1e-1); returns (A_log, dt_bias) values."""
+        a = torch.empty(self.num_heads).uniform_(1, 16, generator=generator)
+        dt = torch.exp(torch.rand(self.num_heads, generator=generator) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+        # inverse softplus
+        return a.log(), dt + torch.log(-torch.expm1(-dt))
+
+    def gates(self, hidden_states):
+        beta = self.b_proj(hidden_states).float().sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        return g, beta
+
+
+class DeltaNet(LinearMixer):
+    """DeltaNet (Schlag et al., 2021; Yang et al., 2024): the delta rule without decay."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.b_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+
+    def gates(self, hidden_states):
+        return None, self.b_proj(hidden_states).float().sigmoid()
+
+
+class GatedLinearAttention(LinearMixer):
+    """GLA (Yang et al., 2023): linear attention with a per-channel data-dependent decay from a low-rank gate."""
+
+    use_delta_rule = False
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        options = config.mixer_config(layer_idx)
+        self.gate_normalizer = options["gate_normalizer"]
+        self.gk_proj = nn.Sequential(
+            nn.Linear(config.hidden_size, options["gate_rank"], bias=False),
+            nn.Linear(options["gate_rank"], self.num_heads * self.head_dim, bias=True),
+        )
+
+    def gates(self, hidden_states):
+        gk = self.gk_proj(hidden_states).float()
+        g = F.logsigmoid(gk) / self.gate_normalizer
+        return g.view(*gk.shape[:2], self.num_heads, self.head_dim), None

@@ -1,0 +1,125 @@
+"""`sliding`: causal sliding-window softmax attention with optional sink tokens and learned sink logits.
+
+The cache holds only the window (transformers' sliding-window cache layer) plus the sink tokens. Sink tokens
+are the first *real* tokens of each row, so left padding never changes what a row attends to.
+"""
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .mixer_common import RMSNorm, key_padding_mask
+from .ops_reference import sliding_window_attention
+
+
+def first_real_index(attention_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+    """`[B]` index of each row's first non-padding token (left padding)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return (attention_mask.long().cumsum(-1) == 0).sum(-1)
+
+
+def capture_sinks(sinks, keys, values, first_real, query_start: int, num_sinks: int):
+    """Copies sink tokens that fall inside the current tokens into the `(k, v, index)` sink buffers.
+
+    keys/values: `[B, T, Hkv, D]` of the current tokens at absolute indices `query_start ...`.
+    """
+    batch, seq_len = keys.shape[:2]
+    if sinks is None:
+        sinks = (
+            keys.new_zeros(batch, num_sinks, *keys.shape[2:]),
+            values.new_zeros(batch, num_sinks, *values.shape[2:]),
+            torch.full((batch, num_sinks), -1, dtype=torch.long, device=keys.device),
+        )
+    sink_k, sink_v, sink_index = sinks
+    target = first_real[:, None] + torch.arange(num_sinks, device=keys.device)
+    offset = target - query_start
+    inside = (offset >= 0) & (offset < seq_len)
+    gather = offset.clamp(0, max(seq_len - 1, 0))[..., None, None]
+    new_k = keys.gather(1, gather.expand(-1, -1, *keys.shape[2:]))
+    new_v = values.gather(1, gather.expand(-1, -1, *values.shape[2:]))
+    keep = inside[..., None, None]
+    return (
+        torch.where(keep, new_k, sink_k),
+        torch.where(keep, new_v, sink_v),
+        torch.where(inside, target, sink_index),
+    )
+
+
+class SlidingWindowAttention(nn.Module):
+    """Softmax attention over the last `window` tokens, plus `sink_tokens` first tokens and optional sink logits."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        options = config.mixer_config(layer_idx)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.window = options["window"]
+        self.num_sinks = options["sink_tokens"]
+        self.chunk_size = options["chunk_size"]
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        # gpt-oss style: one learned logit per head joins every softmax denominator
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if options["sink_logits"] else None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        query_start: int = 0,
+        **kwargs,
+    ) -> torch.Tensor:
+        batch, seq_len = hidden_states.shape[:2]
+        hidden_shape = (batch, seq_len, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape)
+        k = self.k_proj(hidden_states).view(hidden_shape)
+        v = self.v_proj(hidden_states).view(hidden_shape)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        # rope in [B, T, H, D] layout
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+
+        first_real = first_real_index(attention_mask, batch, hidden_states.device)
+        sinks = None
+        layer = None
+        if past_key_values is not None:
+            layer = past_key_values.layers[self.layer_idx]
+            sinks = getattr(layer, "effattn_sinks", None)
+            # [B, Hkv, P + T, D]: the cached window followed by the current tokens
+            k_all, v_all = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
+        else:
+            k_all, v_all = k, v
+        if self.num_sinks:
+            sinks = capture_sinks(sinks, k, v, first_real, query_start, self.num_sinks)
+            if layer is not None:
+                layer.effattn_sinks = sinks
+        key_valid = key_padding_mask(attention_mask, k_all.shape[1], batch, k.device)
+        o = sliding_window_attention(
+            q,
+            k_all,
+            v_all,
+            window=self.window,
+            scale=self.scaling,
+            key_valid=key_valid,
+            query_start=query_start,
+            sink_k=sinks[0] if sinks else None,
+            sink_v=sinks[1] if sinks else None,
+            sink_index=sinks[2] if sinks else None,
+            sink_logits=self.sinks,
+            chunk_size=self.chunk_size,
+        )
+        return self.o_proj(o.flatten(2))

@@ -1,0 +1,243 @@
+"""EffAttnModel / EffAttnForCausalLM: a Llama-family decoder whose token mixer is chosen per layer.
+
+Every mixer lives at `model.layers.{i}.self_attn` with the teacher's projection names, so a Llama, Mistral,
+Qwen2 or Qwen3 checkpoint maps onto it 1:1. This file and its siblings import only torch and transformers:
+they are copied, flat, into every saved checkpoint (remote code).
+"""
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding
+
+from .configuration_effattn import EffAttnConfig
+from .mixer_common import RMSNorm, ShortConvolution
+from .mixer_full import FullAttention
+from .mixer_hedgehog import HedgehogAttention, HedgehogFeatureMap
+from .mixer_linear import DeltaNet, GatedDeltaNet, GatedLinearAttention
+from .mixer_sliding import SlidingWindowAttention
+
+MIXER_CLASSES = {
+    "full": FullAttention,
+    "sliding": SlidingWindowAttention,
+    "gdn": GatedDeltaNet,
+    "deltanet": DeltaNet,
+    "gla": GatedLinearAttention,
+    "hedgehog": HedgehogAttention,
+}
+
+
+class EffAttnDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: EffAttnConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_type = config.mixer_types[layer_idx]
+        self.self_attn = MIXER_CLASSES[self.mixer_type](config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
+        query_start: int = 0,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            query_start=query_start,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class EffAttnPreTrainedModel(PreTrainedModel):
+    config_class = EffAttnConfig
+    config: EffAttnConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EffAttnDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    # recurrent states cannot be rolled back, which assisted generation needs
+    _is_stateful = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, ShortConvolution):
+            bound = module.kernel_size**-0.5
+            init.uniform_(module.weight, -bound, bound)
+        elif isinstance(module, HedgehogFeatureMap):
+            heads, head_dim, feature_dim = module.weight.shape
+            eye = torch.eye(head_dim, feature_dim, device=module.weight.device).expand(heads, -1, -1)
+            init.copy_(module.weight, eye)
+        elif isinstance(module, GatedDeltaNet):
+            a_log, dt_bias = module.reset_gate_parameters()
+            init.copy_(module.A_log, a_log)
+            init.copy_(module.dt_bias, dt_bias)
+        elif isinstance(module, SlidingWindowAttention) and module.sinks is not None:
+            init.zeros_(module.sinks)
+
+
+def _past_length(past_key_values: Cache | None) -> int:
+    """Tokens already in the cache. All-linear caches have no attention layer to ask, so we count ourselves."""
+    if past_key_values is None:
+        return 0
+    seen = getattr(past_key_values, "effattn_seen_tokens", None)
+    if seen is not None:
+        return seen
+    if any(isinstance(layer, CacheLayerMixin) for layer in past_key_values.layers):
+        return past_key_values.get_seq_length()
+    return 0
+
+
+class EffAttnModel(EffAttnPreTrainedModel):
+    def __init__(self, config: EffAttnConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([EffAttnDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+        seq_len = inputs_embeds.shape[1]
+        past_length = _past_length(past_key_values)
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device).unsqueeze(0)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past_length + seq_len:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[1]} positions but the cache holds {past_length} tokens "
+                f"and {seq_len} are new: pass a 2-D mask over all {past_length + seq_len} positions."
+            )
+
+        full_mask = None
+        if "full" in self.config.mixer_types:
+            full_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                layer_idx=self.config.mixer_types.index("full"),
+            )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=full_mask if layer.mixer_type == "full" else attention_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                query_start=past_length,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        if past_key_values is not None:
+            past_key_values.effattn_seen_tokens = past_length + seq_len
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class EffAttnForCausalLM(EffAttnPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: EffAttnConfig):
+        super().__init__(config)
+        self.model = EffAttnModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+
+__all__ = ["EffAttnForCausalLM", "EffAttnModel", "EffAttnPreTrainedModel"]
