@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 AutoConfig.register(EffAttnConfig.model_type, EffAttnConfig, exist_ok=True)
 AutoModel.register(EffAttnConfig, EffAttnModel, exist_ok=True)
 AutoModelForCausalLM.register(EffAttnConfig, EffAttnForCausalLM, exist_ok=True)
+# save_pretrained then writes `auto_map` and copies the flat model files: every checkpoint is remote code
+EffAttnConfig.register_for_auto_class()
+EffAttnModel.register_for_auto_class("AutoModel")
+EffAttnForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 MIXER_KINDS = tuple(MIXER_LAYER_TYPES)
 

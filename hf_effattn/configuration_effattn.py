@@ -84,7 +84,8 @@ class EffAttnConfig(PretrainedConfig):
     r"""Configuration of an hf_effattn hybrid causal LM.
 
     Backbone arguments keep transformers' Llama names (`hidden_size`, `num_attention_heads`, `rope_parameters`...);
-    `attention_bias` covers Qwen2 and `qk_norm` Qwen3's per-head q/k RMSNorm.
+    `attention_bias` (q/k/v) with `attention_out_bias` (o, default: same) covers Qwen2, and `qk_norm`
+    Qwen3's per-head q/k RMSNorm.
 
     Args:
         mixer_types (`list[str]`): one of `full`, `sliding`, `gdn`, `deltanet`, `gla`, `hedgehog` per layer
@@ -118,6 +119,7 @@ class EffAttnConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         rope_parameters: dict | None = None,
         attention_bias: bool = False,
+        attention_out_bias: bool | None = None,
         attention_dropout: float = 0.0,
         mlp_bias: bool = False,
         qk_norm: bool = False,
@@ -144,6 +146,8 @@ class EffAttnConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
         self.attention_bias = attention_bias
+        # Qwen2 has biases on q/k/v only; Llama's attention_bias covers o_proj too
+        self.attention_out_bias = attention_bias if attention_out_bias is None else attention_out_bias
         self.attention_dropout = attention_dropout
         self.mlp_bias = mlp_bias
         self.qk_norm = qk_norm

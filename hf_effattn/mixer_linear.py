@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer_common import GatedOutput, ShortConvolution, current_padding_mask, zero_padding
+from .mixer_common import GatedOutput, RMSNorm, ShortConvolution, current_padding_mask, zero_padding
 from .ops_reference import chunk_linear_attention, recurrent_linear_attention
 
 # prompts up to this length run token by token at inference; longer ones run chunked
@@ -33,7 +33,12 @@ class LinearMixer(nn.Module):
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.attention_out_bias)
+        # Qwen3's per-head q/k RMSNorm, kept so converted weights keep their meaning
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         conv_channels = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.conv1d = ShortConvolution(conv_channels, options["conv_size"]) if options["conv_size"] else None
         self.output = GatedOutput(
@@ -47,7 +52,11 @@ class LinearMixer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, past_key_values=None, **kwargs):
         batch, seq_len, _ = hidden_states.shape
         mask = current_padding_mask(attention_mask, seq_len)
-        qkv = zero_padding(torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1), mask)
+        q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
+        if self.qk_norm:
+            q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(2)
+            k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(2)
+        qkv = zero_padding(torch.cat([q, k, self.v_proj(hidden_states)], dim=-1), mask)
         if self.conv1d is not None:
             qkv = zero_padding(self.conv1d(qkv, past_key_values, self.layer_idx), mask)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
