@@ -1,0 +1,53 @@
+"""Shared fixtures: a fixed seed for every test and a factory for tiny EffAttn configs."""
+
+import pytest
+import torch
+
+from hf_effattn import EffAttnConfig
+
+# small windows and chunks so that windows slide, sinks leave the window and chunked paths run on short inputs
+TINY_MIXER_OPTIONS = {
+    "sliding": {"window": 8, "sink_tokens": 2, "sink_logits": True, "chunk_size": 16},
+    "hedgehog": {"window": 6, "chunk_size": 16},
+    "gdn": {"chunk_size": 16},
+    "deltanet": {"chunk_size": 16},
+    "gla": {"chunk_size": 16},
+}
+
+
+def make_tiny_config(mixer_types, mixer_options=None, **backbone) -> EffAttnConfig:
+    """A 64-wide, 4-head (2 kv heads) config, one layer per entry of `mixer_types`.
+
+    `mixer_options` are merged over `TINY_MIXER_OPTIONS` kind by kind; other keywords override the backbone.
+    """
+    options = {kind: dict(values) for kind, values in TINY_MIXER_OPTIONS.items()}
+    for kind, values in (mixer_options or {}).items():
+        options.setdefault(kind, {}).update(values)
+    kwargs = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=len(mixer_types),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        # larger than the default 0.02 so that every mixer visibly moves the logits
+        initializer_range=0.1,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    kwargs.update(backbone)
+    return EffAttnConfig(mixer_types=list(mixer_types), mixer_options=options, **kwargs)
+
+
+@pytest.fixture
+def tiny_config():
+    """`tiny_config(mixer_types, mixer_options=None, **backbone)` -> EffAttnConfig."""
+    return make_tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    torch.manual_seed(0)
+    yield
