@@ -36,8 +36,13 @@ def embedded_teacher_path() -> Path:
 
 
 def _require_gguf(path: Path) -> None:
-    if importlib.util.find_spec("gguf") is None:
-        raise TeacherError(f"Loading {path.name} needs the `gguf` package: run `pip install gguf`.")
+    # transformers dequantizes GGUF files with gguf and places the weights with accelerate
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise TeacherError(
+            f"Loading {path.name} needs the {' and '.join(missing)} package(s): run `pip install {' '.join(missing)}` "
+            "(or `pip install hf_effattn[gguf]`)."
+        )
 
 
 def check_family(config) -> None:

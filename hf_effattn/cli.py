@@ -14,15 +14,19 @@ import time
 EFFICIENT_MIXERS = ("gdn", "deltanet", "gla", "hedgehog", "sliding")
 
 
+def _parse_layer_list(text: str) -> list[int]:
+    try:
+        return sorted({int(item) for item in text.split(",") if item.strip()})
+    except ValueError:
+        raise SystemExit(f"--full-layers must be 'uniform' or a comma-separated list of layer indices, got {text!r}.")
+
+
 def _parse_full_layers(text: str, num_layers: int, share: float) -> list[int]:
     from hf_effattn.conversion import select_full_layers
 
     if text == "uniform":
         return select_full_layers(num_layers, share)
-    try:
-        layers = sorted({int(item) for item in text.split(",") if item.strip()})
-    except ValueError:
-        raise SystemExit(f"--full-layers must be 'uniform' or a comma-separated list of layer indices, got {text!r}.")
+    layers = _parse_layer_list(text)
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
         raise SystemExit(f"--full-layers {bad} out of range: the teacher has layers 0..{num_layers - 1}.")
@@ -49,6 +53,8 @@ def cmd_convert(args) -> int:
 
     if not 0.0 <= args.full_share <= 1.0:
         raise SystemExit(f"--full-share must be within [0, 1], got {args.full_share}.")
+    if args.full_layers != "uniform":
+        _parse_layer_list(args.full_layers)
     started = time.time()
     print(f"loading teacher: {args.teacher or 'embedded SmolLM2-135M-Instruct'}", flush=True)
     teacher, tokenizer, hub_id = load_teacher(args.teacher)
