@@ -53,6 +53,8 @@ def _check_option(kind: str, key: str, value) -> None:
         raise ValueError(f"{where} = {value!r} is invalid: expected a positive integer.")
     if key in _NON_NEGATIVE_INTS and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ValueError(f"{where} = {value!r} is invalid: expected an integer >= 0 (0 turns it off).")
+    if key == "window" and value == 1:
+        raise ValueError(f"{where} = 1 is invalid: a window must hold at least 2 tokens (the token itself and one more).")
     if key == "conv_size" and value == 1:
         raise ValueError(f"{where} = 1 is invalid: a causal convolution needs a kernel of 2 or more (0 turns it off).")
     if key in _BOOLS and not isinstance(value, bool):

@@ -102,6 +102,21 @@ class EffAttnPreTrainedModel(PreTrainedModel):
             init.zeros_(module.sinks)
 
 
+class EffAttnCache(DynamicCache):
+    """A `DynamicCache` that also knows its length when every layer is linear (no attention layer to ask)."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if not any(isinstance(layer, CacheLayerMixin) for layer in self.layers):
+            return getattr(self, "effattn_seen_tokens", 0)
+        return super().get_seq_length(layer_idx)
+
+    @property
+    def is_compileable(self) -> bool:
+        # all-linear caches would otherwise report True: generate would then turn the 2-D padding mask into a 4-D one
+        # (which needs attention layers) and auto-compile the forward on GPU
+        return False
+
+
 def _past_length(past_key_values: Cache | None) -> int:
     """Tokens already in the cache. All-linear caches have no attention layer to ask, so we count ourselves."""
     if past_key_values is None:
@@ -147,8 +162,10 @@ class EffAttnModel(EffAttnPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        # training never reads a cache back (and gradient checkpointing cannot keep one)
+        use_cache = use_cache and not (self.training and past_key_values is None)
         if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = EffAttnCache(config=self.config)
         if not use_cache:
             past_key_values = None
         seq_len = inputs_embeds.shape[1]
@@ -197,6 +214,13 @@ class EffAttnForCausalLM(EffAttnPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        # generate builds a plain DynamicCache, which cannot report its length when all layers are linear
+        if type(cache) is DynamicCache and not any(isinstance(layer, CacheLayerMixin) for layer in cache.layers):
+            model_kwargs["past_key_values"] = EffAttnCache(config=self.config.get_text_config(decoder=True))
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

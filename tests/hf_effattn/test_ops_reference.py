@@ -61,24 +61,30 @@ def linear_inputs(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, s
 
 
 # (T, H, HV, K, V, chunk_size, strong_decay)
+LINEAR_SHAPES = [
+    ("T1-H2-HV4", (1, 2, 4, 16, 16, 16, False)),
+    ("T63-H2-HV4-C16", (63, 2, 4, 16, 16, 16, False)),
+    ("T63-H4-HV4-C64", (63, 4, 4, 16, 16, 64, False)),
+    ("T257-H2-HV4-C64", (257, 2, 4, 16, 16, 64, False)),
+    ("T257-H2-HV6-C16", (257, 2, 6, 16, 8, 16, False)),
+    ("T101-H2-HV4-K13-V7-C24", (101, 2, 4, 13, 7, 24, False)),
+    ("T257-H2-HV4-C64-strongdecay", (257, 2, 4, 16, 16, 64, True)),
+]
 LINEAR_CASES = [
-    pytest.param(1, 2, 4, 16, 16, 16, False, id="T1-H2-HV4"),
-    pytest.param(63, 2, 4, 16, 16, 16, False, id="T63-H2-HV4-C16"),
-    pytest.param(63, 4, 4, 16, 16, 64, False, id="T63-H4-HV4-C64"),
-    pytest.param(257, 2, 4, 16, 16, 64, False, id="T257-H2-HV4-C64"),
-    pytest.param(257, 2, 6, 16, 8, 16, False, id="T257-H2-HV6-C16"),
-    pytest.param(101, 2, 4, 13, 7, 24, False, id="T101-H2-HV4-K13-V7-C24"),
-    pytest.param(257, 2, 4, 16, 16, 64, True, id="T257-H2-HV4-C64-strongdecay"),
+    pytest.param(variant, *shape, id=f"{variant}-{name}")
+    for name, shape in LINEAR_SHAPES
+    for variant in VARIANTS
+    # deltanet has no decay to make strong
+    if not (shape[-1] and variant == "deltanet")
 ]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("seq_len, heads, v_heads, key_dim, value_dim, chunk_size, strong_decay", LINEAR_CASES)
+@pytest.mark.parametrize(
+    "variant, seq_len, heads, v_heads, key_dim, value_dim, chunk_size, strong_decay", LINEAR_CASES
+)
 def test_linear_chunked_recurrent_naive_agree(
     variant, seq_len, heads, v_heads, key_dim, value_dim, chunk_size, strong_decay
 ):
-    if strong_decay and variant == "deltanet":
-        pytest.skip("deltanet has no decay")
     q, k, v, g, beta, s0 = linear_inputs(variant, 2, seq_len, heads, v_heads, key_dim, value_dim, strong_decay=strong_decay)
     args = dict(g=g, beta=beta, initial_state=s0, output_final_state=True)
     o_chunk, s_chunk = chunk_linear_attention(q, k, v, chunk_size=chunk_size, **args)
