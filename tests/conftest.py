@@ -47,6 +47,16 @@ def tiny_config():
     return make_tiny_config
 
 
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """One intra-op thread for tiny tensors: on a busy 2-core machine, OpenMP threads spinning for each other made
+    these tests 20-50x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seed():
     torch.manual_seed(0)

@@ -13,6 +13,8 @@ from transformers.cache_utils import (
 
 from hf_effattn import MIXER_KINDS, EffAttnConfig
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 EXPECTED_LAYER_TYPES = {
     "full": "full_attention",
     "sliding": "sliding_attention",
@@ -56,6 +58,16 @@ CONFIG_ERRORS = [
         dict(mixer_types=["hedgehog", "full"], mixer_options={"hedgehog": {"window": 0}}),
         ["mixer_options['hedgehog']['window']", "0"],
         id="hedgehog-window-zero",
+    ),
+    pytest.param(
+        dict(mixer_types=["sliding", "full"], mixer_options={"sliding": {"window": 1}}),
+        ["mixer_options['sliding']['window']", "1"],
+        id="sliding-window-one",
+    ),
+    pytest.param(
+        dict(mixer_types=["hedgehog", "full"], mixer_options={"hedgehog": {"window": 1}}),
+        ["mixer_options['hedgehog']['window']", "1"],
+        id="hedgehog-window-one",
     ),
     pytest.param(
         dict(mixer_options={"sliding": {"window": True}}),
@@ -124,9 +136,9 @@ def test_config_errors_name_field_and_value(kwargs, expected):
 def test_valid_edge_values_are_accepted():
     config = small(
         mixer_types=["sliding", "gdn"],
-        mixer_options={"sliding": {"window": 1, "sink_tokens": 0}, "gdn": {"conv_size": 0}},
+        mixer_options={"sliding": {"window": 2, "sink_tokens": 0}, "gdn": {"conv_size": 0}},
     )
-    assert config.mixer_options["sliding"]["window"] == 1
+    assert config.mixer_options["sliding"]["window"] == 2
     assert config.mixer_options["gdn"]["conv_size"] == 0
 
 

@@ -7,6 +7,8 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from hf_effattn import MIXER_KINDS, EffAttnForCausalLM
 from hf_effattn.mixer_sliding import SlidingWindowAttention
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 DECODE_TOL = 2e-3
 
 # a model whose layers use the kind, with one full layer between; plus a hybrid of all six kinds
@@ -103,9 +105,9 @@ def left_pad(prompts, pad_id=0):
     return input_ids, attention_mask
 
 
-@pytest.mark.parametrize("layout", LAYOUT_IDS)
+@pytest.mark.parametrize("layout", LAYOUT_IDS + ["all-linear"])
 def test_batched_left_padded_generate_matches_each_prompt_alone(tiny_config, layout):
-    model = build_model(tiny_config, LAYOUTS[layout])
+    model = build_model(tiny_config, ["gdn", "deltanet", "gla"] if layout == "all-linear" else LAYOUTS[layout])
     # one prompt longer than 64 tokens: the padded batch prefill takes the chunked path
     prompts = [random_ids(1, length, seed=length)[0] for length in (5, 12, 3, 70)]
     input_ids, attention_mask = left_pad(prompts)
@@ -144,7 +146,16 @@ def test_greedy_generate_matches_manual_argmax_decode(tiny_config):
 def test_all_linear_model_generates_with_cache(tiny_config, mixer_types):
     model = build_model(tiny_config, mixer_types)
     prompt = random_ids(1, 9, seed=3)
-    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6)
+    lengths = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6)
+    finally:
+        hook.remove()
+    # the prompt once, then one token per step: the cache carries the recurrent states
+    assert lengths == [9] + [1] * 5
     sequence = prompt
     with torch.no_grad():
         for _ in range(6):
@@ -159,6 +170,7 @@ def test_window_of_one_is_rejected(tiny_config):
         build_model(tiny_config, ["hedgehog", "full"], {"hedgehog": {"window": 1}})
 
 
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*deprecated:FutureWarning")
 def test_gradient_checkpointing_same_loss_and_finite_grads(tiny_config):
     model = build_model(tiny_config, LAYOUTS["hybrid"])
     # longer than chunk_size and not a multiple of it: training takes the chunked paths with a padded tail

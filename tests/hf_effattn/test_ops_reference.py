@@ -12,6 +12,8 @@ from hf_effattn.ops_reference import (
     sliding_window_attention,
 )
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
 TOL = 1e-5
 
 
