@@ -59,7 +59,7 @@ def _check_option(kind: str, key: str, value) -> None:
         raise ValueError(f"{where} = 1 is invalid: a causal convolution needs a kernel of 2 or more (0 turns it off).")
     if key in _BOOLS and not isinstance(value, bool):
         raise ValueError(f"{where} = {value!r} is invalid: expected true or false.")
-    if key == "gate_normalizer" and (not isinstance(value, (int, float)) or value <= 0):
+    if key == "gate_normalizer" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
         raise ValueError(f"{where} = {value!r} is invalid: expected a positive number.")
 
 
@@ -153,7 +153,8 @@ class EffAttnConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
         self.mlp_bias = mlp_bias
         self.qk_norm = qk_norm
-        self.rope_parameters = rope_parameters
+        # a copy: the caller's dict is never modified
+        self.rope_parameters = dict(rope_parameters) if rope_parameters is not None else None
         self.mixer_types = list(mixer_types) if mixer_types is not None else ["full"] * num_hidden_layers
         self.mixer_options = resolve_mixer_options(mixer_options)
         self._validate_backbone()

@@ -244,3 +244,15 @@ def test_dynamic_cache_builds_one_layer_per_mixer():
         assert type(layer) is EXPECTED_CACHE_LAYERS[kind], f"layer {index} ({kind}): {type(layer).__name__}"
         if kind in ("sliding", "hedgehog"):
             assert layer.sliding_window == 8
+
+
+def test_rope_parameters_argument_is_not_modified():
+    rope = {"rope_theta": 5e4}
+    config = small(rope_parameters=rope)
+    assert rope == {"rope_theta": 5e4}
+    assert config.rope_parameters == {"rope_theta": 5e4, "rope_type": "default"}
+
+
+def test_boolean_gate_normalizer_is_rejected():
+    with pytest.raises(ValueError, match=r"mixer_options\['gla'\]\['gate_normalizer'\] = True"):
+        small(mixer_types=["gla", "full"], mixer_options={"gla": {"gate_normalizer": True}})
