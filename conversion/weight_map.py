@@ -10,7 +10,6 @@ import re
 import torch
 
 from hf_effattn import EffAttnConfig, EffAttnForCausalLM
-from hf_effattn.configuration_effattn import MIXER_LAYER_TYPES
 
 from .teachers import TeacherError, check_family
 
@@ -142,9 +141,6 @@ def effattn_from_teacher(teacher, mixer_types=None, mixer_options=None, dtype=to
     decays, convolutions, feature maps) keep their initialisation. Returns `(model, new_parameter_names)`.
     """
     config = config_from_teacher(teacher.config, mixer_types, mixer_options, **overrides)
-    for index, kind in enumerate(config.mixer_types):
-        if kind not in MIXER_LAYER_TYPES:
-            raise ValueError(f"mixer_types[{index}] = {kind!r} is not a known mixer kind.")
     state = map_teacher_state_dict(teacher.state_dict(), config.num_hidden_layers, config.tie_word_embeddings)
     model = EffAttnForCausalLM(config).to(dtype)
     student = model.state_dict()

@@ -102,11 +102,16 @@ class EffAttnPreTrainedModel(PreTrainedModel):
             init.zeros_(module.sinks)
 
 
+def _has_attention_layer(cache: Cache) -> bool:
+    """Whether any layer of `cache` tracks tokens (an attention layer) rather than only recurrent states."""
+    return any(isinstance(layer, CacheLayerMixin) for layer in cache.layers)
+
+
 class EffAttnCache(DynamicCache):
     """A `DynamicCache` that also knows its length when every layer is linear (no attention layer to ask)."""
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        if not any(isinstance(layer, CacheLayerMixin) for layer in self.layers):
+        if not _has_attention_layer(self):
             return getattr(self, "effattn_seen_tokens", 0)
         return super().get_seq_length(layer_idx)
 
@@ -124,7 +129,7 @@ def _past_length(past_key_values: Cache | None) -> int:
     seen = getattr(past_key_values, "effattn_seen_tokens", None)
     if seen is not None:
         return seen
-    if any(isinstance(layer, CacheLayerMixin) for layer in past_key_values.layers):
+    if _has_attention_layer(past_key_values):
         return past_key_values.get_seq_length()
     return 0
 
@@ -219,7 +224,7 @@ class EffAttnForCausalLM(EffAttnPreTrainedModel, GenerationMixin):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
         # generate builds a plain DynamicCache, which cannot report its length when all layers are linear
-        if type(cache) is DynamicCache and not any(isinstance(layer, CacheLayerMixin) for layer in cache.layers):
+        if type(cache) is DynamicCache and not _has_attention_layer(cache):
             model_kwargs["past_key_values"] = EffAttnCache(config=self.config.get_text_config(decoder=True))
 
     def get_input_embeddings(self):

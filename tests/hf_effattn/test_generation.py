@@ -130,16 +130,21 @@ def test_batched_left_padded_generate_matches_each_prompt_alone(tiny_config, lay
     assert len({tuple(seq[-new_tokens:].tolist()) for seq in batched.sequences}) > 1
 
 
+def greedy_without_cache(model, prompt, new_tokens):
+    """Greedy decoding by a full forward over the whole sequence at every step: no cache involved."""
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            next_token = model(sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_token], dim=1)
+    return sequence
+
+
 def test_greedy_generate_matches_manual_argmax_decode(tiny_config):
     model = build_model(tiny_config, LAYOUTS["hybrid"])
     prompt = random_ids(1, 11, seed=5)
     generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8)
-    sequence = prompt
-    with torch.no_grad():
-        for _ in range(8):
-            next_token = model(sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            sequence = torch.cat([sequence, next_token], dim=1)
-    assert torch.equal(generated, sequence)
+    assert torch.equal(generated, greedy_without_cache(model, prompt, 8))
 
 
 @pytest.mark.parametrize("mixer_types", [["gdn", "gdn"], ["gdn", "deltanet", "gla"]], ids=["all-gdn", "gdn-deltanet-gla"])
@@ -156,12 +161,7 @@ def test_all_linear_model_generates_with_cache(tiny_config, mixer_types):
         hook.remove()
     # the prompt once, then one token per step: the cache carries the recurrent states
     assert lengths == [9] + [1] * 5
-    sequence = prompt
-    with torch.no_grad():
-        for _ in range(6):
-            next_token = model(sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            sequence = torch.cat([sequence, next_token], dim=1)
-    assert torch.equal(generated, sequence)
+    assert torch.equal(generated, greedy_without_cache(model, prompt, 6))
 
 
 def test_window_of_one_is_rejected(tiny_config):
