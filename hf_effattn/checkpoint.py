@@ -41,7 +41,7 @@ def check_remote_code(folder: str | os.PathLike) -> None:
 
 
 def save_checkpoint(model, output_dir: str | os.PathLike, tokenizer=None, extra_files: dict | None = None) -> Path:
-    """Writes `model` (and its tokenizer, and `extra_files` {name: text}) to `output_dir` atomically.
+    """Writes `model` (and its tokenizer, and `extra_files` {name: text or bytes}) to `output_dir` atomically.
 
     Everything is written to a temporary sibling folder first, checked, then renamed into place, so an interrupted
     save never leaves a folder that looks complete. An existing `output_dir` is replaced only after the new one is
@@ -59,8 +59,11 @@ def save_checkpoint(model, output_dir: str | os.PathLike, tokenizer=None, extra_
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text)
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, bytes):
+                (staging / name).write_bytes(content)
+            else:
+                (staging / name).write_text(content)
         check_remote_code(staging)
         if output_dir.exists():
             retired = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")

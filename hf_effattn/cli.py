@@ -1,7 +1,7 @@
 """`hf-effattn`: the command-line entry point.
 
     hf-effattn convert --output runs/smollm2-gdn            # embedded teacher, 25% full attention, GDN elsewhere
-    hf-effattn convert --teacher path/or/model.gguf --mixer sliding --full-share 0.5 --output DIR
+    hf-effattn convert --teacher path/or/model.gguf --mixer gla --full-share 0.5 --preset gpu --output DIR
     hf-effattn generate runs/smollm2-gdn --prompt "The capital of France is"
     hf-effattn info runs/smollm2-gdn
 """
@@ -9,28 +9,27 @@
 import argparse
 import json
 import sys
-import time
 
-EFFICIENT_MIXERS = ("gdn", "deltanet", "gla", "hedgehog", "sliding")
+from hf_effattn.conversion.recipe import EFFICIENT_MIXERS, PRESETS
 
 
-def _parse_layer_list(text: str) -> list[int]:
+
+def _parse_full_layers(text: str):
+    if text in ("auto", "uniform"):
+        return text
     try:
         return sorted({int(item) for item in text.split(",") if item.strip()})
     except ValueError:
-        raise SystemExit(f"--full-layers must be 'uniform' or a comma-separated list of layer indices, got {text!r}.")
+        raise SystemExit(f"--full-layers must be 'auto', 'uniform' or a comma-separated list of layer indices, got {text!r}.")
 
 
-def _parse_full_layers(text: str, num_layers: int, share: float) -> list[int]:
-    from hf_effattn.conversion import select_full_layers
-
-    if text == "uniform":
-        return select_full_layers(num_layers, share)
-    layers = _parse_layer_list(text)
-    bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad:
-        raise SystemExit(f"--full-layers {bad} out of range: the teacher has layers 0..{num_layers - 1}.")
-    return layers
+def _parse_lengths(text: str | None):
+    if text is None:
+        return None
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise SystemExit(f"expected comma-separated token counts such as 512,1024, got {text!r}.")
 
 
 def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
@@ -48,47 +47,40 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 
 def cmd_convert(args) -> int:
-    from hf_effattn.checkpoint import save_checkpoint
-    from hf_effattn.conversion import effattn_from_teacher, load_teacher
+    from hf_effattn.conversion.pipeline import convert
+    from hf_effattn.conversion.recipe import make_recipe
 
-    if not 0.0 <= args.full_share <= 1.0:
-        raise SystemExit(f"--full-share must be within [0, 1], got {args.full_share}.")
-    if args.full_layers != "uniform":
-        _parse_layer_list(args.full_layers)
-    started = time.time()
-    print(f"loading teacher: {args.teacher or 'embedded SmolLM2-135M-Instruct'}", flush=True)
-    teacher, tokenizer, hub_id = load_teacher(args.teacher)
-    num_layers = teacher.config.num_hidden_layers
-    full_layers = _parse_full_layers(args.full_layers, num_layers, args.full_share)
-    mixer_types = ["full" if i in full_layers else args.mixer for i in range(num_layers)]
-    model, new_parameters = effattn_from_teacher(teacher, mixer_types=mixer_types)
-    print(f"layout ({num_layers} layers): " + " ".join("F" if kind == "full" else kind[0].upper() for kind in mixer_types))
-    print(f"full attention in layers {full_layers}; {args.mixer} elsewhere")
-    print(
-        f"WARNING: the {len(mixer_types) - len(full_layers)} {args.mixer} layers are UNTRAINED: they start from the "
-        f"teacher's q/k/v/o weights, but {len(new_parameters)} new mixer tensors (gates, decays, convolutions, "
-        "feature maps) are freshly initialised and no distillation has run yet, so the hybrid's output is degraded."
+    recipe = make_recipe(
+        args.preset,
+        mixer=args.mixer,
+        full_share=args.full_share,
+        full_layers=_parse_full_layers(args.full_layers) if args.full_layers else None,
+        window=args.window,
+        sink_tokens=args.sink_tokens,
+        data=args.data,
+        stage1_steps=args.stage1_steps,
+        stage2_steps=args.stage2_steps,
+        stage2_seq_lens=_parse_lengths(args.seq_lens),
+        lora_r=args.lora_r,
+        batch_size=args.batch_size,
+        save_every=args.save_every,
+        seed=args.seed,
+        precision=args.precision,
+        eval_lengths=_parse_lengths(args.eval_lengths),
     )
-    report = {
-        "teacher": hub_id,
-        "mixer_types": mixer_types,
-        "full_layers": full_layers,
-        "new_parameters": new_parameters,
-        "distilled": False,
-    }
-    readme = (
-        f"# {args.output}\n\nAn hf_effattn hybrid built from `{hub_id}`: {len(full_layers)} of {num_layers} layers keep "
-        f"full attention ({full_layers}), the others use `{args.mixer}`.\n\n**Not distilled**: the efficient layers "
-        "are initialised from the teacher's attention weights only; expect degraded quality.\n"
-    )
-    path = save_checkpoint(
-        model, args.output, tokenizer, {"conversion_report.json": json.dumps(report, indent=2) + "\n", "README.md": readme}
-    )
-    print(f"saved remote-code checkpoint to {path} ({time.time() - started:.0f} s)")
+    path = convert(args.teacher, args.output, recipe, overwrite=args.overwrite, keep_work=args.keep_work)
+    report = json.loads((path / "conversion_report.json").read_text())
+    quality = report["quality"]
+    if "perplexity" in quality:
+        ppl = quality["perplexity"]
+        print(f"held-out perplexity: teacher {ppl['teacher']:.3f}, hybrid {ppl['hybrid']:.3f} ({ppl['ratio']:.3f}x)")
+    for length, result in quality.get("passkey", {}).get("hybrid", {}).items():
+        teacher = quality["passkey"]["teacher"][length]
+        print(f"passkey at {length} tokens: teacher {teacher['correct']}/{teacher['total']}, "
+              f"hybrid {result['correct']}/{result['total']}")
     if args.max_new_tokens > 0:
-        print(f"\nprompt: {args.prompt}")
-        print(f"teacher: {_generate(teacher, tokenizer, args.prompt, args.max_new_tokens)}")
-        print(f"hybrid (untrained {args.mixer} layers): {_generate(model, tokenizer, args.prompt, args.max_new_tokens)}")
+        model, tokenizer = _load(str(path))
+        print(f"\nprompt: {args.prompt}\nhybrid: {_generate(model, tokenizer, args.prompt, args.max_new_tokens)}")
     return 0
 
 
@@ -119,15 +111,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-effattn", description="Efficient-attention hybrids for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    convert = sub.add_parser("convert", help="build a hybrid from a teacher checkpoint")
+    convert = sub.add_parser("convert", help="distill a teacher checkpoint into a hybrid")
     convert.add_argument("--teacher", default=None,
                          help="checkpoint folder, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct)")
-    convert.add_argument("--mixer", default="gdn", choices=EFFICIENT_MIXERS, help="replacement mixer (default: gdn)")
-    convert.add_argument("--full-share", type=float, default=0.25,
-                         help="share of layers kept as full attention, 0..1 (default: 0.25)")
-    convert.add_argument("--full-layers", default="uniform",
-                         help="'uniform' (evenly spaced) or a comma-separated list of layer indices")
     convert.add_argument("--output", required=True, help="folder for the checkpoint")
+    convert.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                         help="recipe preset: cpu (default, ~20 min for a 135M teacher on 2 cores), gpu, smoke")
+    convert.add_argument("--mixer", default=None, choices=EFFICIENT_MIXERS, help="replacement mixer (default: gdn)")
+    convert.add_argument("--full-share", type=float, default=None,
+                         help="share of layers kept as full attention, 0..1 (default: 0.25)")
+    convert.add_argument("--full-layers", default=None,
+                         help="'auto' (default: most sensitive layers), 'uniform', or comma-separated indices")
+    convert.add_argument("--window", type=int, default=None,
+                         help="softmax window inside each replaced layer, 0 for none (default: 64)")
+    convert.add_argument("--sink-tokens", type=int, default=None, help="sink tokens of that window (default: 4)")
+    convert.add_argument("--data", default=None,
+                         help="'stdlib' (default), a .txt/.jsonl file or folder, or hf:NAME[:CONFIG]")
+    convert.add_argument("--stage1-steps", type=int, default=None, help="attention-transfer steps")
+    convert.add_argument("--stage2-steps", type=int, default=None, help="logit-distillation steps")
+    convert.add_argument("--seq-lens", default=None, help="stage-2 sequence-length schedule, e.g. 512,1024")
+    convert.add_argument("--lora-r", type=int, default=None, help="LoRA rank of stage 2, 0 for full fine-tuning")
+    convert.add_argument("--batch-size", type=int, default=None)
+    convert.add_argument("--save-every", type=int, default=None, help="checkpoint interval in steps")
+    convert.add_argument("--seed", type=int, default=None)
+    convert.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
+    convert.add_argument("--eval-lengths", default=None, help="passkey lengths of the final check, e.g. 1024,2048")
+    convert.add_argument("--overwrite", action="store_true", help="replace a finished conversion in --output")
+    convert.add_argument("--keep-work", action="store_true", help="keep the work folder (checkpoints) at the end")
     convert.add_argument("--prompt", default="What is the capital of France?", help="sample prompt shown at the end")
     convert.add_argument("--max-new-tokens", type=int, default=24, help="tokens for the sample (0 = no sample)")
     convert.set_defaults(func=cmd_convert)
@@ -146,11 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from hf_effattn.conversion.distill import ConversionError
     from hf_effattn.conversion.teachers import TeacherError
 
     try:
         return args.func(args)
-    except (TeacherError, ValueError) as error:
+    except (TeacherError, ConversionError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

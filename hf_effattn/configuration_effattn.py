@@ -21,15 +21,19 @@ MIXER_LAYER_TYPES = {
 }
 
 _LINEAR_HEADS = {"num_heads": None, "num_kv_heads": None, "head_dim": None}
+# an optional softmax window (plus sink tokens) inside a linear layer; 0 turns it off
+_LINEAR_WINDOW = {"window": 0, "sink_tokens": 0}
+LINEAR_KINDS = ("gdn", "deltanet", "gla")
 
 # defaults per mixer kind; `None` means "take it from the backbone" (heads, head_dim, feature size)
 MIXER_DEFAULTS = {
     "full": {},
     "sliding": {"window": 512, "sink_tokens": 4, "sink_logits": False, "chunk_size": 64},
-    "gdn": {**_LINEAR_HEADS, "conv_size": 4, "chunk_size": 64, "output_gate": True, "output_norm": True},
-    "deltanet": {**_LINEAR_HEADS, "conv_size": 4, "chunk_size": 64, "output_gate": True, "output_norm": True},
+    "gdn": {**_LINEAR_HEADS, **_LINEAR_WINDOW, "conv_size": 4, "chunk_size": 64, "output_gate": True, "output_norm": True},
+    "deltanet": {**_LINEAR_HEADS, **_LINEAR_WINDOW, "conv_size": 4, "chunk_size": 64, "output_gate": True, "output_norm": True},
     "gla": {
         **_LINEAR_HEADS,
+        **_LINEAR_WINDOW,
         "conv_size": 0,
         "chunk_size": 64,
         "output_gate": True,
@@ -49,7 +53,10 @@ def _check_option(kind: str, key: str, value) -> None:
     where = f"mixer_options['{kind}']['{key}']"
     if value is None and key in _LINEAR_HEADS | {"feature_dim": None}:
         return
-    if key in _POSITIVE_INTS and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+    if key == "window" and kind in LINEAR_KINDS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{where} = {value!r} is invalid: expected an integer >= 0 (0: no softmax window).")
+    elif key in _POSITIVE_INTS and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ValueError(f"{where} = {value!r} is invalid: expected a positive integer.")
     if key in _NON_NEGATIVE_INTS and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
         raise ValueError(f"{where} = {value!r} is invalid: expected an integer >= 0 (0 turns it off).")
@@ -158,10 +165,17 @@ class EffAttnConfig(PretrainedConfig):
         self.mixer_types = list(mixer_types) if mixer_types is not None else ["full"] * num_hidden_layers
         self.mixer_options = resolve_mixer_options(mixer_options)
         self._validate_backbone()
-        self.layer_types = [MIXER_LAYER_TYPES[kind] for kind in self.mixer_types]
+        self._validate_linear_windows()
+        # a linear layer with a softmax window caches the window's keys/values next to its state
+        self.layer_types = [
+            "hybrid_sliding" if kind in LINEAR_KINDS and self.mixer_options[kind]["window"] else MIXER_LAYER_TYPES[kind]
+            for kind in self.mixer_types
+        ]
         # transformers builds sliding-window cache layers from one `sliding_window`; the cache keeps the largest
         # window in use and each mixer masks down to its own
-        windows = [self.mixer_options[kind]["window"] for kind in self.mixer_types if kind in ("sliding", "hedgehog")]
+        windowed = ("sliding", "hedgehog") + LINEAR_KINDS
+        windows = [self.mixer_options[kind]["window"] for kind in self.mixer_types if kind in windowed]
+        windows = [w for w in windows if w]
         self.sliding_window = max(windows) if windows else None
         super().__init__(
             pad_token_id=pad_token_id,
@@ -209,6 +223,20 @@ class EffAttnConfig(PretrainedConfig):
             if heads % kv_heads != 0:
                 raise ValueError(
                     f"mixer_options[{kind!r}]: num_heads = {heads} is not a multiple of num_kv_heads = {kv_heads}."
+                )
+
+    def _validate_linear_windows(self) -> None:
+        for kind in set(self.mixer_types) & set(LINEAR_KINDS):
+            options = self.mixer_options[kind]
+            if not options["window"]:
+                continue
+            heads = (options["num_heads"], options["num_kv_heads"], options["head_dim"])
+            backbone = (self.num_attention_heads, self.num_key_value_heads, self.head_dim)
+            if any(mine is not None and mine != theirs for mine, theirs in zip(heads, backbone)):
+                raise ValueError(
+                    f"mixer_options['{kind}'] sets window = {options['window']} with heads {heads} (num_heads, "
+                    f"num_kv_heads, head_dim) but the backbone has {backbone}: the softmax window runs on the "
+                    "backbone's attention heads, so leave the head options unset or set window = 0."
                 )
 
     def mixer_config(self, layer_idx: int) -> dict:

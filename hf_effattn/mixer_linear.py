@@ -3,6 +3,11 @@
 All three share q/k/v/o projections named as in the teacher (GQA-aware: keys/values are repeated over each query
 group, so every query head owns one `[K, V]` state), an optional short causal convolution, and a gated output norm.
 Padding never reaches the state: padded positions get zero keys, values, write strengths and decays.
+
+With `window > 0` a mixer also runs exact softmax attention over its last `window` tokens (plus `sink_tokens` first
+tokens) with the same q/k/v, and adds the recurrent branch scaled per head by `recurrent_scale` (zero at
+initialisation, so a converted layer starts as its teacher's attention restricted to the window and the sinks).
+The cache then holds the window's keys/values next to the recurrent and convolution states (`hybrid_sliding`).
 """
 
 import math
@@ -11,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer_common import GatedOutput, RMSNorm, ShortConvolution, current_padding_mask, zero_padding
-from .ops_reference import chunk_linear_attention, recurrent_linear_attention
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .mixer_common import GatedOutput, RMSNorm, ShortConvolution, current_padding_mask, key_padding_mask, zero_padding
+from .mixer_sliding import capture_sinks, first_real_index
+from .ops_reference import chunk_linear_attention, recurrent_linear_attention, sliding_window_attention
 
 # prompts up to this length run token by token at inference; longer ones run chunked
 RECURRENT_MAX_LEN = 64
@@ -44,19 +52,74 @@ class LinearMixer(nn.Module):
         self.output = GatedOutput(
             hidden, self.num_heads, self.head_dim, options["output_norm"], options["output_gate"], config.rms_norm_eps
         )
+        self.window = options["window"]
+        self.num_sinks = options["sink_tokens"]
+        if self.window:
+            # softmax branch scale is 1/sqrt(d) on the teacher's (rope-rotated) q/k
+            self.scaling = self.head_dim**-0.5
+            self.recurrent_scale = nn.Parameter(torch.zeros(self.num_heads))
 
     def gates(self, hidden_states: torch.Tensor):
         """(g, beta): log decay `[B, T, H]` or `[B, T, H, K]` (or None) and write strength `[B, T, H]` (or None)."""
         raise NotImplementedError
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, past_key_values=None, **kwargs):
+    def window_attention(self, q, k, v, position_embeddings, attention_mask, past_key_values, query_start):
+        """Softmax attention of the current tokens over the window (cached + current keys) and the sink tokens."""
+        batch, seq_len = q.shape[:2]
+        shape = (batch, seq_len, -1, self.head_dim)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        if position_embeddings is None:
+            raise ValueError(f"Layer {self.layer_idx}: a windowed linear mixer needs the rotary position embeddings.")
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        first_real = first_real_index(attention_mask, batch, q.device)
+        sinks, layer = None, None
+        if past_key_values is not None:
+            layer = past_key_values.layers[self.layer_idx]
+            sinks = getattr(layer, "effattn_sinks", None)
+            k_all, v_all = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
+        else:
+            k_all, v_all = k, v
+        if self.num_sinks:
+            sinks = capture_sinks(sinks, k, v, first_real, query_start, self.num_sinks)
+            if layer is not None:
+                layer.effattn_sinks = sinks
+        key_valid = key_padding_mask(attention_mask, k_all.shape[1], batch, q.device)
+        return sliding_window_attention(
+            q,
+            k_all,
+            v_all,
+            window=self.window,
+            scale=self.scaling,
+            key_valid=key_valid,
+            query_start=query_start,
+            sink_k=sinks[0] if sinks else None,
+            sink_v=sinks[1] if sinks else None,
+            sink_index=sinks[2] if sinks else None,
+            chunk_size=self.chunk_size,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask=None,
+        past_key_values=None,
+        position_embeddings=None,
+        query_start: int = 0,
+        **kwargs,
+    ):
         batch, seq_len, _ = hidden_states.shape
         mask = current_padding_mask(attention_mask, seq_len)
         q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
         if self.qk_norm:
             q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(2)
             k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(2)
-        qkv = zero_padding(torch.cat([q, k, self.v_proj(hidden_states)], dim=-1), mask)
+        v = self.v_proj(hidden_states)
+        windowed = None
+        if self.window:
+            windowed = self.window_attention(q, k, v, position_embeddings, attention_mask, past_key_values, query_start)
+        qkv = zero_padding(torch.cat([q, k, v], dim=-1), mask)
         if self.conv1d is not None:
             qkv = zero_padding(self.conv1d(qkv, past_key_values, self.layer_idx), mask)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -85,7 +148,11 @@ class LinearMixer(nn.Module):
             o, state = chunk_linear_attention(q, k, v, chunk_size=self.chunk_size, **op_args)
         if past_key_values is not None:
             past_key_values.update_recurrent_state(state, self.layer_idx)
-        return self.o_proj(self.output(o, hidden_states))
+        o = self.output(o, hidden_states)
+        if windowed is not None:
+            scale = self.recurrent_scale.to(o.dtype).repeat_interleave(self.head_dim)
+            o = windowed.flatten(2).to(o.dtype) + o * scale
+        return self.o_proj(o)
 
 
 class GatedDeltaNet(LinearMixer):

@@ -19,7 +19,7 @@ from .configuration_effattn import EffAttnConfig
 from .mixer_common import RMSNorm, ShortConvolution
 from .mixer_full import FullAttention
 from .mixer_hedgehog import HedgehogAttention, HedgehogFeatureMap
-from .mixer_linear import DeltaNet, GatedDeltaNet, GatedLinearAttention
+from .mixer_linear import DeltaNet, GatedDeltaNet, GatedLinearAttention, LinearMixer
 from .mixer_sliding import SlidingWindowAttention
 
 MIXER_CLASSES = {
@@ -100,6 +100,9 @@ class EffAttnPreTrainedModel(PreTrainedModel):
             init.copy_(module.dt_bias, dt_bias)
         elif isinstance(module, SlidingWindowAttention) and module.sinks is not None:
             init.zeros_(module.sinks)
+        if isinstance(module, LinearMixer) and module.window:
+            # a windowed linear layer starts as softmax attention over its window and sinks
+            init.zeros_(module.recurrent_scale)
 
 
 def _has_attention_layer(cache: Cache) -> bool:

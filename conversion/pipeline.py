@@ -1,0 +1,325 @@
+"""`convert()`: teacher in, distilled remote-code checkpoint out, with a report, loss curves and a model card."""
+
+import io
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from hf_effattn.checkpoint import save_checkpoint
+
+from .data import DataError, load_documents, pack, training_blocks
+from .distill import (
+    LORA_TARGETS,
+    AttentionTransferLoss,
+    ConversionError,
+    DistillationLoss,
+    _decoder,
+    capture_attention,
+    choose_full_layers,
+    load_trainable_state,
+    mixer_options_for,
+    rank_layers,
+    run_stage,
+    trainable_state,
+)
+from .model_card import conversion_model_card
+from .teachers import load_teacher
+from .weight_map import effattn_from_teacher
+from .workdir import WorkDir
+
+REPORT_NAME = "conversion_report.json"
+
+
+def _accelerator(recipe):
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    if recipe.precision == "bf16" or (recipe.precision == "auto" and cuda):
+        mixed = "bf16"
+    else:
+        mixed = "no"
+    return Accelerator(cpu=not cuda, mixed_precision=mixed)
+
+
+def _rank_batches(blocks: torch.Tensor, batch_size: int, accelerator):
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    def batch(step: int) -> torch.Tensor:
+        start = (step * world + rank) * batch_size
+        return blocks[start : start + batch_size].to(accelerator.device)
+
+    return batch
+
+
+def _layer_errors(student, teacher, replaced, blocks, device) -> dict:
+    """Relative attention-output error of every replaced layer, averaged over `blocks` (no training)."""
+    if not replaced:
+        return {}
+    loss = AttentionTransferLoss(student, replaced)
+    totals = torch.zeros(len(replaced))
+    with torch.no_grad():
+        for row in blocks:
+            records, rotary = capture_attention(teacher, replaced, row[None].to(device))
+            totals += loss(records, rotary)[1].float().cpu()
+    return {int(i): float(e) for i, e in zip(replaced, totals / len(blocks))}
+
+
+def _loss_plot(stage1: dict, stage2: dict) -> bytes | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for axis, history, title, label in (
+        (axes[0], stage1, "stage 1: attention transfer", "relative MSE (mean over layers)"),
+        (axes[1], stage2, "stage 2: logit distillation", "KL(teacher || student) per token"),
+    ):
+        losses = history.get("losses", [])
+        axis.plot(range(1, len(losses) + 1), losses, linewidth=1)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.set_ylabel(label)
+        if losses and min(losses) > 0:
+            axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def quality_check(model, teacher, tokenizer, recipe, device) -> dict:
+    """Held-out perplexity of both models and passkey accuracy at `recipe.eval_lengths`."""
+    from hf_effattn.evaluation.direct import passkey_accuracy, perplexity
+
+    result = {}
+    if recipe.eval_ppl_blocks:
+        blocks = pack(tokenizer, load_documents(recipe.data, "heldout") if recipe.data == "stdlib" else
+                      load_documents(recipe.data), recipe.eval_ppl_seq_len, recipe.eval_ppl_blocks, seed=12345)
+        teacher_ppl, student_ppl = perplexity(teacher, blocks), perplexity(model, blocks)
+        result["perplexity"] = {
+            "source": "stdlib held-out files" if recipe.data == "stdlib" else recipe.data,
+            "blocks": int(blocks.shape[0]),
+            "seq_len": int(blocks.shape[1]),
+            "teacher": teacher_ppl,
+            "hybrid": student_ppl,
+            "ratio": student_ppl / teacher_ppl,
+        }
+    if recipe.eval_lengths and recipe.eval_samples:
+        result["passkey"] = {
+            "samples_per_length": recipe.eval_samples,
+            "teacher": passkey_accuracy(teacher, tokenizer, recipe.eval_lengths, recipe.eval_samples),
+            "hybrid": passkey_accuracy(model, tokenizer, recipe.eval_lengths, recipe.eval_samples),
+        }
+    return result
+
+
+def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work: bool = False, log=print) -> Path:
+    """Runs the whole conversion; resumes from the work folder when one exists. Returns the checkpoint folder."""
+    from hf_effattn import __version__
+
+    output = Path(output_dir).resolve()
+    if (output / REPORT_NAME).exists() and not overwrite:
+        raise ConversionError(f"{output} already holds a finished conversion: pass --overwrite to replace it.")
+    recipe.validate()
+    started = time.time()
+    documents = load_documents(recipe.data, "train")
+    log(f"data: {len(documents)} documents from {recipe.data}")
+
+    log(f"loading teacher: {teacher_spec or 'embedded SmolLM2-135M-Instruct'}")
+    teacher, tokenizer, hub_id = load_teacher(teacher_spec)
+    num_layers = teacher.config.num_hidden_layers
+    recipe.validate(num_layers)
+    accelerator = _accelerator(recipe)
+    device = accelerator.device
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    teacher = teacher.to(device=device, dtype=dtype).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    workdir = WorkDir(output)
+    identity = {"teacher": str(teacher_spec or "embedded"), "recipe": recipe.to_dict(), "hf_effattn": __version__}
+    if workdir.open(identity):
+        log(f"resuming the unfinished conversion in {workdir.root}")
+    timings = workdir.read_json("timings.json") or {}
+
+    # layout
+    layout = workdir.read_json("layout.json")
+    if layout is None:
+        t0 = time.time()
+        scores = None
+        if recipe.full_layers == "auto" and recipe.full_share > 0:
+            from tqdm.auto import tqdm
+
+            with tqdm(total=num_layers, desc="ranking layers") as bar:
+                scores = rank_layers(teacher, tokenizer, recipe, documents, progress=bar)
+        full_layers = choose_full_layers(recipe, num_layers, scores)
+        layout = {
+            "full_layers": full_layers,
+            "mixer_types": ["full" if i in full_layers else recipe.mixer for i in range(num_layers)],
+            "selection": recipe.full_layers if isinstance(recipe.full_layers, str) else "explicit",
+            "sensitivity": scores,
+        }
+        workdir.write_json("layout.json", layout)
+        timings["layout_seconds"] = time.time() - t0
+        workdir.write_json("timings.json", timings)
+    mixer_types, full_layers = layout["mixer_types"], layout["full_layers"]
+    replaced = [i for i, kind in enumerate(mixer_types) if kind != "full"]
+    log(f"layout ({num_layers} layers): " + " ".join("F" if k == "full" else k[0].upper() for k in mixer_types))
+    log(f"full attention in layers {full_layers} ({layout['selection']}); {recipe.mixer} in {len(replaced)} layers")
+
+    # stage 0
+    torch.manual_seed(recipe.seed)
+    options = mixer_options_for(recipe)
+    student, new_parameters = effattn_from_teacher(teacher, mixer_types=mixer_types, mixer_options=options)
+    student = student.to(device=device, dtype=torch.float32)
+    world = accelerator.num_processes
+
+    # stage 1
+    probe_blocks = pack(tokenizer, documents, recipe.stage1_seq_len, 2, seed=recipe.seed + 7)
+    stage1 = workdir.load("stage1.pt")
+    if stage1 is None:
+        errors_before = _layer_errors(student, teacher, replaced, probe_blocks, device)
+        for name, p in student.named_parameters():
+            p.requires_grad_(name in new_parameters)
+        blocks = training_blocks(tokenizer, documents, recipe.stage1_seq_len,
+                                 max(recipe.stage1_steps, 1) * world * recipe.batch_size, recipe.retrieval_share,
+                                 recipe.seed + 10)
+        batches = _rank_batches(blocks, recipe.batch_size, accelerator)
+
+        def stage1_loss(module, batch):
+            records, rotary = capture_attention(teacher, replaced, batch)
+            return module(records, rotary)
+
+        history = run_stage("stage1", AttentionTransferLoss(student, replaced), batches, recipe.stage1_steps,
+                            recipe.stage1_lr, recipe, accelerator, workdir, stage1_loss, log)
+        errors_after = _layer_errors(student, teacher, replaced, probe_blocks, device)
+        stage1 = {"trainable": {k: v for k, v in trainable_state(student).items()}, "history": history,
+                  "errors_before": errors_before, "errors_after": errors_after}
+        if accelerator.is_main_process:
+            workdir.save("stage1.pt", stage1)
+    else:
+        log("stage1: done in an earlier run, reusing its result")
+        load_trainable_state(student, stage1["trainable"])
+    for p in student.parameters():
+        p.requires_grad_(False)
+
+    # stage 2
+    stage2 = workdir.load("stage2.pt")
+    if recipe.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS)
+        trained = get_peft_model(student, lora)
+        for name, p in trained.named_parameters():
+            if name.split("base_model.model.", 1)[-1] in new_parameters:
+                p.requires_grad_(True)
+    else:
+        trained = student
+        for p in trained.parameters():
+            p.requires_grad_(True)
+    if stage2 is None:
+        if recipe.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lengths = recipe.stage2_seq_lens
+        per_length = [recipe.stage2_steps * (k + 1) // len(lengths) - recipe.stage2_steps * k // len(lengths)
+                      for k in range(len(lengths))]
+        schedule = []  # (length, blocks) per segment of steps
+        for k, (length, steps) in enumerate(zip(lengths, per_length)):
+            if steps:
+                blocks = training_blocks(tokenizer, documents, length, steps * world * recipe.batch_size,
+                                         recipe.retrieval_share, recipe.seed + 100 + k)
+                schedule.append((steps, _rank_batches(blocks, recipe.batch_size, accelerator)))
+
+        def batches(step):
+            for steps, batch in schedule:
+                if step < steps:
+                    return batch(step)
+                step -= steps
+            raise IndexError(step)
+
+        teacher_head = teacher.get_output_embeddings()
+
+        def stage2_loss(module, batch):
+            with torch.no_grad():
+                teacher_hidden = _decoder(teacher)(input_ids=batch, use_cache=False).last_hidden_state
+            return module(batch, teacher_hidden, teacher_head)
+
+        history = run_stage("stage2", DistillationLoss(trained, recipe.kl_temperature, recipe.ce_weight), batches,
+                            recipe.stage2_steps, recipe.stage2_lr, recipe, accelerator, workdir, stage2_loss, log)
+        if recipe.gradient_checkpointing:
+            student.gradient_checkpointing_disable()
+        stage2 = {"trainable": trainable_state(trained), "history": history}
+        if accelerator.is_main_process:
+            workdir.save("stage2.pt", stage2)
+    else:
+        log("stage2: done in an earlier run, reusing its result")
+        load_trainable_state(trained, stage2["trainable"])
+    model = trained.merge_and_unload() if recipe.lora_r else trained
+    model = model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    if not accelerator.is_main_process:
+        return output
+    quality = workdir.read_json("quality.json")
+    if quality is None:
+        t0 = time.time()
+        log("quality check: held-out perplexity and passkey, teacher vs hybrid")
+        quality = quality_check(model, teacher, tokenizer, recipe, device)
+        quality["seconds"] = time.time() - t0
+        workdir.write_json("quality.json", quality)
+
+    stage1_history, stage2_history = stage1["history"], stage2["history"]
+    report = {
+        "teacher": hub_id,
+        "teacher_spec": str(teacher_spec or "embedded"),
+        "hf_effattn": __version__,
+        "torch": torch.__version__,
+        "device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else
+                                 f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
+        "processes": world,
+        "recipe": recipe.to_dict(),
+        "layout": layout,
+        "stage1": {
+            "steps": len(stage1_history["losses"]),
+            "tokens": stage1_history["tokens"],
+            "seconds": stage1_history["seconds"],
+            "losses": stage1_history["losses"],
+            "layer_errors_before": stage1["errors_before"],
+            "layer_errors_after": stage1["errors_after"],
+        },
+        "stage2": {
+            "steps": len(stage2_history["losses"]),
+            "tokens": stage2_history["tokens"],
+            "seconds": stage2_history["seconds"],
+            "losses": stage2_history["losses"],
+            "lora_rank": recipe.lora_r,
+        },
+        "timings": {**timings, "total_seconds": None},
+        "quality": quality,
+        "new_parameters": new_parameters,
+        "distilled": True,
+    }
+    files = {}
+    plot = _loss_plot(stage1_history, stage2_history)
+    if plot is not None:
+        files["loss_curves.png"] = plot
+    report["timings"]["total_seconds"] = time.time() - started
+    files[REPORT_NAME] = json.dumps(report, indent=2) + "\n"
+    files["README.md"] = conversion_model_card(report, output.name)
+    path = save_checkpoint(model, output, tokenizer, files)
+    if not keep_work:
+        workdir.remove()
+    log(f"saved {path} ({report['timings']['total_seconds'] / 60:.1f} min in this run)")
+    return path
+
+
+__all__ = ["convert", "ConversionError", "DataError", "REPORT_NAME"]

@@ -1,0 +1,1 @@
+"""Measuring hybrids against their teachers (installed as `hf_effattn.evaluation`)."""
