@@ -152,7 +152,10 @@ def retrieval_sample(tokenizer, filler_docs: list[str], seq_len: int, rng: rando
     pieces = [tokenizer("\n" + statement.format(name=name, value=value) + "\n")["input_ids"] for name, value in facts.items()]
     budget = seq_len - len(tail) - sum(len(p) for p in pieces)
     if budget < 16:
-        raise DataError(f"seq_len = {seq_len} is too short for retrieval samples; use 128 or more.")
+        raise DataError(
+            f"seq_len = {seq_len} is too short for retrieval samples: their facts and question take "
+            f"{seq_len - budget} tokens with this tokenizer; use sequences of at least {seq_len - budget + 64} tokens."
+        )
     filler = _filler_tokens(tokenizer, filler_docs, budget, rng)
     cuts = sorted(rng.randint(0, budget) for _ in pieces)
     ids, last = [], 0

@@ -68,39 +68,80 @@ def fresh_mixer(model, layer_idx: int, kind: str, mixer_options: dict) -> nn.Mod
     result = mixer.load_state_dict(source, strict=False)
     if result.unexpected_keys:
         raise ConversionError(f"Layer {layer_idx}: {kind} has no place for {result.unexpected_keys}.")
-    return mixer.to(next(model.parameters()).dtype)
+    reference = next(model.parameters())
+    return mixer.to(device=reference.device, dtype=reference.dtype)
+
+
+class _LayerInputs:
+    """Records what every decoder layer receives during one forward pass (hidden states and keyword arguments)."""
+
+    def __init__(self, model):
+        self.inputs = {}
+        self.handles = [
+            layer.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(model.model.layers)
+        ]
+
+    def _hook(self, i):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.inputs[i] = (hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        return hook
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
 
 
 @torch.no_grad()
-def _probe_losses(model, text: torch.Tensor, retrieval: torch.Tensor, answer_tokens: int) -> tuple[float, float]:
-    text_loss = model(text, labels=text, use_cache=False).loss.item()
-    logits = model(retrieval, use_cache=False).logits[:, -answer_tokens - 1 : -1].float()
-    answer = retrieval[:, -answer_tokens:]
-    retrieval_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answer.reshape(-1)).item()
-    return text_loss, retrieval_loss
+def _probe_losses(model, hidden, num_text: int, targets: torch.Tensor, answer_tokens: int) -> tuple[float, float]:
+    """(text loss, retrieval-answer loss) from final hidden states of `[text rows; retrieval rows]`."""
+    hidden = model.model.norm(hidden)
+    text_logits = model.lm_head(hidden[:num_text, :-1]).float()
+    text_loss = F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), targets[:num_text, 1:].reshape(-1))
+    answer_logits = model.lm_head(hidden[num_text:, -answer_tokens - 1 : -1]).float()
+    answer = targets[num_text:, -answer_tokens:]
+    retrieval_loss = F.cross_entropy(answer_logits.reshape(-1, answer_logits.shape[-1]), answer.reshape(-1))
+    return text_loss.item(), retrieval_loss.item()
 
 
+@torch.no_grad()
 def rank_layers(teacher, tokenizer, recipe, documents, progress=None) -> list[dict]:
-    """Per-layer sensitivity: loss increase (text + retrieval answers) when that layer alone is replaced."""
-    probe, _ = effattn_from_teacher(teacher)
-    probe.eval()
-    seq_len, count = recipe.sensitivity_seq_len, max(recipe.sensitivity_samples, 1)
-    text = pack(tokenizer, documents, seq_len, count, seed=recipe.seed + 1)
+    """Per-layer sensitivity: loss increase (text + retrieval answers) when that layer alone is replaced by its
+    stage-0 mixer. Layers before the replaced one are unchanged, so each probe reruns only the layers after it."""
     import random
 
+    probe, _ = effattn_from_teacher(teacher)
+    probe = probe.to(next(teacher.parameters()).device).eval()
+    seq_len, count = recipe.sensitivity_seq_len, max(recipe.sensitivity_samples, 1)
+    text = pack(tokenizer, documents, seq_len, max(count // 4, 1), seed=recipe.seed + 1)
     rng = random.Random(f"sensitivity-{recipe.seed}")
     retrieval = torch.tensor([retrieval_sample(tokenizer, documents, seq_len, rng) for _ in range(count)])
-    # the answer is the number and its full stop at the end of each sample
+    batch = torch.cat([text, retrieval]).to(probe.device)
+    # the answer: the number and its full stop at the end of each retrieval sample
     answer_tokens = 4
-    base_text, base_retrieval = _probe_losses(probe, text, retrieval, answer_tokens)
+    recorder = _LayerInputs(probe)
+    try:
+        probe.model(input_ids=batch, use_cache=False)
+    finally:
+        recorder.remove()
+    layers = probe.model.layers
+
+    def losses_from(start: int):
+        # the last layer's output (before the final norm, which _probe_losses applies)
+        hidden = recorder.inputs[start][0]
+        for j in range(start, len(layers)):
+            hidden = layers[j](hidden, **recorder.inputs[j][1])
+        return _probe_losses(probe, hidden, text.shape[0], batch, answer_tokens)
+
+    base_text, base_retrieval = losses_from(0)
     options = mixer_options_for(recipe)
     scores = []
-    layers = probe.model.layers
     for i in range(len(layers)):
         original = layers[i].self_attn
-        layers[i].self_attn, layers[i].mixer_type = fresh_mixer(probe, i, recipe.mixer, options), recipe.mixer
-        text_loss, retrieval_loss = _probe_losses(probe, text, retrieval, answer_tokens)
-        layers[i].self_attn, layers[i].mixer_type = original, "full"
+        layers[i].self_attn = fresh_mixer(probe, i, recipe.mixer, options)
+        text_loss, retrieval_loss = losses_from(i)
+        layers[i].self_attn = original
         scores.append(
             {
                 "layer": i,
@@ -163,9 +204,12 @@ class AttentionTransferLoss(nn.Module):
     def forward(self, records, position_embeddings):
         errors = []
         layers = self.student.model.layers
+        dtype = next(self.student.parameters()).dtype
+        # the teacher may run in another precision than the student's weights
+        position_embeddings = tuple(x.to(dtype) for x in position_embeddings)
         for i in self.layer_indices:
             hidden, target = records[i]
-            output = layers[i].self_attn(hidden_states=hidden, position_embeddings=position_embeddings)
+            output = layers[i].self_attn(hidden_states=hidden.to(dtype), position_embeddings=position_embeddings)
             target = target.float()
             errors.append((output.float() - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12))
         errors = torch.stack(errors)

@@ -107,16 +107,16 @@ PRESETS = {
     # a few steps of everything: checks the pipeline end to end
     "smoke": dict(
         sensitivity_samples=1,
-        sensitivity_seq_len=128,
+        sensitivity_seq_len=256,
         stage1_steps=2,
-        stage1_seq_len=128,
+        stage1_seq_len=256,
         stage2_steps=2,
-        stage2_seq_lens=[128],
+        stage2_seq_lens=[256],
         save_every=1,
         eval_lengths=[256],
         eval_samples=1,
         eval_ppl_blocks=1,
-        eval_ppl_seq_len=128,
+        eval_ppl_seq_len=256,
     ),
 }
 

@@ -1,0 +1,210 @@
+"""The conversion pipeline end to end on a tiny random Llama teacher: outputs, stages, bad input, kill and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_effattn.checkpoint import check_remote_code
+from hf_effattn.conversion.data import DataError
+from hf_effattn.conversion.distill import AttentionTransferLoss, capture_attention, choose_full_layers
+from hf_effattn.conversion.pipeline import REPORT_NAME, ConversionError, convert
+from hf_effattn.conversion.recipe import RecipeError, make_recipe
+from hf_effattn.conversion.teachers import TeacherError
+from hf_effattn.conversion.weight_map import effattn_from_teacher
+from hf_effattn.conversion.workdir import WorkDir, WorkDirError
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def test_convert_writes_a_complete_remote_code_checkpoint(tiny_teacher, tmp_path):
+    recipe = make_recipe("smoke", full_share=0.5, stage1_steps=3, stage2_steps=3)
+    out = convert(str(tiny_teacher), tmp_path / "hybrid", recipe, log=quiet)
+    check_remote_code(out)
+    report = json.loads((out / REPORT_NAME).read_text())
+    layout = report["layout"]
+    assert layout["selection"] == "auto" and len(layout["full_layers"]) == 2
+    assert [s["layer"] for s in layout["sensitivity"]] == [0, 1, 2, 3]
+    replaced = [i for i, kind in enumerate(layout["mixer_types"]) if kind == "gdn"]
+    assert len(replaced) == 2
+    assert sorted(map(int, report["stage1"]["layer_errors_after"])) == replaced
+    for stage in ("stage1", "stage2"):
+        assert report[stage]["steps"] == 3 and report[stage]["tokens"] == 3 * 256
+        assert all(loss > 0 and loss == loss for loss in report[stage]["losses"])
+    quality = report["quality"]
+    assert quality["perplexity"]["ratio"] > 0 and set(quality["passkey"]["hybrid"]) == {"256"}
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (out / "README.md").read_text()
+    assert "base_model:" in card and "## Measured" in card
+    assert not WorkDir(out).root.exists()
+
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert model.config.mixer_types == layout["mixer_types"]
+    assert model.config.mixer_options["gdn"]["window"] == 64
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("def f(x): return x", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits).all()
+    # LoRA was merged: no adapter weights in the checkpoint
+    assert not any("lora" in key for key in load_file(out / "model.safetensors"))
+
+    with pytest.raises(ConversionError, match="--overwrite"):
+        convert(str(tiny_teacher), out, recipe, log=quiet)
+
+
+def test_auto_layout_keeps_the_most_sensitive_layers():
+    scores = [{"layer": i, "score": s} for i, s in enumerate([0.1, 0.9, -0.2, 0.5, 0.3, 0.0, 0.7, 0.2])]
+    assert choose_full_layers(make_recipe(full_share=0.25), 8, scores) == [1, 6]
+    assert choose_full_layers(make_recipe(full_share=0.25, full_layers="uniform"), 8, scores) == [3, 7]
+    assert choose_full_layers(make_recipe(full_layers=[5, 2, 5]), 8, scores) == [2, 5]
+    assert choose_full_layers(make_recipe(full_share=0.0), 8, scores) == []
+
+
+def test_attention_transfer_lowers_the_layer_error(tiny_teacher):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    torch.manual_seed(0)
+    student, new = effattn_from_teacher(teacher, ["gdn", "full", "gdn", "full"], {"gdn": {"chunk_size": 16}})
+    for name, p in student.named_parameters():
+        p.requires_grad_(name in new)
+    loss_fn = AttentionTransferLoss(student, [0, 2])
+    ids = torch.randint(0, 400, (2, 96), generator=torch.Generator().manual_seed(0))
+    records, rotary = capture_attention(teacher, [0, 2], ids)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(40):
+        loss, per_layer = loss_fn(records, rotary)
+        first = per_layer if first is None else first
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    final = loss_fn(records, rotary)[1]
+    assert (final < 0.7 * first).all(), (first, final)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (dict(full_share=1.5), RecipeError, "within \\[0, 1\\]"),
+        (dict(full_layers=[0, 9]), RecipeError, "out of range"),
+        (dict(window=1), RecipeError, "at least 2 tokens"),
+    ],
+)
+def test_bad_recipes_fail_before_training(tiny_teacher, tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
+        convert(str(tiny_teacher), tmp_path / "out", make_recipe("smoke", **overrides), log=quiet)
+    assert not (tmp_path / "out").exists() and not WorkDir(tmp_path / "out").root.exists()
+
+
+def test_bad_teacher_or_data_fail_before_training(tiny_teacher, tmp_path):
+    with pytest.raises(TeacherError):
+        convert(str(tmp_path / "missing-model"), tmp_path / "out", make_recipe("smoke"), log=quiet)
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    with pytest.raises(TeacherError, match="gpt2"):
+        convert(str(gpt2), tmp_path / "out", make_recipe("smoke"), log=quiet)
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(DataError, match="holds no text"):
+        convert(str(tiny_teacher), tmp_path / "out", make_recipe("smoke", data=str(tmp_path / "empty.txt")), log=quiet)
+    assert not (tmp_path / "out").exists() and not WorkDir(tmp_path / "out").root.exists()
+
+
+def test_a_work_folder_of_another_recipe_is_not_resumed(tmp_path):
+    work = WorkDir(tmp_path / "out")
+    assert work.open({"recipe": {"stage2_steps": 10}}) is False
+    assert work.open({"recipe": {"stage2_steps": 10}}) is True
+    with pytest.raises(WorkDirError, match="different settings.*recipe"):
+        work.open({"recipe": {"stage2_steps": 20}})
+
+
+# ------------------------------------------------------------------------------------------------ kill and resume
+
+RESUME_ARGS = ["--preset", "smoke", "--full-share", "0.5", "--stage1-steps", "30", "--stage2-steps", "60",
+               "--save-every", "1", "--max-new-tokens", "0"]
+
+
+def _command(teacher, out):
+    return [sys.executable, "-m", "hf_effattn.cli", "convert", "--teacher", str(teacher), "--output", str(out),
+            *RESUME_ARGS]
+
+
+def _env():
+    # one thread: identical arithmetic in every run, and no oversubscription on small machines
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _run_and_kill(teacher, out, checkpoint_name, timeout=240):
+    """Starts the conversion and SIGKILLs it as soon as `checkpoint_name` exists in the work folder."""
+    work = WorkDir(out)
+    errors = out.with_name(out.name + ".stderr")
+    with open(errors, "wb") as stderr:
+        process = subprocess.Popen(_command(teacher, out), env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + timeout
+    while not work.path(checkpoint_name).exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {checkpoint_name} appeared: {errors.read_text()[-2000:]}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError(f"{checkpoint_name} never appeared")
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return torch.load(work.path(checkpoint_name), weights_only=True)["step"]
+
+
+def _run_to_end(teacher, out):
+    result = subprocess.run(_command(teacher, out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_killed_conversion_resumes_to_the_same_model(tiny_teacher, tmp_path):
+    reference = tmp_path / "reference"
+    _run_to_end(tiny_teacher, reference)
+
+    out = tmp_path / "interrupted"
+    stage1_step = _run_and_kill(tiny_teacher, out, "stage1-checkpoint.pt")
+    work = WorkDir(out)
+    assert not out.exists() and not work.path("stage1.pt").exists(), "the kill should land inside stage 1"
+    assert 1 <= stage1_step < 30
+    stage2_step = _run_and_kill(tiny_teacher, out, "stage2-checkpoint.pt")
+    assert not out.exists() and not work.path("stage2.pt").exists(), "the kill should land inside stage 2"
+    assert 1 <= stage2_step < 60
+    log = _run_to_end(tiny_teacher, out)
+    assert "resuming" in log and "stage1: done in an earlier run" in log
+
+    expected, actual = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    losses = [json.loads((folder / REPORT_NAME).read_text())["stage2"]["losses"] for folder in (reference, out)]
+    assert losses[0] == losses[1]
+
+
+def test_layer_ranking_measures_increases_from_the_teacher_itself(tiny_teacher):
+    """Swapping a layer for itself changes nothing; swapping in a fresh mixer moves the loss away from the teacher's."""
+    from hf_effattn.conversion.data import load_documents
+    from hf_effattn.conversion.distill import rank_layers
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
+    documents = load_documents("stdlib", "train")[:50]
+    recipe = make_recipe("smoke", mixer="sliding", window=2, sink_tokens=0)
+    scores = rank_layers(teacher, tokenizer, recipe, documents)
+    assert [s["layer"] for s in scores] == [0, 1, 2, 3]
+    # a window of two tokens changes every layer of a random model, in either direction, but by little
+    assert all(0 < abs(s["text_loss_increase"]) < 1.0 for s in scores), scores
+    # a window as long as the sequence is the teacher's own attention: zero increase
+    exact = rank_layers(teacher, tokenizer, make_recipe("smoke", mixer="sliding", window=4096, sink_tokens=0),
+                        documents)
+    assert all(abs(s["score"]) < 1e-5 for s in exact), exact
