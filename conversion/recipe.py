@@ -30,10 +30,10 @@ class Recipe:
     sensitivity_seq_len: int = 512
     # stage 1: attention transfer (new mixer parameters only, attention-output MSE)
     stage1_steps: int = 40
-    stage1_lr: float = 1e-3
+    stage1_lr: float = 1e-2
     stage1_seq_len: int = 512
     # stage 2: end-to-end logit distillation
-    stage2_steps: int = 180
+    stage2_steps: int = 140
     stage2_lr: float = 1e-3
     stage2_seq_lens: list[int] = field(default_factory=lambda: [512])
     lora_r: int = 8  # 0: full fine-tuning

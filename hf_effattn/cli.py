@@ -58,8 +58,11 @@ def cmd_convert(args) -> int:
         window=args.window,
         sink_tokens=args.sink_tokens,
         data=args.data,
+        retrieval_share=args.retrieval_share,
         stage1_steps=args.stage1_steps,
+        stage1_lr=args.stage1_lr,
         stage2_steps=args.stage2_steps,
+        stage2_lr=args.stage2_lr,
         stage2_seq_lens=_parse_lengths(args.seq_lens),
         lora_r=args.lora_r,
         batch_size=args.batch_size,
@@ -128,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--data", default=None,
                          help="'stdlib' (default), a .txt/.jsonl file or folder, or hf:NAME[:CONFIG]")
     convert.add_argument("--stage1-steps", type=int, default=None, help="attention-transfer steps")
+    convert.add_argument("--stage1-lr", type=float, default=None, help="attention-transfer learning rate")
     convert.add_argument("--stage2-steps", type=int, default=None, help="logit-distillation steps")
+    convert.add_argument("--stage2-lr", type=float, default=None, help="logit-distillation learning rate")
+    convert.add_argument("--retrieval-share", type=float, default=None,
+                         help="share of synthetic retrieval samples in the training data (default: 0.5)")
     convert.add_argument("--seq-lens", default=None, help="stage-2 sequence-length schedule, e.g. 512,1024")
     convert.add_argument("--lora-r", type=int, default=None, help="LoRA rank of stage 2, 0 for full fine-tuning")
     convert.add_argument("--batch-size", type=int, default=None)
