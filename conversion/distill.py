@@ -16,6 +16,7 @@ Training runs through `accelerate` (one process on CPU or one GPU; several GPUs 
 
 import copy
 import math
+import random
 import time
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from hf_effattn.configuration_effattn import LINEAR_KINDS, resolve_mixer_options
 from hf_effattn.modeling_effattn import MIXER_CLASSES
 
-from .data import load_documents, pack, retrieval_sample, training_blocks
+from .data import pack, retrieval_sample
 from .weight_map import effattn_from_teacher, select_full_layers
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -109,8 +110,6 @@ def _probe_losses(model, hidden, num_text: int, targets: torch.Tensor, answer_to
 def rank_layers(teacher, tokenizer, recipe, documents, progress=None) -> list[dict]:
     """Per-layer sensitivity: loss increase (text + retrieval answers) when that layer alone is replaced by its
     stage-0 mixer. Layers before the replaced one are unchanged, so each probe reruns only the layers after it."""
-    import random
-
     probe, _ = effattn_from_teacher(teacher)
     probe = probe.to(next(teacher.parameters()).device).eval()
     seq_len, count = recipe.sensitivity_seq_len, max(recipe.sensitivity_samples, 1)

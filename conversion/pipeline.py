@@ -183,9 +183,9 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
     world = accelerator.num_processes
 
     # stage 1
-    probe_blocks = pack(tokenizer, documents, recipe.stage1_seq_len, 2, seed=recipe.seed + 7)
     stage1 = workdir.load("stage1.pt")
     if stage1 is None:
+        probe_blocks = pack(tokenizer, documents, recipe.stage1_seq_len, 2, seed=recipe.seed + 7)
         errors_before = _layer_errors(student, teacher, replaced, probe_blocks, device)
         for name, p in student.named_parameters():
             p.requires_grad_(name in new_parameters)
@@ -201,7 +201,7 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
         history = run_stage("stage1", AttentionTransferLoss(student, replaced), batches, recipe.stage1_steps,
                             recipe.stage1_lr, recipe, accelerator, workdir, stage1_loss, log)
         errors_after = _layer_errors(student, teacher, replaced, probe_blocks, device)
-        stage1 = {"trainable": {k: v for k, v in trainable_state(student).items()}, "history": history,
+        stage1 = {"trainable": trainable_state(student), "history": history,
                   "errors_before": errors_before, "errors_after": errors_after}
         if accelerator.is_main_process:
             workdir.save("stage1.pt", stage1)

@@ -14,22 +14,21 @@ from hf_effattn.conversion.recipe import EFFICIENT_MIXERS, PRESETS
 
 
 
-def _parse_full_layers(text: str):
-    if text in ("auto", "uniform"):
-        return text
-    try:
-        return sorted({int(item) for item in text.split(",") if item.strip()})
-    except ValueError:
-        raise SystemExit(f"--full-layers must be 'auto', 'uniform' or a comma-separated list of layer indices, got {text!r}.")
-
-
-def _parse_lengths(text: str | None):
-    if text is None:
-        return None
+def _parse_ints(text: str, error: str) -> list[int]:
     try:
         return [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
-        raise SystemExit(f"expected comma-separated token counts such as 512,1024, got {text!r}.")
+        raise SystemExit(f"{error}, got {text!r}.")
+
+
+def _parse_full_layers(text: str):
+    if text in ("auto", "uniform"):
+        return text
+    return sorted(set(_parse_ints(text, "--full-layers must be 'auto', 'uniform' or a comma-separated list of layer indices")))
+
+
+def _parse_lengths(text: str | None):
+    return None if text is None else _parse_ints(text, "expected comma-separated token counts such as 512,1024")
 
 
 def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> str:

@@ -18,9 +18,9 @@ from torch import nn
 
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .mixer_common import GatedOutput, RMSNorm, ShortConvolution, current_padding_mask, key_padding_mask, zero_padding
-from .mixer_sliding import capture_sinks, first_real_index
-from .ops_reference import chunk_linear_attention, recurrent_linear_attention, sliding_window_attention
+from .mixer_common import GatedOutput, RMSNorm, ShortConvolution, current_padding_mask, zero_padding
+from .mixer_sliding import windowed_attention
+from .ops_reference import chunk_linear_attention, recurrent_linear_attention
 
 # prompts up to this length run token by token at inference; longer ones run chunked
 RECURRENT_MAX_LEN = 64
@@ -72,32 +72,18 @@ class LinearMixer(nn.Module):
             raise ValueError(f"Layer {self.layer_idx}: a windowed linear mixer needs the rotary position embeddings.")
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-        first_real = first_real_index(attention_mask, batch, q.device)
-        sinks, layer = None, None
-        if past_key_values is not None:
-            layer = past_key_values.layers[self.layer_idx]
-            sinks = getattr(layer, "effattn_sinks", None)
-            k_all, v_all = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
-            k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
-        else:
-            k_all, v_all = k, v
-        if self.num_sinks:
-            sinks = capture_sinks(sinks, k, v, first_real, query_start, self.num_sinks)
-            if layer is not None:
-                layer.effattn_sinks = sinks
-        key_valid = key_padding_mask(attention_mask, k_all.shape[1], batch, q.device)
-        return sliding_window_attention(
+        return windowed_attention(
             q,
-            k_all,
-            v_all,
+            k,
+            v,
+            layer_idx=self.layer_idx,
             window=self.window,
+            num_sinks=self.num_sinks,
             scale=self.scaling,
-            key_valid=key_valid,
-            query_start=query_start,
-            sink_k=sinks[0] if sinks else None,
-            sink_v=sinks[1] if sinks else None,
-            sink_index=sinks[2] if sinks else None,
             chunk_size=self.chunk_size,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            query_start=query_start,
         )
 
     def forward(

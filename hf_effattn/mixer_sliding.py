@@ -46,6 +46,58 @@ def capture_sinks(sinks, keys, values, first_real, query_start: int, num_sinks: 
     )
 
 
+def windowed_attention(
+    q,
+    k,
+    v,
+    *,
+    layer_idx: int,
+    window: int,
+    num_sinks: int,
+    scale: float,
+    chunk_size: int,
+    attention_mask=None,
+    past_key_values=None,
+    query_start: int = 0,
+    sink_logits=None,
+):
+    """Softmax attention of the current tokens over the last `window` tokens and the `num_sinks` sink tokens.
+
+    q/k/v: `[B, T, H(kv), D]`, rope already applied. With a cache, the window's keys/values go through the cache's
+    sliding-window part of layer `layer_idx` and the sinks are kept on that layer as `effattn_sinks`.
+    """
+    batch = q.shape[0]
+    first_real = first_real_index(attention_mask, batch, q.device)
+    sinks, layer = None, None
+    if past_key_values is not None:
+        layer = past_key_values.layers[layer_idx]
+        sinks = getattr(layer, "effattn_sinks", None)
+        # [B, Hkv, P + T, D]: the cached window followed by the current tokens
+        k_all, v_all = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), layer_idx)
+        k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
+    else:
+        k_all, v_all = k, v
+    if num_sinks:
+        sinks = capture_sinks(sinks, k, v, first_real, query_start, num_sinks)
+        if layer is not None:
+            layer.effattn_sinks = sinks
+    key_valid = key_padding_mask(attention_mask, k_all.shape[1], batch, q.device)
+    return sliding_window_attention(
+        q,
+        k_all,
+        v_all,
+        window=window,
+        scale=scale,
+        key_valid=key_valid,
+        query_start=query_start,
+        sink_k=sinks[0] if sinks else None,
+        sink_v=sinks[1] if sinks else None,
+        sink_index=sinks[2] if sinks else None,
+        sink_logits=sink_logits,
+        chunk_size=chunk_size,
+    )
+
+
 class SlidingWindowAttention(nn.Module):
     """Softmax attention over the last `window` tokens, plus `sink_tokens` first tokens and optional sink logits."""
 
@@ -92,34 +144,18 @@ class SlidingWindowAttention(nn.Module):
         # rope in [B, T, H, D] layout
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
 
-        first_real = first_real_index(attention_mask, batch, hidden_states.device)
-        sinks = None
-        layer = None
-        if past_key_values is not None:
-            layer = past_key_values.layers[self.layer_idx]
-            sinks = getattr(layer, "effattn_sinks", None)
-            # [B, Hkv, P + T, D]: the cached window followed by the current tokens
-            k_all, v_all = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
-            k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
-        else:
-            k_all, v_all = k, v
-        if self.num_sinks:
-            sinks = capture_sinks(sinks, k, v, first_real, query_start, self.num_sinks)
-            if layer is not None:
-                layer.effattn_sinks = sinks
-        key_valid = key_padding_mask(attention_mask, k_all.shape[1], batch, k.device)
-        o = sliding_window_attention(
+        o = windowed_attention(
             q,
-            k_all,
-            v_all,
+            k,
+            v,
+            layer_idx=self.layer_idx,
             window=self.window,
+            num_sinks=self.num_sinks,
             scale=self.scaling,
-            key_valid=key_valid,
-            query_start=query_start,
-            sink_k=sinks[0] if sinks else None,
-            sink_v=sinks[1] if sinks else None,
-            sink_index=sinks[2] if sinks else None,
-            sink_logits=self.sinks,
             chunk_size=self.chunk_size,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            query_start=query_start,
+            sink_logits=self.sinks,
         )
         return self.o_proj(o.flatten(2))
