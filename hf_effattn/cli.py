@@ -4,14 +4,15 @@
     hf-effattn convert --teacher path/or/model.gguf --mixer gla --full-share 0.5 --preset gpu --output DIR
     hf-effattn generate runs/smollm2-gdn --prompt "The capital of France is"
     hf-effattn info runs/smollm2-gdn
+    hf-effattn eval runs/smollm2-gdn --teacher embedded --tasks passkey,niah_single --lengths 1024,2048 --output DIR
 """
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from hf_effattn.conversion.recipe import EFFICIENT_MIXERS, PRESETS
-
 
 
 def _parse_ints(text: str, error: str) -> list[int]:
@@ -86,6 +87,25 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import logging
+
+    from hf_effattn.evaluation.harness import DEFAULT_TASKS, run_evaluation
+
+    # lm-eval logs every task's configuration at INFO; our own progress lines say what runs
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(DEFAULT_TASKS)
+    lengths = _parse_ints(args.lengths, "--lengths expects comma-separated token counts, e.g. 1024,2048")
+    report = run_evaluation(args.model, args.output, teacher_spec=args.teacher, tasks=tasks, lengths=lengths,
+                            num_samples=args.num_samples, seed=args.seed, batch_size=args.batch_size,
+                            device=args.device, dtype=args.dtype, max_gen_toks=args.max_gen_toks)
+    from hf_effattn.evaluation.report import render_markdown
+
+    print(render_markdown(report))
+    print(f"results: {Path(args.output) / 'evaluation.json'}")
+    return 0
+
+
 def _load(model_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,6 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--prompt", default="What is the capital of France?", help="sample prompt shown at the end")
     convert.add_argument("--max-new-tokens", type=int, default=24, help="tokens for the sample (0 = no sample)")
     convert.set_defaults(func=cmd_convert)
+
+    evaluate = sub.add_parser("eval", help="evaluate a model (and its teacher) with lm-eval and the offline task pack")
+    evaluate.add_argument("model", help="checkpoint folder, .gguf file, hub id, or 'embedded'")
+    evaluate.add_argument("--teacher", default=None, help="the same kinds of spec; adds the retention table")
+    evaluate.add_argument("--tasks", default=None,
+                          help="comma-separated: passkey, niah_single, niah_multikey, niah_uuid, niah_multivalue, "
+                               "niah_multiquery, vt, cwe, fwe, mqar, ppl, or any lm-eval task "
+                               "(default: passkey,niah_single,niah_multikey,vt)")
+    evaluate.add_argument("--lengths", default="1024,2048,4096", help="context lengths in tokens (default: 1024,2048,4096)")
+    evaluate.add_argument("--num-samples", type=int, default=20, help="samples per task and length (default: 20)")
+    evaluate.add_argument("--batch-size", type=int, default=1)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    evaluate.add_argument("--max-gen-toks", type=int, default=None, help="override every task's answer budget")
+    evaluate.add_argument("--output", required=True, help="folder for evaluation.json, retention.md and raw results")
+    evaluate.set_defaults(func=cmd_eval)
 
     generate = sub.add_parser("generate", help="greedy generation from a checkpoint")
     generate.add_argument("model", help="checkpoint folder or hub id")
