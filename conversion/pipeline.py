@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from hf_effattn.checkpoint import save_checkpoint
+from hf_effattn.model_cards.render import Results, render_card
 
 from .data import DataError, load_documents, pack, training_blocks
 from .distill import (
@@ -25,7 +26,6 @@ from .distill import (
     run_stage,
     trainable_state,
 )
-from .model_card import conversion_model_card
 from .teachers import load_teacher
 from .weight_map import effattn_from_teacher
 from .workdir import WorkDir
@@ -280,7 +280,8 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
     stage1_history, stage2_history = stage1["history"], stage2["history"]
     report = {
         "teacher": hub_id,
-        "teacher_spec": str(teacher_spec or "embedded"),
+        # a local path is recorded by its last component: the report travels into model cards
+        "teacher_spec": Path(teacher_spec).name if teacher_spec and Path(teacher_spec).exists() else str(teacher_spec or "embedded"),
         "hf_effattn": __version__,
         "torch": torch.__version__,
         "device": str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else
@@ -314,7 +315,7 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
         files["loss_curves.png"] = plot
     report["timings"]["total_seconds"] = time.time() - started
     files[REPORT_NAME] = json.dumps(report, indent=2) + "\n"
-    files["README.md"] = conversion_model_card(report, output.name)
+    files["README.md"] = render_card(Results(report), output.name)
     path = save_checkpoint(model, output, tokenizer, files)
     if not keep_work:
         workdir.remove()
@@ -322,4 +323,4 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
     return path
 
 
-__all__ = ["convert", "ConversionError", "DataError", "REPORT_NAME"]
+__all__ = ["REPORT_NAME", "ConversionError", "DataError", "convert"]

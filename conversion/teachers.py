@@ -64,7 +64,8 @@ def resolve_teacher(spec: str | os.PathLike | None) -> tuple[str, dict, str]:
         if not path.is_file():
             raise TeacherError(f"GGUF teacher {path} does not exist: pass the path of a .gguf file.")
         _require_gguf(path)
-        return str(path.parent), {"gguf_file": path.name}, path.stem
+        # the embedded teacher's file, copied elsewhere, is still that hub model
+        return str(path.parent), {"gguf_file": path.name}, EMBEDDED_HUB_ID if path.name == EMBEDDED_GGUF else path.stem
     if path.exists():
         if not (path / "config.json").is_file():
             raise TeacherError(f"Teacher folder {path} has no config.json: pass a transformers checkpoint folder.")

@@ -44,7 +44,7 @@ class WorkDir:
             if saved != json.loads(json.dumps(identity)):
                 changed = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
                 raise WorkDirError(
-                    f"{self.root} holds an unfinished conversion with different settings ({changed}). Rerun with the "
+                    f"{self.root} holds an unfinished run with different settings ({changed}). Rerun with the "
                     f"same options to resume it, or delete {self.root} to start over."
                 )
             return True

@@ -33,8 +33,9 @@ class EvaluationError(ValueError):
 
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer, description) for a checkpoint folder, a GGUF file, a hub id or "embedded"."""
-    from hf_effattn.conversion.teachers import TeacherError, resolve_teacher
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from hf_effattn.conversion.teachers import TeacherError, resolve_teacher
 
     try:
         name, kwargs, label = resolve_teacher(spec)
@@ -46,7 +47,9 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         ) from error
     model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=dtype, **kwargs).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    return model, tokenizer, {"spec": str(spec), "name": label, "model_type": model.config.model_type,
+    # local paths are recorded by their last component: result files travel into model cards
+    recorded = Path(spec).name if Path(str(spec)).expanduser().exists() else str(spec)
+    return model, tokenizer, {"spec": recorded, "name": label, "model_type": model.config.model_type,
                               "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -95,8 +98,10 @@ def evaluate_model(model, tokenizer, tasks: list[str], lengths: list[int], outpu
         runs.append((max(lengths), standard))
     for length, run_tasks in runs:
         start = time.perf_counter()
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=length,
-                  trust_remote_code=True)
+        # prompts are sized so that prompt + the task's answer budget = length; HFLM cuts contexts to
+        # max_length - max_gen_toks, so a larger answer budget given here widens max_length by as much
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                  max_length=length + (max_gen_toks or 0), trust_remote_code=True)
         metadata = {"tokenizer": str(tokenizer_dir), "max_seq_length": length, "num_samples": num_samples, "seed": seed}
         result = simple_evaluate(
             model=lm, tasks=run_tasks, task_manager=TaskManager(include_path=str(TASK_DIR), metadata=metadata),

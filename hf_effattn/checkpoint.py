@@ -1,5 +1,6 @@
 """Saving hf_effattn checkpoints: self-contained remote code, safetensors only, written atomically."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,6 +17,9 @@ REMOTE_CODE_FILES = (
     "mixer_linear.py",
     "mixer_hedgehog.py",
     "ops_reference.py",
+    # Triton kernels (kernels/, linked into hf_effattn/): used on GPUs where triton imports
+    "linear_attn.py",
+    "linear_attn_kernels.py",
 )
 
 AUTO_MAP = {
@@ -40,31 +44,18 @@ def check_remote_code(folder: str | os.PathLike) -> None:
         raise RuntimeError(f"{folder} holds pickle weights; checkpoints are safetensors only.")
 
 
-def save_checkpoint(model, output_dir: str | os.PathLike, tokenizer=None, extra_files: dict | None = None) -> Path:
-    """Writes `model` (and its tokenizer, and `extra_files` {name: text or bytes}) to `output_dir` atomically.
+@contextlib.contextmanager
+def atomic_folder(output_dir: str | os.PathLike):
+    """Yields a temporary sibling folder to fill; on success it replaces `output_dir` in one rename.
 
-    Everything is written to a temporary sibling folder first, checked, then renamed into place, so an interrupted
-    save never leaves a folder that looks complete. An existing `output_dir` is replaced only after the new one is
-    complete.
+    An interrupted write never leaves a folder that looks complete, and an existing `output_dir` is replaced only
+    once the new one is complete.
     """
     output_dir = Path(output_dir).resolve()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        # save_pretrained maps only the saved class; AutoModel must resolve too
-        config_path = staging / "config.json"
-        config = json.loads(config_path.read_text())
-        config["auto_map"] = dict(AUTO_MAP)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        for name, content in (extra_files or {}).items():
-            if isinstance(content, bytes):
-                (staging / name).write_bytes(content)
-            else:
-                (staging / name).write_text(content)
-        check_remote_code(staging)
+        yield staging
         if output_dir.exists():
             retired = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
             os.replace(output_dir, retired)
@@ -75,4 +66,29 @@ def save_checkpoint(model, output_dir: str | os.PathLike, tokenizer=None, extra_
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return output_dir
+
+
+def write_extra_files(folder: Path, extra_files: dict | None) -> None:
+    """Writes `{name: text or bytes}` into `folder`."""
+    for name, content in (extra_files or {}).items():
+        if isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        else:
+            (folder / name).write_text(content)
+
+
+def save_checkpoint(model, output_dir: str | os.PathLike, tokenizer=None, extra_files: dict | None = None) -> Path:
+    """Writes `model` (and its tokenizer, and `extra_files` {name: text or bytes}) to `output_dir` atomically
+    (see `atomic_folder`), checked to be a loadable remote-code checkpoint before it takes its place."""
+    with atomic_folder(output_dir) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        # save_pretrained maps only the saved class; AutoModel must resolve too
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text())
+        config["auto_map"] = dict(AUTO_MAP)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        write_extra_files(staging, extra_files)
+        check_remote_code(staging)
+    return Path(output_dir).resolve()

@@ -4,7 +4,13 @@
     hf-effattn convert --teacher path/or/model.gguf --mixer gla --full-share 0.5 --preset gpu --output DIR
     hf-effattn generate runs/smollm2-gdn --prompt "The capital of France is"
     hf-effattn info runs/smollm2-gdn
+    hf-effattn finetune runs/smollm2-gdn --data chats.jsonl --output runs/smollm2-gdn-lora
+    hf-effattn merge runs/smollm2-gdn-lora --output runs/smollm2-gdn-tuned
+    hf-effattn bench runs/smollm2-gdn --teacher embedded --contexts 512,1024,2048 --output DIR
     hf-effattn eval runs/smollm2-gdn --teacher embedded --tasks passkey,niah_single --lengths 1024,2048 --output DIR
+    hf-effattn card runs/smollm2-gdn --repo-id ORG/smollm2-gdn --output runs/smollm2-gdn/README.md
+    hf-effattn catalogue
+    hf-effattn publish runs/smollm2-gdn --repo-id ORG/smollm2-gdn --dry-run
 """
 
 import argparse
@@ -92,8 +98,9 @@ def cmd_eval(args) -> int:
 
     from hf_effattn.evaluation.harness import DEFAULT_TASKS, run_evaluation
 
-    # lm-eval logs every task's configuration at INFO; our own progress lines say what runs
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    # lm-eval logs every task's configuration and warns about each generated data set and each task name the pack
+    # takes over; our own progress lines say what runs, and errors still show
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else list(DEFAULT_TASKS)
     lengths = _parse_ints(args.lengths, "--lengths expects comma-separated token counts, e.g. 1024,2048")
     report = run_evaluation(args.model, args.output, teacher_spec=args.teacher, tasks=tasks, lengths=lengths,
@@ -103,6 +110,36 @@ def cmd_eval(args) -> int:
 
     print(render_markdown(report))
     print(f"results: {Path(args.output) / 'evaluation.json'}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from hf_effattn.evaluation import efficiency
+
+    if (args.model is None) == (args.shape is None):
+        raise SystemExit("bench: pass a MODEL (optionally with --teacher) or --shape for random weights, not both.")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    contexts = _parse_ints(args.contexts, "--contexts expects comma-separated token counts")
+    batches = _parse_ints(args.batches, "--batches expects comma-separated batch sizes")
+    options = {"decode_steps": args.decode_steps, "compiled": not args.no_compile, "prefill_chunk": args.prefill_chunk}
+    if args.shape:
+        result = efficiency.run_random_pair(Path(args.output), args.shape, contexts, batches, full_share=args.full_share,
+                                            mixer=args.mixer, device=device, dtype=dtype, **options)
+    else:
+        from hf_effattn.evaluation.harness import load_model
+
+        torch_dtype = getattr(torch, dtype)
+        models, environment = {}, {"dtype": dtype}
+        for role, spec in (("model", args.model), ("teacher", args.teacher)):
+            if spec is not None:
+                models[role], _, environment[role] = load_model(spec, device, torch_dtype)
+        result = efficiency.run(Path(args.output), models, contexts, batches, environment=environment, device=device,
+                                **options)
+    print(efficiency.render_table(result["rows"]))
+    print(f"results: {Path(args.output) / 'efficiency.json'}")
     return 0
 
 
@@ -126,6 +163,61 @@ def cmd_info(args) -> int:
     config = AutoConfig.from_pretrained(args.model, trust_remote_code=True)
     print(json.dumps({"model_type": config.model_type, "mixer_types": config.mixer_types,
                       "layer_types": config.layer_types, "mixer_options": config.mixer_options}, indent=2))
+    return 0
+
+
+def _names(text: str | None) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()] if text else []
+
+
+def cmd_finetune(args) -> int:
+    import dataclasses
+
+    from hf_effattn.finetuning import FinetuneConfig, finetune
+
+    # every FinetuneConfig field is an option of the same name
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(FinetuneConfig)}
+    values["target_modules"], values["modules_to_save"] = _names(args.target_modules), _names(args.modules_to_save)
+    config = FinetuneConfig(**values)
+    finetune(args.model, args.data, args.output, config, overwrite=args.overwrite, keep_work=args.keep_work)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from hf_effattn.finetuning import merge_adapter
+
+    path = merge_adapter(args.adapter, args.output, base=args.base, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"saved the merged checkpoint to {path}")
+    return 0
+
+
+def cmd_card(args) -> int:
+    from hf_effattn.model_cards import write_card
+
+    output = Path(args.output or Path(args.results) / "README.md")
+    path = write_card(args.results, output, name=args.name, repo_id=args.repo_id, revision=args.revision,
+                      base_model=args.base_model, license=args.license, evaluation=args.evaluation,
+                      efficiency=args.efficiency or ())
+    print(f"card: {path}")
+    return 0
+
+
+def cmd_catalogue(args) -> int:
+    from hf_effattn.model_cards.catalogue import ROOT, build_catalogue
+
+    build_catalogue(Path(args.root) if args.root else ROOT)
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from hf_effattn.model_cards.publish import PublishError, publish
+
+    try:
+        publish(args.folder, args.repo_id, dry_run=args.dry_run, revision=args.revision,
+                commit_message=args.commit_message, private=args.private, base_repo_id=args.base_repo_id)
+    except PublishError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -185,6 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", required=True, help="folder for evaluation.json, retention.md and raw results")
     evaluate.set_defaults(func=cmd_eval)
 
+    bench = sub.add_parser("bench", help="prefill, decode and cache memory vs context: a model beside its teacher, "
+                                         "or a random hybrid beside its all-full model (--shape)")
+    bench.add_argument("model", nargs="?", default=None, help="checkpoint folder, .gguf file, hub id, or 'embedded'")
+    bench.add_argument("--teacher", default=None, help="measured beside the model")
+    bench.add_argument("--shape", default=None, help="random weights instead: 'tiny' (CPU) or '1.5b' (GPU)")
+    bench.add_argument("--full-share", type=float, default=0.25, help="with --shape: share of full layers")
+    bench.add_argument("--mixer", default="gdn", help="with --shape: the replacement mixer")
+    bench.add_argument("--contexts", default="512,1024,2048", help="context lengths in tokens")
+    bench.add_argument("--batches", default="1", help="batch sizes")
+    bench.add_argument("--decode-steps", type=int, default=16)
+    bench.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
+    bench.add_argument("--no-compile", action="store_true", help="skip the compiled static-cache decode")
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="default: bfloat16 on CUDA, float32 on CPU")
+    bench.add_argument("--output", required=True, help="folder for efficiency.json, efficiency.md and the plots")
+    bench.set_defaults(func=cmd_bench)
+
     generate = sub.add_parser("generate", help="greedy generation from a checkpoint")
     generate.add_argument("model", help="checkpoint folder or hub id")
     generate.add_argument("--prompt", required=True)
@@ -194,6 +304,84 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print a checkpoint's layer layout")
     info.add_argument("model", help="checkpoint folder or hub id")
     info.set_defaults(func=cmd_info)
+
+    tune = sub.add_parser("finetune", help="train a LoRA adapter for a hybrid on a JSONL file (resumable)")
+    tune.add_argument("model", help="hybrid checkpoint folder (from `hf-effattn convert`)")
+    tune.add_argument("--data", required=True,
+                      help='JSONL, one {"messages": [{"role": ..., "content": ...}, ...]} or {"text": ...} per line')
+    tune.add_argument("--output", required=True, help="folder for the adapter")
+    tune.add_argument("--eval-data", default=None, help="JSONL evaluation file (default: split from --data)")
+    tune.add_argument("--eval-share", type=float, default=0.0, help="share of --data held out for evaluation")
+    tune.add_argument("--eval-every", type=int, default=0, help="evaluation interval in steps (0: start and end)")
+    tune.add_argument("--max-length", type=int, default=1024, help="tokens per example (longer ones are cut)")
+    tune.add_argument("--packing", action="store_true", help="concatenate examples into blocks of --max-length")
+    tune.add_argument("--epochs", type=float, default=1.0)
+    tune.add_argument("--max-steps", type=int, default=0, help="optimizer steps; overrides --epochs (0: unused)")
+    tune.add_argument("--batch-size", type=int, default=4, help="examples per process and micro-batch")
+    tune.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    tune.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (warmup, then cosine to 10%%)")
+    tune.add_argument("--warmup-share", type=float, default=0.03)
+    tune.add_argument("--weight-decay", type=float, default=0.0)
+    tune.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    tune.add_argument("--lora-r", type=int, default=16)
+    tune.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank)")
+    tune.add_argument("--lora-dropout", type=float, default=0.0)
+    tune.add_argument("--target-modules", default=None,
+                      help="comma-separated LoRA targets (default: every linear layer of every mixer kind)")
+    tune.add_argument("--include-mlp", action="store_true", help="also put LoRA on the MLP projections")
+    tune.add_argument("--train-mixer-params", action="store_true",
+                      help="train gates, decays, short convolutions and feature maps whole (modules_to_save)")
+    tune.add_argument("--modules-to-save", default=None, help="comma-separated modules trained whole and saved")
+    tune.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                      help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    tune.add_argument("--gradient-checkpointing", action="store_true")
+    tune.add_argument("--save-every", type=int, default=50, help="checkpoint interval in steps")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--base-repo-id", default=None,
+                      help="hub id of the base model, recorded for publishing (the adapter keeps the local path)")
+    tune.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    tune.add_argument("--keep-work", action="store_true", help="keep the work folder (checkpoints) at the end")
+    tune.set_defaults(func=cmd_finetune)
+
+    merge = sub.add_parser("merge", help="merge a LoRA adapter into its base: a standalone remote-code checkpoint")
+    merge.add_argument("adapter", help="adapter folder (from `hf-effattn finetune`)")
+    merge.add_argument("--output", required=True, help="folder for the merged checkpoint")
+    merge.add_argument("--base", default=None, help="base checkpoint folder (default: the one the adapter names)")
+    merge.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="saved precision (auto: the base's); the merge itself runs in fp32")
+    merge.add_argument("--overwrite", action="store_true")
+    merge.set_defaults(func=cmd_merge)
+
+    card = sub.add_parser("card", help="render a model card from result files (conversion report, evaluation, "
+                                       "efficiency)")
+    card.add_argument("results", help="a conversion output folder or a results folder holding conversion_report.json "
+                                      "(and evaluation.json, efficiency*.json when present)")
+    card.add_argument("--output", default=None, help="card file (default: RESULTS/README.md)")
+    card.add_argument("--name", default=None, help="model name (default: the folder's name)")
+    card.add_argument("--repo-id", default=None, help="hub repository the snippets load (default: a placeholder)")
+    card.add_argument("--revision", default=None, help="commit the snippets pin (default: main, with a note to pin)")
+    card.add_argument("--base-model", default=None, help="the teacher's hub id, when the report records none")
+    card.add_argument("--license", default=None, help="license id, when the teacher's is not recorded")
+    card.add_argument("--evaluation", default=None, help="evaluation.json from `hf-effattn eval` (default: in RESULTS)")
+    card.add_argument("--efficiency", action="append", default=None,
+                      help="efficiency.json from `hf-effattn bench`, repeatable (default: RESULTS/efficiency*.json)")
+    card.set_defaults(func=cmd_card)
+
+    catalogue = sub.add_parser("catalogue", help="regenerate the catalogue's cards and index from "
+                                                 "model_cards/results/*")
+    catalogue.add_argument("--root", default=None, help="catalogue folder holding results/ (default: model_cards/)")
+    catalogue.set_defaults(func=cmd_catalogue)
+
+    publish = sub.add_parser("publish", help="check a checkpoint or adapter folder, then upload it to the Hub")
+    publish.add_argument("folder", help="checkpoint folder (convert, merge) or adapter folder (finetune)")
+    publish.add_argument("--repo-id", required=True, help="target hub repository, ORG/NAME")
+    publish.add_argument("--dry-run", action="store_true", help="run every check and list the files; upload nothing")
+    publish.add_argument("--revision", default=None, help="branch to commit to (default: main)")
+    publish.add_argument("--commit-message", default=None)
+    publish.add_argument("--private", action="store_true", help="create the repository as private")
+    publish.add_argument("--base-repo-id", default=None,
+                         help="adapters: rewrite the local base path in the adapter's metadata to this hub id first")
+    publish.set_defaults(func=cmd_publish)
     return parser
 
 

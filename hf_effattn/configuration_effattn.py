@@ -16,6 +16,7 @@ MIXER_LAYER_TYPES = {
     "gdn": "linear_attention",
     "deltanet": "linear_attention",
     "gla": "linear_attention",
+    "kda": "linear_attention",
     # a recurrent state plus a window of raw keys/values
     "hedgehog": "hybrid_sliding",
 }
@@ -23,7 +24,7 @@ MIXER_LAYER_TYPES = {
 _LINEAR_HEADS = {"num_heads": None, "num_kv_heads": None, "head_dim": None}
 # an optional softmax window (plus sink tokens) inside a linear layer; 0 turns it off
 _LINEAR_WINDOW = {"window": 0, "sink_tokens": 0}
-LINEAR_KINDS = ("gdn", "deltanet", "gla")
+LINEAR_KINDS = ("gdn", "deltanet", "gla", "kda")
 
 # defaults per mixer kind; `None` means "take it from the backbone" (heads, head_dim, feature size)
 MIXER_DEFAULTS = {
@@ -41,6 +42,16 @@ MIXER_DEFAULTS = {
         "gate_rank": 16,
         "gate_normalizer": 16.0,
     },
+    # Kimi Linear: the delta rule with a per-channel decay from a low-rank gate (rank None: head_dim)
+    "kda": {
+        **_LINEAR_HEADS,
+        **_LINEAR_WINDOW,
+        "conv_size": 4,
+        "chunk_size": 64,
+        "output_gate": True,
+        "output_norm": True,
+        "gate_rank": None,
+    },
     "hedgehog": {"window": 64, "feature_dim": None, "chunk_size": 64},
 }
 
@@ -51,7 +62,7 @@ _BOOLS = {"sink_logits", "output_gate", "output_norm"}
 
 def _check_option(kind: str, key: str, value) -> None:
     where = f"mixer_options['{kind}']['{key}']"
-    if value is None and key in _LINEAR_HEADS | {"feature_dim": None}:
+    if value is None and (key in _LINEAR_HEADS | {"feature_dim": None} or (kind, key) == ("kda", "gate_rank")):
         return
     if key == "window" and kind in LINEAR_KINDS:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -97,7 +108,7 @@ class EffAttnConfig(PretrainedConfig):
     Qwen3's per-head q/k RMSNorm.
 
     Args:
-        mixer_types (`list[str]`): one of `full`, `sliding`, `gdn`, `deltanet`, `gla`, `hedgehog` per layer
+        mixer_types (`list[str]`): one of `full`, `sliding`, `gdn`, `deltanet`, `gla`, `kda`, `hedgehog` per layer
             (default: all `full`).
         mixer_options (`dict[str, dict]`): options per mixer kind, e.g. `{"sliding": {"window": 256}}`; see
             `MIXER_DEFAULTS` for every key.
@@ -216,7 +227,7 @@ class EffAttnConfig(PretrainedConfig):
                 raise ValueError(
                     f"mixer_types[{index}] = {kind!r} is not a known mixer kind; allowed: {sorted(MIXER_LAYER_TYPES)}."
                 )
-        for kind in set(self.mixer_types) & {"gdn", "deltanet", "gla"}:
+        for kind in set(self.mixer_types) & set(LINEAR_KINDS):
             options = self.mixer_options[kind]
             heads = options["num_heads"] or self.num_attention_heads
             kv_heads = options["num_kv_heads"] or (self.num_key_value_heads if options["num_heads"] is None else heads)
@@ -254,4 +265,4 @@ class EffAttnConfig(PretrainedConfig):
         return options
 
 
-__all__ = ["EffAttnConfig", "MIXER_DEFAULTS", "MIXER_LAYER_TYPES"]
+__all__ = ["MIXER_DEFAULTS", "MIXER_LAYER_TYPES", "EffAttnConfig"]

@@ -1,6 +1,6 @@
-"""Linear-attention mixers with a fixed-size fp32 recurrent state: `gdn`, `deltanet`, `gla`.
+"""Linear-attention mixers with a fixed-size fp32 recurrent state: `gdn`, `deltanet`, `gla`, `kda`.
 
-All three share q/k/v/o projections named as in the teacher (GQA-aware: keys/values are repeated over each query
+All of them share q/k/v/o projections named as in the teacher (GQA-aware: keys/values are repeated over each query
 group, so every query head owns one `[K, V]` state), an optional short causal convolution, and a gated output norm.
 Padding never reaches the state: padded positions get zero keys, values, write strengths and decays.
 
@@ -10,12 +10,12 @@ initialisation, so a converted layer starts as its teacher's attention restricte
 The cache then holds the window's keys/values next to the recurrent and convolution states (`hybrid_sliding`).
 """
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .mixer_common import GatedOutput, RMSNorm, ShortConvolution, current_padding_mask, zero_padding
@@ -24,6 +24,30 @@ from .ops_reference import chunk_linear_attention, recurrent_linear_attention
 
 # prompts up to this length run token by token at inference; longer ones run chunked
 RECURRENT_MAX_LEN = 64
+# which ops the mixers run: None = the Triton kernels on CUDA tensors when triton imports, else the torch reference;
+# tests set "triton" or "reference" to force one
+LINEAR_OPS_OVERRIDE = None
+
+
+@functools.cache
+def triton_linear_ops():
+    """(chunked, token-by-token) Triton ops, or None where triton is missing. Imported on first use, so that
+    machines without a GPU never import triton through the model."""
+    try:
+        from .linear_attn import chunk_linear_attention as chunk_op
+        from .linear_attn import fused_recurrent_linear_attention as recurrent_op
+    except ImportError:
+        return None
+    return chunk_op, recurrent_op
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    if LINEAR_OPS_OVERRIDE is not None:
+        return LINEAR_OPS_OVERRIDE == "triton"
+    # inside torch.compile the torch ops are traced and captured in CUDA graphs; the kernels would break the graph
+    if torch.compiler.is_compiling():
+        return False
+    return x.is_cuda and triton_linear_ops() is not None
 
 
 class LinearMixer(nn.Module):
@@ -128,7 +152,10 @@ class LinearMixer(nn.Module):
                 initial_state = layer.recurrent_states[0]
         use_recurrent = seq_len <= RECURRENT_MAX_LEN and not self.training
         op_args = dict(g=g, beta=beta, initial_state=initial_state, output_final_state=past_key_values is not None)
-        if use_recurrent:
+        if use_triton(q):
+            chunk_op, recurrent_op = triton_linear_ops()
+            o, state = (recurrent_op if use_recurrent else chunk_op)(q, k, v, **op_args)
+        elif use_recurrent:
             o, state = recurrent_linear_attention(q, k, v, **op_args)
         else:
             o, state = chunk_linear_attention(q, k, v, chunk_size=self.chunk_size, **op_args)
@@ -194,3 +221,35 @@ class GatedLinearAttention(LinearMixer):
         gk = self.gk_proj(hidden_states).float()
         g = F.logsigmoid(gk) / self.gate_normalizer
         return g.view(*gk.shape[:2], self.num_heads, self.head_dim), None
+
+
+class KimiDeltaAttention(GatedDeltaNet):
+    """KDA (Kimi Linear, 2025): Gated DeltaNet with a per-channel decay, -exp(A_log) * softplus(f(x) + dt_bias) for
+    each key channel, f a low-rank projection (rank `gate_rank`, default head_dim)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        rank = config.mixer_config(layer_idx)["gate_rank"] or self.head_dim
+        del self.a_proj
+        self.f_proj = nn.Sequential(
+            nn.Linear(config.hidden_size, rank, bias=False),
+            nn.Linear(rank, self.num_heads * self.head_dim, bias=False),
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads * self.head_dim))
+
+    def reset_gate_parameters(self, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gated DeltaNet's initialisation, dt drawn per key channel; returns (A_log `[H]`, dt_bias `[H * K]`)."""
+        a_log, _ = super().reset_gate_parameters(generator)
+        dt = torch.exp(
+            torch.rand(self.num_heads * self.head_dim, generator=generator) * (math.log(0.1) - math.log(0.001))
+            + math.log(0.001)
+        )
+        return a_log, dt + torch.log(-torch.expm1(-dt))
+
+    def gates(self, hidden_states):
+        beta = self.b_proj(hidden_states).float().sigmoid()
+        f = self.f_proj(hidden_states).float() + self.dt_bias.float()
+        # [B, T, H, K]: one decay rate per head, scaled per channel
+        rate = self.A_log.float().exp().repeat_interleave(self.head_dim)
+        g = -rate * F.softplus(f)
+        return g.unflatten(-1, (self.num_heads, self.head_dim)), beta

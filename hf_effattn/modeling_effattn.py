@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -19,7 +19,7 @@ from .configuration_effattn import EffAttnConfig
 from .mixer_common import RMSNorm, ShortConvolution
 from .mixer_full import FullAttention
 from .mixer_hedgehog import HedgehogAttention, HedgehogFeatureMap
-from .mixer_linear import DeltaNet, GatedDeltaNet, GatedLinearAttention, LinearMixer
+from .mixer_linear import DeltaNet, GatedDeltaNet, GatedLinearAttention, KimiDeltaAttention, LinearMixer
 from .mixer_sliding import SlidingWindowAttention
 
 MIXER_CLASSES = {
@@ -28,6 +28,7 @@ MIXER_CLASSES = {
     "gdn": GatedDeltaNet,
     "deltanet": DeltaNet,
     "gla": GatedLinearAttention,
+    "kda": KimiDeltaAttention,
     "hedgehog": HedgehogAttention,
 }
 
@@ -125,10 +126,24 @@ class EffAttnCache(DynamicCache):
         return False
 
 
-def _past_length(past_key_values: Cache | None) -> int:
+def _static_length(past_key_values: Cache) -> torch.Tensor | None:
+    """The token count of a static cache (transformers' `StaticCache`) as its 0-d tensor, or None.
+
+    A tensor, not an int, so that a compiled decode step reads it without being recompiled at every new length.
+    """
+    for layer in past_key_values.layers:
+        if isinstance(layer, StaticLayer):
+            return layer.get_seq_length() if layer.is_initialized else None
+    return None
+
+
+def _past_length(past_key_values: Cache | None) -> int | torch.Tensor:
     """Tokens already in the cache. All-linear caches have no attention layer to ask, so we count ourselves."""
     if past_key_values is None:
         return 0
+    static = _static_length(past_key_values)
+    if static is not None:
+        return static
     seen = getattr(past_key_values, "effattn_seen_tokens", None)
     if seen is not None:
         return seen
@@ -178,9 +193,19 @@ class EffAttnModel(EffAttnPreTrainedModel):
             past_key_values = None
         seq_len = inputs_embeds.shape[1]
         past_length = _past_length(past_key_values)
+        static_cache = isinstance(past_length, torch.Tensor)
+        if static_cache and any(kind not in ("full", "gdn", "deltanet", "gla", "kda")
+                                or self.config.mixer_options.get(kind, {}).get("window")
+                                for kind in self.config.mixer_types):
+            raise ValueError(
+                "A static cache serves layouts of full attention and linear mixers without a window (gdn, deltanet, "
+                "gla); this model has other layers: use the default dynamic cache."
+            )
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device).unsqueeze(0)
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past_length + seq_len:
+            position_ids = (past_length + torch.arange(seq_len, device=inputs_embeds.device)).unsqueeze(0)
+        if static_cache:
+            pass  # the mask below covers the whole static buffer; a 2-D mask is checked by transformers
+        elif attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past_length + seq_len:
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[1]} positions but the cache holds {past_length} tokens "
                 f"and {seq_len} are new: pass a 2-D mask over all {past_length + seq_len} positions."
@@ -208,7 +233,7 @@ class EffAttnModel(EffAttnPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        if past_key_values is not None:
+        if past_key_values is not None and not static_cache:
             past_key_values.effattn_seen_tokens = past_length + seq_len
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 

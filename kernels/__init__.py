@@ -1,5 +1,31 @@
-"""Triton kernels for hf_effattn's mixers (installed as `hf_effattn.kernels`).
+"""Triton kernels for hf_effattn's mixers (installed as `hf_effattn.kernels`; importing it needs triton).
 
 Each op has a pure-PyTorch reference in `hf_effattn.ops_reference`; the mixers fall back to it when Triton or a
 GPU is missing.
 """
+
+from .linear_attn import (
+    chunk_delta_rule,
+    chunk_gated_delta_rule,
+    chunk_gla,
+    chunk_kda,
+    chunk_linear_attention,
+    fused_recurrent_delta_rule,
+    fused_recurrent_gated_delta_rule,
+    fused_recurrent_gla,
+    fused_recurrent_kda,
+    fused_recurrent_linear_attention,
+)
+
+__all__ = [
+    "chunk_delta_rule",
+    "chunk_gated_delta_rule",
+    "chunk_gla",
+    "chunk_kda",
+    "chunk_linear_attention",
+    "fused_recurrent_delta_rule",
+    "fused_recurrent_gated_delta_rule",
+    "fused_recurrent_gla",
+    "fused_recurrent_kda",
+    "fused_recurrent_linear_attention",
+]

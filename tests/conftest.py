@@ -16,6 +16,7 @@ TINY_MIXER_OPTIONS = {
     "gdn": {"chunk_size": 16},
     "deltanet": {"chunk_size": 16},
     "gla": {"chunk_size": 16},
+    "kda": {"chunk_size": 16},
 }
 
 

@@ -13,6 +13,7 @@ import functools
 import random
 
 import datasets
+
 from hf_effattn.evaluation import synthetic
 from hf_effattn.evaluation.scoring import passkey_score, string_match_all
 
@@ -63,7 +64,9 @@ def _dataset(task: str, metadata: dict, make_one) -> dict:
 def passkey(**metadata):
     def make(tokenizer, length, rng, index, total):
         # needle depths spread evenly over the context, as in the direct probe
-        sample = synthetic.passkey_samples(tokenizer, length, total, seed=metadata.get("seed", 0))[index]
+        # the prompt leaves room for the answer, like every task of the pack
+        budget = length - synthetic.TOKENS_TO_GENERATE["passkey"]
+        sample = synthetic.passkey_samples(tokenizer, budget, total, seed=metadata.get("seed", 0))[index]
         return {"prompt": sample["prompt"], "answers": [sample["answer"]]}
 
     return _dataset("passkey", metadata, make)

@@ -21,6 +21,7 @@ EXPECTED_LAYER_TYPES = {
     "gdn": "linear_attention",
     "deltanet": "linear_attention",
     "gla": "linear_attention",
+    "kda": "linear_attention",
     "hedgehog": "hybrid_sliding",
 }
 
@@ -30,6 +31,7 @@ EXPECTED_CACHE_LAYERS = {
     "gdn": LinearAttentionLayer,
     "deltanet": LinearAttentionLayer,
     "gla": LinearAttentionLayer,
+    "kda": LinearAttentionLayer,
     "hedgehog": LinearAttentionAndSlidingWindowAttentionLayer,
 }
 

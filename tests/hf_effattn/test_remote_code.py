@@ -12,7 +12,7 @@ import torch
 from hf_effattn import EffAttnConfig, EffAttnForCausalLM
 from hf_effattn.checkpoint import REMOTE_CODE_FILES, check_remote_code, save_checkpoint
 
-ALL_KINDS = ["full", "sliding", "gdn", "deltanet", "gla", "hedgehog"]
+ALL_KINDS = ["full", "sliding", "gdn", "deltanet", "gla", "kda", "hedgehog"]
 
 # runs in a fresh interpreter where importing hf_effattn fails, as on a machine that never installed it
 LOADER = textwrap.dedent(

@@ -1,0 +1,109 @@
+"""Correctness of the Triton linear-attention kernels on a GPU: every op against the fp64 naive recurrence.
+
+    python scripts/check_kernels_gpu.py [--variant gdn] [--output-dir DIR]
+
+Checks the chunked ops (output, final state, dq, dk, dv, dg, dbeta, dh0) and the fused-recurrent ops (output, final
+state) for gdn, deltanet, gla and kda over odd lengths, head dims 64/128/100, GVA, packed sequences with length-1
+segments, bf16/fp16/fp32 and strong decays. Prints one row per case and the worst error of each column, writes
+kernel_check[_VARIANT].json to the output folder when given, and exits with status 1 if any case fails. Run one
+process per variant to compile their kernels in parallel.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from hf_effattn.kernels import testing
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+# name: (B, T, H, HV, K, V, dtype, strong decay, cu_seqlens); mostly H=2, HV=4, D=128, so that few kernel
+# specialisations are compiled
+CHUNK_CASES = {
+    "T1": (2, 1, 2, 4, 128, 128, BF16, False, None),
+    "T63": (2, 63, 2, 4, 128, 128, BF16, False, None),
+    "T1000-GVA": (2, 1000, 2, 4, 128, 128, BF16, False, None),
+    "T1000-HV=H": (2, 1000, 4, 4, 128, 128, BF16, False, None),
+    "T1000-D64": (2, 1000, 2, 4, 64, 64, BF16, False, None),
+    "T1000-D100": (1, 1000, 2, 4, 100, 100, BF16, False, None),
+    "varlen": (1, 1000, 2, 4, 128, 128, BF16, False, [0, 1, 15, 100, 300, 301, 1000]),
+    "T1000-fp16": (1, 1000, 2, 4, 128, 128, FP16, False, None),
+    "T1000-fp32": (1, 1000, 2, 4, 128, 128, FP32, False, None),
+    "T500-strong-decay": (1, 500, 2, 4, 128, 128, BF16, True, None),
+    "T4096": (1, 4096, 2, 4, 128, 128, BF16, False, None),
+}
+# name: (B, T, H, HV, K, V, dtype, cu_seqlens, in-kernel q/k L2 norm)
+RECURRENT_CASES = {
+    "T1-B16": (16, 1, 2, 4, 128, 128, BF16, None, False),
+    "T63-D100-l2norm": (2, 63, 2, 4, 100, 100, BF16, None, True),
+    "varlen": (1, 300, 2, 4, 128, 128, BF16, [0, 1, 2, 100, 300], False),
+}
+COLUMNS = ("o", "state", *testing.GRADIENTS)
+
+
+def row(kind, variant, name, errors, bad, seconds):
+    cells = [f"{errors[c]:.1e}" if c in errors else "-" for c in COLUMNS]
+    status = "ok" if not bad else "FAIL"
+    return f"{kind:<9} {variant:<9} {name:<18} " + " ".join(f"{c:>8}" for c in cells) + f" {seconds:6.1f}s {status}"
+
+
+def main(variants=testing.VARIANTS, output_dir: str | None = None, case_filter: str = "") -> int:
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"{'op':<9} {'variant':<9} {'case':<18} " + " ".join(f"{c:>8}" for c in COLUMNS) + "   time")
+    results, failed = [], []
+
+    def record(kind, variant, name, dtype, check, *args):
+        start = time.time()
+        try:
+            errors = check(variant, *args)
+            bad = testing.failures(errors, dtype)
+        except Exception as error:  # noqa: BLE001 (a crash fails its case; the other cases still run)
+            errors, bad = {}, [f"{type(error).__name__}: {error}"]
+        torch.cuda.synchronize()
+        seconds = time.time() - start
+        print(row(kind, variant, name, errors, bad, seconds), flush=True)
+        for line in bad:
+            print(f"    {line}", flush=True)
+        results.append({"op": kind, "variant": variant, "case": name, "dtype": str(dtype), "errors": errors,
+                        "failures": bad, "seconds": seconds})
+        if bad:
+            failed.append((kind, variant, name))
+
+    for variant in variants:
+        for name, (batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, strong, cu) in CHUNK_CASES.items():
+            if (strong and variant == "deltanet") or case_filter not in name:
+                continue
+            record("chunk", variant, name, dtype, testing.check_chunk, batch, seq_len, heads, v_heads, key_dim,
+                   value_dim, dtype, device, strong, cu)
+        for name, (batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, cu, l2) in RECURRENT_CASES.items():
+            if case_filter not in name:
+                continue
+            record("recurrent", variant, name, dtype, testing.check_fused_recurrent, batch, seq_len, heads, v_heads,
+                   key_dim, value_dim, dtype, device, cu, l2)
+
+    worst = {c: max((r["errors"].get(c, 0.0) for r in results if r["dtype"] == str(BF16)), default=0.0)
+             for c in COLUMNS}
+    print("worst bf16 error per column: " + ", ".join(f"{c} {v:.1e}" for c, v in worst.items()))
+    print(f"{len(results) - len(failed)}/{len(results)} cases passed")
+    if output_dir:
+        suffix = "" if len(variants) > 1 else f"_{variants[0]}"
+        path = Path(output_dir) / f"kernel_check{suffix}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__}
+        path.write_text(json.dumps({"environment": info, "results": results}, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", choices=testing.VARIANTS, help="check one variant (default: all)")
+    parser.add_argument("--output-dir", help="folder for the JSON results")
+    parser.add_argument("--cases", default="", help="only the cases whose name contains this text")
+    args = parser.parse_args()
+    sys.exit(main((args.variant,) if args.variant else testing.VARIANTS, args.output_dir, args.cases))

@@ -1,0 +1,128 @@
+"""The Triton linear-attention ops against the fp64 naive recurrence: outputs, final states and every gradient.
+
+On a machine without a GPU these run through Triton's interpreter, so the CPU cases are small; the `gpu` cases use
+full sizes (`scripts/check_kernels_gpu.py` runs the whole matrix and prints a table).
+"""
+
+import pytest
+import torch
+
+from hf_effattn.ops_reference import naive_linear_attention
+
+kernels = pytest.importorskip("hf_effattn.kernels")
+testing = pytest.importorskip("hf_effattn.kernels.testing")
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_within_tolerance(errors, dtype):
+    bad = testing.failures(errors, dtype, exact_fp32=DEVICE == "cpu")
+    assert not bad, f"{bad} (all errors: {errors})"
+
+
+# (B, T, H, HV, K, V, dtype, strong decay, cu_seqlens): small enough for the interpreter
+CPU_CASES = [
+    ("T1", (2, 1, 1, 1, 16, 16, torch.float32, False, None)),
+    ("T63-GVA", (2, 63, 1, 2, 16, 32, torch.float32, False, None)),
+    ("T130-K24-V20", (1, 130, 2, 2, 24, 20, torch.float32, False, None)),
+    ("varlen-1-64-1-64", (1, 130, 1, 2, 16, 16, torch.float32, False, [0, 1, 65, 66, 130])),
+    ("T100-bf16", (1, 100, 1, 2, 32, 16, torch.bfloat16, False, None)),
+]
+
+
+@pytest.mark.parametrize("variant", testing.VARIANTS)
+@pytest.mark.parametrize(
+    "batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, strong_decay, cu_seqlens",
+    [pytest.param(*case, id=name) for name, case in CPU_CASES],
+)
+def test_chunk_matches_naive(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, strong_decay,
+                             cu_seqlens):
+    errors = testing.check_chunk(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, DEVICE,
+                                 strong_decay, cu_seqlens)
+    assert_within_tolerance(errors, dtype)
+
+
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+def test_chunk_strong_decay_stays_finite(variant):
+    """Decays down to ~ -50 per step: per-channel pairwise terms must underflow, never overflow."""
+    errors = testing.check_chunk(variant, 1, 80, 1, 1, 16, 16, torch.float32, DEVICE, strong_decay=True)
+    assert_within_tolerance(errors, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", testing.VARIANTS)
+@pytest.mark.parametrize(
+    "batch, seq_len, heads, v_heads, key_dim, value_dim, cu_seqlens",
+    [
+        pytest.param(2, 1000, 2, 4, 128, 128, None, id="T1000-D128-GVA"),
+        pytest.param(2, 1000, 4, 4, 64, 64, None, id="T1000-D64"),
+        pytest.param(1, 1000, 2, 2, 100, 100, [0, 1, 15, 100, 300, 301, 1000], id="varlen-D100"),
+    ],
+)
+def test_chunk_matches_naive_full_size(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, cu_seqlens):
+    errors = testing.check_chunk(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, torch.bfloat16,
+                                 DEVICE, cu_seqlens=cu_seqlens)
+    assert_within_tolerance(errors, torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", testing.VARIANTS)
+def test_fused_recurrent_matches_naive(variant):
+    """Packed segments (one of length 1), an initial state per segment, GVA, in-kernel q/k L2 norm."""
+    errors = testing.check_fused_recurrent(variant, 1, 21, 1, 2, 16, 16, torch.float32, DEVICE,
+                                           cu_seqlens=[0, 1, 9, 21], use_qk_l2norm_in_kernel=True)
+    assert_within_tolerance(errors, torch.float32)
+
+
+def test_fused_recurrent_decode_step_continues_chunked_prefill():
+    q, k, v, g, beta, s0 = testing.linear_inputs("gdn", 2, 70, 2, 2, 16, 16, torch.float32, DEVICE)
+    with torch.no_grad():
+        _, s1 = kernels.chunk_gated_delta_rule(q[:, :69], k[:, :69], v[:, :69], g[:, :69], beta[:, :69],
+                                               initial_state=s0, output_final_state=True)
+        o, s2 = kernels.fused_recurrent_gated_delta_rule(q[:, 69:], k[:, 69:], v[:, 69:], g=g[:, 69:],
+                                                         beta=beta[:, 69:], initial_state=s1, output_final_state=True)
+    o_ref, s_ref = naive_linear_attention(q, k, v, g=g, beta=beta, initial_state=s0, output_final_state=True)
+    errors = {"o": testing.rel_rms(o, o_ref[:, 69:]), "state": testing.rel_rms(s2, s_ref)}
+    assert_within_tolerance(errors, torch.float32)
+
+
+def test_named_ops_are_the_generic_op():
+    """fla's entry points, called with fla's argument names, select the matching variant."""
+    chunked = {
+        "gdn": lambda q, k, v, g, beta: kernels.chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True),
+        "deltanet": lambda q, k, v, g, beta: kernels.chunk_delta_rule(q, k, v, beta, output_final_state=True),
+        "gla": lambda q, k, v, g, beta: kernels.chunk_gla(q, k, v, g, output_final_state=True),
+        "kda": lambda q, k, v, g, beta: kernels.chunk_kda(q, k, v, g, beta, output_final_state=True),
+    }
+    recurrent = {
+        "gdn": lambda q, k, v, g, beta: kernels.fused_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta,
+                                                                                 output_final_state=True),
+        "deltanet": lambda q, k, v, g, beta: kernels.fused_recurrent_delta_rule(q, k, v, beta, output_final_state=True),
+        "gla": lambda q, k, v, g, beta: kernels.fused_recurrent_gla(q, k, v, gk=g, output_final_state=True),
+        "kda": lambda q, k, v, g, beta: kernels.fused_recurrent_kda(q, k, v, g, beta, output_final_state=True),
+    }
+    with torch.no_grad():
+        for variant in testing.VARIANTS:
+            q, k, v, g, beta, _ = testing.linear_inputs(variant, 1, 9, 1, 1, 16, 16, torch.float32, DEVICE)
+            o_ref, s_ref = naive_linear_attention(q, k, v, g=g, beta=beta, output_final_state=True)
+            for ops in (chunked, recurrent):
+                o, s = ops[variant](q, k, v, g, beta)
+                errors = {"o": testing.rel_rms(o, o_ref), "state": testing.rel_rms(s, s_ref)}
+                assert_within_tolerance(errors, torch.float32)
+
+
+def test_rejects_bad_inputs_and_unsupported_options():
+    q, k, v, g, beta, s0 = testing.linear_inputs("gdn", 2, 4, 2, 4, 16, 16, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="HV"):
+        kernels.chunk_gated_delta_rule(q, k, v[:, :, :3], g[:, :, :3], beta[:, :, :3])
+    with pytest.raises(ValueError, match="beta"):
+        kernels.chunk_gated_delta_rule(q, k, v, g, beta[:, :, :2])
+    with pytest.raises(ValueError, match="initial_state"):
+        kernels.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0[:, :2])
+    with pytest.raises(ValueError, match="batch size is expected to be 1"):
+        kernels.chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 2, 4], device=DEVICE))
+    with pytest.raises(NotImplementedError, match="use_gate_in_kernel"):
+        kernels.chunk_kda(q, k, v, g[..., None].expand(-1, -1, -1, 16), beta, use_gate_in_kernel=True)
+    with pytest.raises(NotImplementedError, match="gv"):
+        kernels.fused_recurrent_gla(q, k, v, gv=v)
