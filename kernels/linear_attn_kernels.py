@@ -151,10 +151,11 @@ def chunk_pairwise_fwd_kernel(
     b_aq = tl.zeros([BC, BC], dtype=tl.float32)
     b_ak = tl.zeros([BC, BC], dtype=tl.float32)
     for s in range(BC):
-        m_s = row0 + s < seq_len
+        # tensors, not a scalar: newer Triton interpreters reject the mask that scalar & tensor gives
+        m_sk = (o_k * 0 + row0 + s) < seq_len
         p_s = (bos + row0 + s) * H * K + i_h * K + o_k
-        b_ks = tl.load(k + p_s, mask=m_k & m_s, other=0.0).to(tl.float32)
-        b_bs = tl.load(b + (bos + row0 + s) * HV * K + i_hv * K + o_k, mask=m_k & m_s, other=0.0)
+        b_ks = tl.load(k + p_s, mask=m_k & m_sk, other=0.0).to(tl.float32)
+        b_bs = tl.load(b + (bos + row0 + s) * HV * K + i_hv * K + o_k, mask=m_k & m_sk, other=0.0)
         m_ts = (o_i >= s) & m_r
         b_e = _masked_exp(b_b - b_bs[None, :], m_ts[:, None] & m_k[None, :])
         b_col_q = tl.sum(b_q * b_ks[None, :] * b_e, axis=1)
@@ -853,11 +854,13 @@ def chunk_pairwise_bwd_kernel(
 
     # diagonal sub-block, one token at a time
     for s in range(BC):
-        m_s = row0 + s < seq_len
+        # tensors, not a scalar: newer Triton interpreters reject the mask that scalar & tensor gives
+        m_sk = (o_k * 0 + row0 + s) < seq_len
+        m_sr = (o_i * 0 + row0 + s) < seq_len
         p_s = (bos + row0 + s) * H * K + i_h * K + o_k
-        b_qs = tl.load(q + p_s, mask=m_k & m_s, other=0.0).to(tl.float32)
-        b_ks = tl.load(k + p_s, mask=m_k & m_s, other=0.0).to(tl.float32)
-        b_bs = tl.load(b + (bos + row0 + s) * HV * K + i_hv * K + o_k, mask=m_k & m_s, other=0.0)
+        b_qs = tl.load(q + p_s, mask=m_k & m_sk, other=0.0).to(tl.float32)
+        b_ks = tl.load(k + p_s, mask=m_k & m_sk, other=0.0).to(tl.float32)
+        b_bs = tl.load(b + (bos + row0 + s) * HV * K + i_hv * K + o_k, mask=m_k & m_sk, other=0.0)
         # token s as a key: rows t >= s of this block
         p_col = ((bos + o_r) * HV + i_hv) * BT + i_i * BC + s
         b_e = _masked_exp(b_b - b_bs[None, :], ((o_i >= s) & m_r)[:, None] & m_k[None, :])
@@ -868,11 +871,11 @@ def chunk_pairwise_bwd_kernel(
             b_dkr += b_ck[:, None] * b_ks[None, :] * b_e
         # token s as a query/row: keys r <= s of this block
         p_row = ((bos + row0 + s) * HV + i_hv) * BT + i_i * BC + o_i
-        b_e = _masked_exp(b_bs[None, :] - b_b, ((o_i <= s) & m_r & m_s)[:, None] & m_k[None, :])
-        b_rq = tl.load(daqk + p_row, mask=m_r & m_s, other=0.0)
+        b_e = _masked_exp(b_bs[None, :] - b_b, ((o_i <= s) & m_r & m_sr)[:, None] & m_k[None, :])
+        b_rq = tl.load(daqk + p_row, mask=m_r & m_sr, other=0.0)
         b_dkc += b_rq[:, None] * b_qs[None, :] * b_e
         if DELTA:
-            b_rk = tl.load(dakk + p_row, mask=m_r & m_s, other=0.0)
+            b_rk = tl.load(dakk + p_row, mask=m_r & m_sr, other=0.0)
             b_dkc += b_rk[:, None] * b_ks[None, :] * b_e
 
     b_db = b_q * b_dq + b_k * b_dkr - b_k * b_dkc
