@@ -15,7 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding
 
-from .configuration_effattn import EffAttnConfig
+from .configuration_effattn import LINEAR_KINDS, EffAttnConfig
 from .mixer_common import RMSNorm, ShortConvolution
 from .mixer_full import FullAttention
 from .mixer_hedgehog import HedgehogAttention, HedgehogFeatureMap
@@ -161,6 +161,11 @@ class EffAttnModel(EffAttnPreTrainedModel):
         self.layers = nn.ModuleList([EffAttnDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        # transformers' StaticCache serves full attention and window-free linear layers
+        self.supports_static_cache = all(
+            kind == "full" or (kind in LINEAR_KINDS and not config.mixer_options.get(kind, {}).get("window"))
+            for kind in config.mixer_types
+        )
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -194,12 +199,10 @@ class EffAttnModel(EffAttnPreTrainedModel):
         seq_len = inputs_embeds.shape[1]
         past_length = _past_length(past_key_values)
         static_cache = isinstance(past_length, torch.Tensor)
-        if static_cache and any(kind not in ("full", "gdn", "deltanet", "gla", "kda")
-                                or self.config.mixer_options.get(kind, {}).get("window")
-                                for kind in self.config.mixer_types):
+        if static_cache and not self.supports_static_cache:
             raise ValueError(
-                "A static cache serves layouts of full attention and linear mixers without a window (gdn, deltanet, "
-                "gla); this model has other layers: use the default dynamic cache."
+                "A static cache serves layouts of full attention and linear mixers without a window "
+                f"({', '.join(LINEAR_KINDS)}); this model has other layers: use the default dynamic cache."
             )
         if position_ids is None:
             position_ids = (past_length + torch.arange(seq_len, device=inputs_embeds.device)).unsqueeze(0)

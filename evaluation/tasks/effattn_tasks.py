@@ -62,11 +62,15 @@ def _dataset(task: str, metadata: dict, make_one) -> dict:
 
 
 def passkey(**metadata):
+    samples_by_length = {}
+
     def make(tokenizer, length, rng, index, total):
-        # needle depths spread evenly over the context, as in the direct probe
-        # the prompt leaves room for the answer, like every task of the pack
-        budget = length - synthetic.TOKENS_TO_GENERATE["passkey"]
-        sample = synthetic.passkey_samples(tokenizer, budget, total, seed=metadata.get("seed", 0))[index]
+        # needle depths spread evenly over the context, as in the direct probe; the prompt leaves room for the
+        # answer, like every task of the pack. All samples of a length are built at once, on its first index.
+        if length not in samples_by_length:
+            budget = length - synthetic.TOKENS_TO_GENERATE["passkey"]
+            samples_by_length[length] = synthetic.passkey_samples(tokenizer, budget, total, seed=metadata.get("seed", 0))
+        sample = samples_by_length[length][index]
         return {"prompt": sample["prompt"], "answers": [sample["answer"]]}
 
     return _dataset("passkey", metadata, make)
