@@ -145,10 +145,17 @@ def _filler_tokens(tokenizer, filler_docs, budget: int, rng: random.Random) -> l
 def retrieval_sample(tokenizer, filler_docs: list[str], seq_len: int, rng: random.Random) -> list[int]:
     """One `seq_len`-token sample: filler (repetitive sentences or real text) with 1-3 keyed facts inside, then
     a question about one of them and its answer, which can only be predicted by looking far back."""
+    return _retrieval_sample(tokenizer, filler_docs, seq_len, rng)[0]
+
+
+def _retrieval_sample(tokenizer, filler_docs, seq_len: int, rng: random.Random) -> tuple[list[int], int]:
+    """(sample, number of answer tokens at its end)."""
     statement, question, answer = rng.choice(_FACT_TEMPLATES)
     facts = {name: str(rng.randint(10, 99999)) for name in rng.sample(_NAMES, rng.randint(1, 3))}
     asked = rng.choice(list(facts))
-    tail = tokenizer("\n" + question.format(name=asked) + answer.format(value=facts[asked]))["input_ids"]
+    asked_text = "\n" + question.format(name=asked)
+    tail = tokenizer(asked_text + answer.format(value=facts[asked]))["input_ids"]
+    answer_length = max(len(tail) - len(tokenizer(asked_text)["input_ids"]), 1)
     pieces = [tokenizer("\n" + statement.format(name=name, value=value) + "\n")["input_ids"] for name, value in facts.items()]
     budget = seq_len - len(tail) - sum(len(p) for p in pieces)
     if budget < 16:
@@ -163,18 +170,29 @@ def retrieval_sample(tokenizer, filler_docs: list[str], seq_len: int, rng: rando
         ids += filler[last:cut] + piece
         last = cut
     ids += filler[last:] + tail
-    return ids[:seq_len]
+    return ids[:seq_len], answer_length
 
 
 def training_blocks(tokenizer, documents: list[str], seq_len: int, num_blocks: int, retrieval_share: float, seed: int):
     """`[num_blocks, seq_len]` token blocks: packed text, with a `retrieval_share` of synthetic retrieval samples."""
+    return training_blocks_with_answers(tokenizer, documents, seq_len, num_blocks, retrieval_share, seed)[0]
+
+
+def training_blocks_with_answers(tokenizer, documents, seq_len: int, num_blocks: int, retrieval_share: float,
+                                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`training_blocks` and a `[num_blocks, seq_len]` bool mask, True at the positions that predict an answer
+    token of a retrieval sample (the position before each answer token)."""
     if not 0.0 <= retrieval_share <= 1.0:
         raise DataError(f"retrieval_share = {retrieval_share}: expected a fraction in [0, 1].")
     n_retrieval = round(num_blocks * retrieval_share)
     text = pack(tokenizer, documents, seq_len, num_blocks - n_retrieval, seed) if num_blocks > n_retrieval else None
     rng = random.Random(f"retrieval-{seed}-{seq_len}")
-    retrieval = [retrieval_sample(tokenizer, documents, seq_len, rng) for _ in range(n_retrieval)]
-    parts = ([text] if text is not None else []) + ([torch.tensor(retrieval)] if retrieval else [])
+    samples = [_retrieval_sample(tokenizer, documents, seq_len, rng) for _ in range(n_retrieval)]
+    parts = ([text] if text is not None else []) + ([torch.tensor([ids for ids, _ in samples])] if samples else [])
     blocks = torch.cat(parts)
+    answers = torch.zeros_like(blocks, dtype=torch.bool)
+    first = 0 if text is None else text.shape[0]
+    for row, (_, length) in enumerate(samples, start=first):
+        answers[row, seq_len - length - 1 : seq_len - 1] = True
     order = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))
-    return blocks[order]
+    return blocks[order], answers[order]

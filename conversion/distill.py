@@ -43,6 +43,8 @@ def mixer_options_for(recipe) -> dict:
         return {recipe.mixer: {"window": recipe.window, "sink_tokens": recipe.sink_tokens if recipe.window else 0}}
     if recipe.mixer == "sliding":
         return {"sliding": {"window": recipe.window, "sink_tokens": recipe.sink_tokens}}
+    if recipe.mixer == "block_topk":
+        return {}  # the kind's defaults: blocks of 64 tokens, the top 16 plus the first and the local block
     return {"hedgehog": {"window": recipe.window}}
 
 
@@ -218,9 +220,13 @@ class AttentionTransferLoss(nn.Module):
 # --------------------------------------------------------------------------------------------------------- stage 2
 
 
-def chunked_kl(student_hidden, student_head, teacher_logits_fn, temperature: float, labels=None, ce_weight=0.0):
+def chunked_kl(student_hidden, student_head, teacher_logits_fn, temperature: float, labels=None, ce_weight=0.0,
+               weights=None):
     """Token-mean KL(teacher || student) over the vocabulary, `KL_CHUNK` positions at a time (logits are never
-    materialised for the whole sequence; each student chunk is recomputed in the backward pass)."""
+    materialised for the whole sequence; each student chunk is recomputed in the backward pass).
+
+    `weights` (`[B, T]`, optional) scales each position's KL; the mean still divides by the number of positions,
+    so weights above 1 add emphasis rather than renormalising it away."""
     total_kl, total_ce, count = 0.0, 0.0, 0
     seq_len = student_hidden.shape[1]
     for start in range(0, seq_len, KL_CHUNK):
@@ -231,7 +237,8 @@ def chunked_kl(student_hidden, student_head, teacher_logits_fn, temperature: flo
         def piece(hidden, teacher_log_probs=teacher_log_probs, start=start, stop=stop):
             student_logits = student_head(hidden).float()
             log_probs = F.log_softmax(student_logits / temperature, dim=-1)
-            kl = (teacher_log_probs.exp() * (teacher_log_probs - log_probs)).sum()
+            kl = (teacher_log_probs.exp() * (teacher_log_probs - log_probs)).sum(-1)
+            kl = (kl * weights[:, start:stop]).sum() if weights is not None else kl.sum()
             ce = torch.zeros((), device=hidden.device)
             if ce_weight and labels is not None:
                 shifted = labels[:, start + 1 : stop + 1]
@@ -267,7 +274,7 @@ class DistillationLoss(nn.Module):
         model = self.student
         return model.get_base_model() if hasattr(model, "get_base_model") else model
 
-    def forward(self, input_ids, teacher_hidden, teacher_head):
+    def forward(self, input_ids, teacher_hidden, teacher_head, weights=None):
         lm = self.causal_lm()
         hidden = lm.model(input_ids=input_ids, use_cache=False).last_hidden_state
         kl, ce = chunked_kl(
@@ -277,6 +284,7 @@ class DistillationLoss(nn.Module):
             self.temperature,
             labels=input_ids,
             ce_weight=self.ce_weight,
+            weights=weights,
         )
         loss = kl if ce is None else kl + self.ce_weight * ce
         return loss, kl.detach()
@@ -380,4 +388,6 @@ def run_stage(
 def batch_tokens(batch) -> int:
     if isinstance(batch, torch.Tensor):
         return batch.numel()
+    if "input_ids" in batch:
+        return batch["input_ids"].numel()
     return int(batch["tokens"])

@@ -11,7 +11,7 @@ import torch
 from hf_effattn.checkpoint import save_checkpoint
 from hf_effattn.model_cards.render import Results, render_card
 
-from .data import DataError, load_documents, pack, training_blocks
+from .data import DataError, load_documents, pack, training_blocks, training_blocks_with_answers
 from .distill import (
     LORA_TARGETS,
     AttentionTransferLoss,
@@ -44,12 +44,16 @@ def _accelerator(recipe):
     return Accelerator(cpu=not cuda, mixed_precision=mixed)
 
 
-def _rank_batches(blocks: torch.Tensor, batch_size: int, accelerator):
+def _rank_batches(blocks: torch.Tensor, batch_size: int, accelerator, weights: torch.Tensor | None = None):
+    """This process's batch of each step: `[batch_size, T]` token ids, or `{"input_ids", "weights"}` with weights."""
     world, rank = accelerator.num_processes, accelerator.process_index
 
-    def batch(step: int) -> torch.Tensor:
+    def batch(step: int):
         start = (step * world + rank) * batch_size
-        return blocks[start : start + batch_size].to(accelerator.device)
+        ids = blocks[start : start + batch_size].to(accelerator.device)
+        if weights is None:
+            return ids
+        return {"input_ids": ids, "weights": weights[start : start + batch_size].to(accelerator.device)}
 
     return batch
 
@@ -234,9 +238,12 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
         schedule = []  # (length, blocks) per segment of steps
         for k, (length, steps) in enumerate(zip(lengths, per_length)):
             if steps:
-                blocks = training_blocks(tokenizer, documents, length, steps * world * recipe.batch_size,
-                                         recipe.retrieval_share, recipe.seed + 100 + k)
-                schedule.append((steps, _rank_batches(blocks, recipe.batch_size, accelerator)))
+                blocks, answers = training_blocks_with_answers(
+                    tokenizer, documents, length, steps * world * recipe.batch_size, recipe.retrieval_share,
+                    recipe.seed + 100 + k)
+                # answer positions of the retrieval samples weigh `answer_weight` times a text position
+                weights = 1.0 + (recipe.answer_weight - 1.0) * answers.float() if recipe.answer_weight != 1 else None
+                schedule.append((steps, _rank_batches(blocks, recipe.batch_size, accelerator, weights)))
 
         def batches(step):
             for steps, batch in schedule:
@@ -248,9 +255,10 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
         teacher_head = teacher.get_output_embeddings()
 
         def stage2_loss(module, batch):
+            ids, weights = (batch["input_ids"], batch["weights"]) if isinstance(batch, dict) else (batch, None)
             with torch.no_grad():
-                teacher_hidden = _decoder(teacher)(input_ids=batch, use_cache=False).last_hidden_state
-            return module(batch, teacher_hidden, teacher_head)
+                teacher_hidden = _decoder(teacher)(input_ids=ids, use_cache=False).last_hidden_state
+            return module(ids, teacher_hidden, teacher_head, weights)
 
         history = run_stage("stage2", DistillationLoss(trained, recipe.kl_temperature, recipe.ce_weight), batches,
                             recipe.stage2_steps, recipe.stage2_lr, recipe, accelerator, workdir, stage2_loss, log)
@@ -313,7 +321,10 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
     plot = _loss_plot(stage1_history, stage2_history)
     if plot is not None:
         files["loss_curves.png"] = plot
-    report["timings"]["total_seconds"] = time.time() - started
+    # a resumed run only saw part of the work: the stage times (kept across resumes) bound the total from below
+    stage_seconds = (timings.get("layout_seconds") or 0) + stage1_history["seconds"] + stage2_history["seconds"] + (
+        quality.get("seconds") or 0)
+    report["timings"]["total_seconds"] = max(time.time() - started, stage_seconds)
     files[REPORT_NAME] = json.dumps(report, indent=2) + "\n"
     files["README.md"] = render_card(Results(report), output.name)
     path = save_checkpoint(model, output, tokenizer, files)

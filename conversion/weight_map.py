@@ -138,7 +138,9 @@ def effattn_from_teacher(teacher, mixer_types=None, mixer_options=None, dtype=to
     """Builds an EffAttnForCausalLM from a loaded teacher model.
 
     Attention projections (and every backbone weight) are copied; mixer parameters the teacher lacks (gates,
-    decays, convolutions, feature maps) keep their initialisation. Returns `(model, new_parameter_names)`.
+    decays, convolutions, feature maps) keep their initialisation. `block_topk` layers have no parameters of their
+    own: they start as the teacher's attention over their selected blocks (the teacher itself while every earlier
+    block fits in `top_k`). Returns `(model, new_parameter_names)`.
     """
     config = config_from_teacher(teacher.config, mixer_types, mixer_options, **overrides)
     state = map_teacher_state_dict(teacher.state_dict(), config.num_hidden_layers, config.tie_word_embeddings)

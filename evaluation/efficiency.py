@@ -1,20 +1,27 @@
 """Prefill latency, decode speed and cache memory against context length: a hybrid beside its all-full model.
 
-    python -m hf_effattn.evaluation.efficiency --shape 1.5b --contexts 8192,32768,131072 --batches 1,4 OUT_DIR
+    hf-effattn bench --shape 1.5b --contexts 8192,32768,131072,1048576 --prefill-chunk 131072 \\
+        --largest-batch 32768,131072 --breakdown 131072 --output OUT_DIR
 
 Both models get random weights of one Llama shape: the all-full model is transformers' `LlamaForCausalLM`, the
 hybrid the same backbone with `full_share` of its layers kept as full attention (evenly spaced) and the others
 replaced by `mixer`. For each context length and batch size:
 
-- prefill: one forward over the context (in chunks of `prefill_chunk` tokens through the cache when set), keeping
-  only the last position's logits;
-- eager decode: one forward per new token on the dynamic cache, as `generate` runs it by default;
+- prefill: one forward over the context (in chunks of `prefill_chunk` tokens through the cache when longer),
+  keeping only the last position's logits; up to 32k tokens the second of two runs is timed (the first, which also
+  builds kernel plans, is kept as `prefill_first_s`);
+- eager decode: plain `generate` (greedy) continuing from the prefilled dynamic cache;
 - compiled decode: the prefilled cache copied into transformers' `StaticCache` and a `torch.compile`d forward
   (CUDA graphs on GPU, `mode="reduce-overhead"`), the path that removes per-token Python overhead;
 - cache bytes (every tensor the cache holds after prefill) and peak memory (CUDA only).
 
-A run that does not fit in memory is recorded as `"oom"` and the sweep goes on. Results: `efficiency.json`, a
-markdown table and PNG plots in the output folder.
+`largest_batch` contexts: the baseline's largest batch is searched (B = 1, 2, 4 ... while its static cache, plus room
+for a decode step, can be allocated), then every model decodes at that batch (compiled) from one prefilled
+sequence tiled over the batch. A run that does not fit in memory is recorded as `"oom"` and the sweep goes on; a
+cache that cannot even be allocated is recorded as `"oom"` before any prefill. `breakdown`: the efficient model's
+prefill at that context and one compiled decode step under `torch.profiler`, GPU time by kernel.
+
+Results: `efficiency.json`, `efficiency.md` (tables and the targets), `breakdown.md`, PNG plots.
 """
 
 import argparse
@@ -32,16 +39,46 @@ from .report import write_json_atomic
 
 SHAPES = {
     # the 1.54B Llama shape of the project's H100 anchors
-    "1.5b": {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
-                 "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 32000},
+    "1.5b": {
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 32000,
+    },
     # small enough for a CPU
-    "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 4096},
+    "tiny": {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "vocab_size": 4096,
+    },
 }
+# the issue's targets for the efficient model against the baseline
+PREFILL_TARGET, DECODE_TARGET, LARGEST_BATCH_TARGET, CACHE_TARGET = 2.5, 2.5, 3.0, 0.3
+# compiled decode: the steps run before timing (compilation, CUDA-graph recording)
+WARMUP_STEPS = 3
+# the largest-batch search stops here
+MAX_BATCH = 256
+# prefills up to this many tokens are timed the second time (the first builds kernel plans); longer ones once (on
+# an H100 the first and second prefills at 128k differed by 2%)
+WARM_PREFILL_TOKENS = 32768
 
 
-def build_pair(shape: str, full_share: float = 0.25, mixer: str = "gdn", max_positions: int = 1 << 21,
-               dtype=torch.bfloat16, device="cpu", seed: int = 0):
+def build_pair(
+    shape: str,
+    full_share: float = 0.25,
+    mixer: str = "gdn",
+    max_positions: int = 1 << 21,
+    dtype=torch.bfloat16,
+    device="cpu",
+    seed: int = 0,
+):
     """(all-full LlamaForCausalLM, hybrid EffAttnForCausalLM) with random weights of the named shape."""
     from hf_effattn.conversion.weight_map import config_from_teacher, select_full_layers
 
@@ -50,13 +87,16 @@ def build_pair(shape: str, full_share: float = 0.25, mixer: str = "gdn", max_pos
     llama_config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_positions, tie_word_embeddings=False)
     llama_config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    full_model = LlamaForCausalLM(llama_config).to(device=device, dtype=dtype).eval()
+    # built on the device: initialising 1.5B parameters on the CPU takes longer than the measurements
+    with torch.device(device):
+        full_model = LlamaForCausalLM(llama_config).to(dtype=dtype).eval()
     layers = llama_config.num_hidden_layers
     kept = set(select_full_layers(layers, full_share))
     mixer_types = ["full" if i in kept else mixer for i in range(layers)]
     hybrid_config = config_from_teacher(llama_config, mixer_types=mixer_types)
     hybrid_config._attn_implementation = "sdpa"
-    hybrid = EffAttnForCausalLM(hybrid_config).to(device=device, dtype=dtype).eval()
+    with torch.device(device):
+        hybrid = EffAttnForCausalLM(hybrid_config).to(dtype=dtype).eval()
     return full_model, hybrid
 
 
@@ -83,9 +123,42 @@ def cache_bytes(cache) -> int:
     return total
 
 
+def attention_cache_bytes(model, batch: int, length: int) -> int:
+    """Bytes of the keys and values the model's full-attention layers hold for `length` tokens (a lower bound of its
+    cache: recurrent and convolution states are left out)."""
+    config = model.config
+    kinds = getattr(config, "mixer_types", None) or ["full"] * config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    return kinds.count("full") * 2 * batch * config.num_key_value_heads * length * head_dim * element
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def _free(device):
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _fits(num_bytes: int, device) -> bool:
+    """Whether `num_bytes` can be allocated on `device` now (always True off CUDA)."""
+    if torch.device(device).type != "cuda":
+        return True
+    try:
+        probe = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    except torch.OutOfMemoryError:
+        return False
+    del probe
+    torch.cuda.empty_cache()
+    return True
+
+
+def _gib(num_bytes) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB"
 
 
 @torch.no_grad()
@@ -99,70 +172,215 @@ def prefill(model, input_ids, chunk: int | None):
     return logits, cache
 
 
-def to_static(model, cache, max_cache_len: int, consume: bool = False) -> StaticCache:
+def to_static(model, cache, max_cache_len: int, consume: bool = False, batch: int | None = None) -> StaticCache:
     """A `StaticCache` holding what the dynamic `cache` holds (prefilling a static cache directly would build a
     context x max_cache_len mask). `consume` frees each dynamic layer once copied, so that the two caches never
-    coexist whole: at 1M tokens the keys and values of one cache are tens of GiB."""
+    coexist whole: at 1M tokens the keys and values of one cache are tens of GiB. `batch`: a cache of one sequence
+    is repeated over that many rows."""
     static = StaticCache(config=model.config, max_cache_len=max_cache_len)
+
+    def tiled(tensor):
+        return tensor if batch is None else tensor.expand(batch, *tensor.shape[1:]).contiguous()
+
     for index, (source, target) in enumerate(zip(cache.layers, static.layers)):
         if getattr(source, "keys", None) is not None and hasattr(target, "keys"):
-            target.update(source.keys, source.values)
+            if batch is None:
+                target.update(source.keys, source.values)
+            else:
+                # the copy goes into the static buffer directly: no second batch-sized copy of the keys and values
+                target.update(
+                    source.keys.expand(batch, *source.keys.shape[1:]),
+                    source.values.expand(batch, *source.values.shape[1:]),
+                )
             if consume:
                 source.keys = source.values = None
         conv_states = getattr(source, "conv_states", {}) or {}
         if conv_states.get(0) is not None:
-            static.update_conv_state(conv_states[0], index)
+            static.update_conv_state(tiled(conv_states[0]), index)
         recurrent_states = getattr(source, "recurrent_states", {}) or {}
         if recurrent_states.get(0) is not None:
-            static.update_recurrent_state(recurrent_states[0], index)
+            static.update_recurrent_state(tiled(recurrent_states[0]), index)
     return static
 
 
+def _cache_length(cache) -> int:
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+            return keys.shape[2]
+    return getattr(cache, "effattn_seen_tokens", 0)
+
+
 @torch.no_grad()
-def decode_eager(model, cache, token, steps: int, device) -> float:
-    """Seconds per decode step, one eager forward per token on the dynamic cache."""
+def decode_eager(model, cache, input_ids, steps: int, device) -> float:
+    """Seconds per decode step of plain greedy `generate`, continuing from `cache`, which holds all of `input_ids`
+    but the last token."""
     _sync(device)
     start = time.perf_counter()
-    for _ in range(steps):
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        past_key_values=cache,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+    )
     _sync(device)
     return (time.perf_counter() - start) / steps
 
 
-@torch.no_grad()
-def decode_compiled(model, cache, token, context: int, steps: int, device, warmup: int = 3) -> float:
-    """Seconds per decode step of a compiled forward on a static copy of `cache`, which holds `context` tokens."""
-    static = to_static(model, cache, context + warmup + steps + 1, consume=True)
-    mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
-    forward = torch.compile(model.forward, mode=mode, dynamic=False)
-    batch = token.shape[0]
-
-    def step(token, position):
-        positions = torch.full((batch, 1), position, device=token.device, dtype=torch.long)
-        logits = forward(input_ids=token, position_ids=positions, past_key_values=static, use_cache=True).logits
-        return logits[:, -1:].argmax(-1).clone()
-
-    position = context
-    for _ in range(warmup):
-        token, position = step(token, position), position + 1
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        token, position = step(token, position), position + 1
-    _sync(device)
-    return (time.perf_counter() - start) / steps
+# compiled forwards by (model, dynamic), kept across measurements: each new context or batch is a new shape
+_COMPILED: dict[tuple[int, object], tuple] = {}
+# models whose dynamic-shape compilation failed: they are compiled with static shapes from then on
+_STATIC_ONLY: set[int] = set()
 
 
-def measure(model, context: int, batch: int, *, decode_steps: int = 16, compiled: bool = True,
-            prefill_chunk: int | None = None, device="cpu") -> dict:
+def _compiled_forward(model, device, dynamic=None):
+    """`torch.compile(model.forward)`, CUDA graphs on GPU. `dynamic=None` (automatic): the first shape compiles
+    static, the first recompile makes the dimensions that changed (cache length, batch) symbolic, so that a sweep
+    compiles about three graphs per model instead of one per context and batch (~30 s each for the 1.5b shape)."""
+    key = (id(model), dynamic)
+    entry = _COMPILED.get(key)
+    if entry is None or entry[0] is not model:
+        import torch._dynamo.config as dynamo_config
+
+        # without room for every shape of a sweep, dynamo would fall back to eager silently, which the decode
+        # timings must never measure
+        for name in (
+            "recompile_limit",
+            "cache_size_limit",
+            "accumulated_recompile_limit",
+            "accumulated_cache_size_limit",
+        ):
+            if hasattr(dynamo_config, name):
+                setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+        if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+            dynamo_config.fail_on_recompile_limit_hit = True
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+        entry = (model, torch.compile(model.forward, mode=mode, dynamic=dynamic))
+        _COMPILED[key] = entry
+    return entry[1]
+
+
+def _static_length(length: int, steps: int) -> int:
+    """Static cache slots for two rounds of warmup and `steps` timed steps (a failed compilation is retried) after
+    `length` cached tokens, rounded up to 256, so that measurements at one context (with or without eager steps
+    before) share one compiled graph."""
+    needed = length + 2 * (WARMUP_STEPS + steps) + 2
+    return -(-needed // 256) * 256
+
+
+class CompiledDecoder:
+    """Greedy decode steps of a compiled forward on a static copy of a prefilled dynamic cache."""
+
+    def __init__(self, model, cache, token, steps: int, device, batch: int | None = None, consume: bool = True):
+        self.length = _cache_length(cache)
+        self.static = to_static(model, cache, _static_length(self.length, steps), consume=consume, batch=batch)
+        self.model = model
+        self.dynamic = False if id(model) in _STATIC_ONLY else None
+        self.forward = _compiled_forward(model, device, self.dynamic)
+        self.token = token if batch is None else token.expand(batch, 1).contiguous()
+        self.device = device
+
+    @torch.no_grad()
+    def step(self):
+        batch = self.token.shape[0]
+        positions = torch.full((batch, 1), self.length, device=self.token.device, dtype=torch.long)
+        out = self.forward(input_ids=self.token, position_ids=positions, past_key_values=self.static, use_cache=True)
+        # the outputs of a CUDA-graph replay are overwritten by the next one
+        self.token = out.logits[:, -1:].argmax(-1).clone()
+        self.length += 1
+
+    def _time(self, steps: int) -> tuple[float, float]:
+        _sync(self.device)
+        start = time.perf_counter()
+        for _ in range(WARMUP_STEPS):
+            self.step()
+        _sync(self.device)
+        warmup = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        _sync(self.device)
+        return warmup, (time.perf_counter() - start) / steps
+
+    def time(self, steps: int) -> tuple[float, float]:
+        """(seconds of the warmup steps, which compile and record; seconds per timed step). A failed dynamic-shape
+        compilation is retried with static shapes (for this model from then on)."""
+        try:
+            return self._time(steps)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            # any failure of the dynamic-shape path: retried with static shapes
+            if self.dynamic is not None:
+                raise
+            _STATIC_ONLY.add(id(self.model))
+            self.dynamic = False
+            self.forward = _compiled_forward(self.model, self.device, False)
+            return self._time(steps)
+
+
+def _compiled_row(row: dict, model, cache, token, steps: int, device, batch: int | None = None):
+    """Adds the compiled decode of `cache` (tiled to `batch` rows when given) to `row`; consumes `cache`."""
+    try:
+        decoder = CompiledDecoder(model, cache, token, steps, device, batch=batch)
+        row["static_cache_bytes"] = cache_bytes(decoder.static)
+        warmup, seconds = decoder.time(steps)
+        row["compile_s"] = warmup
+        row["compiled_ms_per_step"] = 1e3 * seconds
+        row["compiled_tokens_per_s"] = decoder.token.shape[0] / seconds
+        if decoder.dynamic is None:
+            row["compiled_shapes"] = "automatic dynamic"
+        else:
+            row["compiled_shapes"] = "static"
+    except torch.OutOfMemoryError:
+        row["compiled_ms_per_step"] = "oom"
+    except Exception as error:  # noqa: BLE001 (any compile failure is reported in the table; the sweep goes on)
+        row["compiled_ms_per_step"] = f"failed: {type(error).__name__}: {str(error)[:200]}"
+
+
+def _cache_fits(model, row: dict, batch: int, length: int, device) -> bool:
+    """Whether the attention cache for `length` tokens can be allocated at all; if not, `row` records the oom."""
+    needed = attention_cache_bytes(model, batch, length)
+    if _fits(needed, device):
+        return True
+    row["prefill_s"] = "oom"
+    free = torch.cuda.mem_get_info(device)[0]
+    row["oom"] = f"its keys and values alone ({_gib(needed)}) cannot be allocated ({_gib(free)} free)"
+    return False
+
+
+def measure(
+    model,
+    context: int,
+    batch: int,
+    *,
+    decode_steps: int = 16,
+    compiled: bool = True,
+    eager: bool = True,
+    prefill_chunk: int | None = None,
+    device="cpu",
+) -> dict:
     """One row: prefill seconds, eager and compiled decode tokens/s (per sequence x batch), cache and peak bytes."""
     row = {"context": context, "batch": batch}
     cuda = torch.device(device).type == "cuda"
     try:
+        _free(device)
+        if not _cache_fits(model, row, batch, context + decode_steps, device):
+            return row
         if cuda:
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         input_ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+        if batch * context <= WARM_PREFILL_TOKENS:
+            # a first prefill of each shape also builds kernel plans (cuDNN attention, Triton launch variants)
+            _sync(device)
+            start = time.perf_counter()
+            prefill(model, input_ids, prefill_chunk)
+            _sync(device)
+            row["prefill_first_s"] = time.perf_counter() - start
+            _free(device)
         _sync(device)
         start = time.perf_counter()
         logits, cache = prefill(model, input_ids, prefill_chunk)
@@ -172,43 +390,131 @@ def measure(model, context: int, batch: int, *, decode_steps: int = 16, compiled
         if cuda:
             row["peak_bytes"] = torch.cuda.max_memory_allocated()
         token = logits[:, -1:].argmax(-1)
-        # eager first: the compiled run consumes the dynamic cache as it copies it into a static one
-        seconds = decode_eager(model, cache, token, decode_steps, device)
-        row["eager_ms_per_step"] = 1e3 * seconds
-        row["eager_tokens_per_s"] = batch / seconds
-        if compiled:
+        del logits
+        if eager:
             try:
-                # the eager steps above left context + decode_steps tokens in the cache
-                seconds = decode_compiled(model, cache, token, context + decode_steps, decode_steps, device)
-                row["compiled_ms_per_step"] = 1e3 * seconds
-                row["compiled_tokens_per_s"] = batch / seconds
+                seconds = decode_eager(model, cache, torch.cat([input_ids, token], dim=1), decode_steps, device)
+                row["eager_ms_per_step"] = 1e3 * seconds
+                row["eager_tokens_per_s"] = batch / seconds
             except torch.OutOfMemoryError:
-                row["compiled_ms_per_step"] = "oom"
-            except Exception as error:  # noqa: BLE001 (any compile failure is reported in the table; the sweep goes on)
-                row["compiled_ms_per_step"] = f"failed: {type(error).__name__}: {str(error)[:200]}"
-        del cache, logits
+                row["eager_ms_per_step"] = "oom"
+        else:
+            row["eager_ms_per_step"] = "skipped"
+        del input_ids
+        if compiled:
+            # eager decoding left more tokens in the cache: the compiled steps continue from its end
+            _compiled_row(row, model, cache, token, decode_steps, device)
+        del cache
     except torch.OutOfMemoryError:
         row["prefill_s"] = "oom"
     finally:
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        _free(device)
     return row
 
 
-def sweep(models: dict, contexts, batches, **options) -> list[dict]:
+def _full_layers(model) -> int:
+    kinds = getattr(model.config, "mixer_types", None)
+    return kinds.count("full") if kinds else model.config.num_hidden_layers
+
+
+def largest_batch(model, context: int, *, decode_steps: int = 16, device="cpu", limit: int = MAX_BATCH) -> int:
+    """The largest of B = 1, 2, 4 ... whose static cache for `context` tokens can be allocated with room left for
+    a decode step (one layer's keys and values twice more, as `repeat_kv` copies them, and 1 GiB). The B=1 row's
+    measurements have been freed: nothing else is held but the models."""
+    _free(device)
+    per_sequence = attention_cache_bytes(model, 1, _static_length(context, decode_steps))
+    per_layer = per_sequence // max(1, _full_layers(model))
+    best, batch = 0, 1
+    while batch <= limit and _fits(batch * (per_sequence + 2 * per_layer) + 2**30, device):
+        best, batch = batch, 2 * batch
+    return best
+
+
+def measure_tiled(
+    model, context: int, batch: int, *, decode_steps: int = 16, prefill_chunk: int | None = None, device="cpu"
+) -> dict:
+    """A row at `batch` from one prefilled sequence repeated over the batch: compiled decode and cache bytes (the
+    decode cost does not depend on what the cache holds; prefilling `batch` sequences at once would need more
+    memory than decoding them)."""
+    row = {"context": context, "batch": batch, "prefill_s": "one sequence, tiled", "eager_ms_per_step": "skipped"}
+    try:
+        _free(device)
+        input_ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+        logits, cache = prefill(model, input_ids, prefill_chunk)
+        row["cache_bytes"] = batch * cache_bytes(cache)
+        token = logits[:, -1:].argmax(-1)
+        del logits, input_ids
+        _compiled_row(row, model, cache, token, decode_steps, device, batch=batch)
+        del cache
+    except torch.OutOfMemoryError:
+        row["compiled_ms_per_step"] = "oom"
+    finally:
+        _free(device)
+    return row
+
+
+def sweep(
+    models: dict,
+    contexts,
+    batches,
+    *,
+    largest_batch_contexts=(),
+    baseline: str | None = None,
+    eager_max_context: int | None = None,
+    max_batch: int = MAX_BATCH,
+    decode_steps: int = 16,
+    compiled: bool = True,
+    prefill_chunk: int | None = None,
+    device="cpu",
+    progress=None,
+) -> list[dict]:
+    """Every model at every (context, batch); at `largest_batch_contexts` also at the baseline's largest batch (the
+    baseline is measured first, so that the others run at the batch it found). `progress(rows)` after each row."""
+    options = {"decode_steps": decode_steps, "prefill_chunk": prefill_chunk, "device": device}
+    names = sorted(models, key=lambda name: name != baseline)
+    largest = {}
     rows = []
-    for name, model in models.items():
+
+    def record(row):
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        if progress is not None:
+            progress(rows)
+
+    for name in names:
+        model = models[name]
         # compile the kernels (Triton JIT, autotuning) before anything is timed
-        device = options.get("device", "cpu")
         prefill(model, torch.randint(0, model.config.vocab_size, (1, 256), device=device), None)
         for context in contexts:
             for batch in batches:
-                row = {"model": name, **measure(model, context, batch, **options)}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                eager = eager_max_context is None or context <= eager_max_context
+                row = {"model": name, **measure(model, context, batch, compiled=compiled, eager=eager, **options)}
+                if not eager:
+                    row["eager_ms_per_step"] = f"skipped (context > {eager_max_context:,})"
+                record(row)
                 if row.get("prefill_s") == "oom":
                     break  # larger batches at this context will not fit either
+            if context not in largest_batch_contexts or not compiled:
+                continue
+            if name == baseline or baseline is None:
+                batch = largest_batch(model, context, decode_steps=decode_steps, device=device, limit=max_batch)
+                print(json.dumps({"model": name, "context": context, "largest_batch": batch}), flush=True)
+                while batch > 1:
+                    row = {"model": name, "largest_batch": True, **measure_tiled(model, context, batch, **options)}
+                    if row.get("compiled_ms_per_step") != "oom":
+                        break
+                    # the search left too little room for the decode step itself: halve and measure again
+                    record(row)
+                    batch //= 2
+                largest[context] = batch
+            elif largest.get(context, 1) > 1:
+                row = {
+                    "model": name,
+                    "largest_batch": True,
+                    **measure_tiled(model, context, largest[context], **options),
+                }
+            if largest.get(context, 1) > 1:
+                record(row)
     return rows
 
 
@@ -219,16 +525,23 @@ def _fmt(value, scale=1.0, digits=2):
 
 
 def render_table(rows: list[dict]) -> str:
-    lines = [("| model | context | batch | prefill (s) | eager decode (ms/step) | compiled decode (ms/step) | "
-             "compiled tokens/s | cache (GiB) | peak (GiB) |"), "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| model | context | batch | prefill (s) | eager decode (ms/step) | compiled decode (ms/step) | "
+            "compiled tokens/s | cache (GiB) | peak (GiB) |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
+        batch = f"{row['batch']} (largest)" if row.get("largest_batch") else row["batch"]
         lines.append(
-            f"| {row['model']} | {row['context']:,} | {row['batch']} | {_fmt(row.get('prefill_s'), digits=3)} | "
+            f"| {row['model']} | {row['context']:,} | {batch} | {_fmt(row.get('prefill_s'), digits=3)} | "
             f"{_fmt(row.get('eager_ms_per_step'), digits=1)} | {_fmt(row.get('compiled_ms_per_step'), digits=1)} | "
             f"{_fmt(row.get('compiled_tokens_per_s'), digits=1)} | {_fmt(row.get('cache_bytes'), 2**-30)} | "
             f"{_fmt(row.get('peak_bytes'), 2**-30)} |"
         )
-    return "\n".join(lines)
+    notes = [f"- {row['model']} at {row['context']:,} x {row['batch']}: {row['oom']}" for row in rows if "oom" in row]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def ratios(rows: list[dict], hybrid: str = "hybrid", full: str = "full") -> list[dict]:
@@ -240,6 +553,8 @@ def ratios(rows: list[dict], hybrid: str = "hybrid", full: str = "full") -> list
         if name != hybrid or other is None:
             continue
         entry = {"context": context, "batch": batch}
+        if row.get("largest_batch"):
+            entry["largest_batch"] = True
         for key in ("prefill_s", "eager_ms_per_step", "compiled_ms_per_step"):
             a, b = other.get(key), row.get(key)
             entry[f"{key}_speedup"] = b and a / b if isinstance(a, float) and isinstance(b, float) else None
@@ -247,6 +562,183 @@ def ratios(rows: list[dict], hybrid: str = "hybrid", full: str = "full") -> list
         entry["cache_ratio"] = a / b if isinstance(a, int) and isinstance(b, int) and b else None
         out.append(entry)
     return out
+
+
+def check_targets(rows: list[dict], ratio_rows: list[dict], hybrid: str = "hybrid", full: str = "full") -> list[dict]:
+    """The issue's targets, each with the measured value and whether it is met (None: not measured)."""
+    targets = []
+
+    def add(name, value, threshold, higher=True):
+        met = None if value is None else (value >= threshold if higher else value <= threshold)
+        targets.append({"target": name, "value": value, "threshold": threshold, "met": met})
+
+    def ratio(context, batch, key, largest=False):
+        for entry in ratio_rows:
+            if entry["context"] == context and entry["batch"] == batch and bool(entry.get("largest_batch")) == largest:
+                return entry.get(key)
+        return None
+
+    contexts = sorted({r["context"] for r in ratio_rows})
+    for context in contexts:
+        if context >= 131072:
+            add(f"prefill speed-up at {context:,}, batch 1", ratio(context, 1, "prefill_s_speedup"), PREFILL_TARGET)
+    for context in contexts:
+        if context >= 32768:
+            add(
+                f"compiled decode speed-up at {context:,}, batch 1",
+                ratio(context, 1, "compiled_ms_per_step_speedup"),
+                DECODE_TARGET,
+            )
+    for entry in ratio_rows:
+        if entry.get("largest_batch"):
+            add(
+                f"compiled decode speed-up at {entry['context']:,}, batch {entry['batch']} (the baseline's largest)",
+                entry.get("compiled_ms_per_step_speedup"),
+                LARGEST_BATCH_TARGET,
+            )
+    for context in contexts:
+        add(
+            f"cache bytes {hybrid} / {full} at {context:,}",
+            ratio(context, 1, "cache_ratio"),
+            CACHE_TARGET,
+            higher=False,
+        )
+    longest = max((r["context"] for r in rows), default=0)
+    if longest >= 1 << 20:
+        ran = [r for r in rows if r["model"] == hybrid and r["context"] == longest and r["batch"] == 1]
+        decoded = (
+            bool(ran)
+            and isinstance(ran[0].get("prefill_s"), float)
+            and any(isinstance(ran[0].get(key), float) for key in ("compiled_ms_per_step", "eager_ms_per_step"))
+        )
+        baseline = [r for r in rows if r["model"] == full and r["context"] == longest and r["batch"] == 1]
+        targets.append(
+            {
+                "target": f"{hybrid} prefills and decodes {longest:,} tokens",
+                "value": decoded,
+                "threshold": True,
+                "met": decoded,
+            }
+        )
+        oom = bool(baseline) and baseline[0].get("prefill_s") == "oom"
+        targets.append(
+            {
+                "target": f"{full} runs out of memory at {longest:,} tokens",
+                "value": oom,
+                "threshold": True,
+                "met": oom if baseline else None,
+            }
+        )
+    return targets
+
+
+def render_targets(targets: list[dict]) -> str:
+    lines = ["| target | measured | needed | met |", "|---|---|---|---|"]
+    for item in targets:
+        value, threshold = item["value"], item["threshold"]
+        if isinstance(value, float):
+            shown = f"{value:.3f}" if "cache" in item["target"] else f"{value:.2f}x"
+            needed = f"<= {threshold}" if "cache" in item["target"] else f">= {threshold}x"
+        else:
+            shown, needed = ("not measured" if value is None else str(value)), str(threshold)
+        met = {True: "yes", False: "**no**", None: "n/a"}[item["met"]]
+        lines.append(f"| {item['target']} | {shown} | {needed} | {met} |")
+    return "\n".join(lines)
+
+
+# GPU kernels by what they compute, matched on their names (first match wins)
+KERNEL_GROUPS = (
+    ("softmax attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "flex")),
+    ("linear attention (Triton)", ("chunk_", "fused_recurrent")),
+    ("matmul", ("gemm", "gemv", "xmma", "cutlass", "nvjet", "matmul", "splitk")),
+    ("fused elementwise (inductor)", ("triton_",)),
+    ("copies", ("memcpy", "memset", "copy", "cat")),
+    ("convolution", ("conv",)),
+)
+
+
+def _kernel_group(name: str) -> str:
+    lower = name.lower()
+    for group, needles in KERNEL_GROUPS:
+        if any(needle in lower for needle in needles):
+            return group
+    return "other elementwise and reductions"
+
+
+def _profile(fn, device) -> dict:
+    """GPU time of one call of `fn` under torch.profiler: top 15 kernels and the time per kernel group (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as profiler:
+        fn()
+        _sync(device)
+    wall = time.perf_counter() - start
+    kernels = {}
+    for event in profiler.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        total, count = kernels.get(event.name, (0.0, 0))
+        kernels[event.name] = (total + event.time_range.elapsed_us() / 1e3, count + 1)
+    groups = {}
+    for name, (ms, _) in kernels.items():
+        groups[_kernel_group(name)] = groups.get(_kernel_group(name), 0.0) + ms
+    top = sorted(kernels.items(), key=lambda item: -item[1][0])[:15]
+    return {
+        "wall_ms": 1e3 * wall,
+        "gpu_ms": sum(ms for ms, _ in kernels.values()),
+        "top": [{"kernel": name, "ms": ms, "calls": count} for name, (ms, count) in top],
+        "groups": dict(sorted(groups.items(), key=lambda item: -item[1])),
+    }
+
+
+def breakdown(model, context: int, *, prefill_chunk: int | None = None, decode_steps: int = 16, device="cpu") -> dict:
+    """Where one prefill of `context` tokens and one compiled decode step after it spend their GPU time."""
+    _free(device)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+    result = {"context": context}
+    holder = {}
+
+    def run_prefill():
+        holder["logits"], holder["cache"] = prefill(model, input_ids, prefill_chunk)
+
+    result["prefill"] = _profile(run_prefill, device)
+    decoder = CompiledDecoder(model, holder.pop("cache"), holder.pop("logits")[:, -1:].argmax(-1), decode_steps, device)
+    decoder.time(2)
+    result["decode_step"] = _profile(decoder.step, device)
+    del decoder
+    _free(device)
+    return result
+
+
+def render_breakdown(result: dict) -> str:
+    parts = []
+    for key, title in (
+        ("prefill", f"prefill of {result['context']:,} tokens"),
+        ("decode_step", f"one compiled decode step at {result['context']:,} tokens"),
+    ):
+        data = result[key]
+        lines = [
+            f"### {title}: {data['wall_ms']:.2f} ms wall, {data['gpu_ms']:.2f} ms of GPU kernels",
+            "",
+        ]
+        if not data["top"]:
+            lines += ["(the profiler recorded no GPU kernel)", ""]
+        lines += [
+            "| group | GPU ms | share |",
+            "|---|---|---|",
+        ]
+        total = data["gpu_ms"] or 1.0
+        lines += [f"| {group} | {ms:.3f} | {ms / total:.0%} |" for group, ms in data["groups"].items()]
+        lines += ["", "| kernel | GPU ms | calls | share |", "|---|---|---|---|"]
+        lines += [
+            f"| `{item['kernel'][:90]}` | {item['ms']:.3f} | {item['calls']} | {item['ms'] / total:.0%} |"
+            for item in data["top"]
+        ]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def plot(rows: list[dict], folder: Path) -> list[Path]:
@@ -257,13 +749,18 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for key, label, scale in (("prefill_s", "prefill (s)", 1.0), ("compiled_tokens_per_s", "compiled decode tokens/s", 1.0),
-                              ("eager_tokens_per_s", "eager decode tokens/s", 1.0), ("cache_bytes", "cache (GiB)", 2**-30)):
+    for key, label, scale in (
+        ("prefill_s", "prefill (s)", 1.0),
+        ("compiled_tokens_per_s", "compiled decode tokens/s", 1.0),
+        ("eager_tokens_per_s", "eager decode tokens/s", 1.0),
+        ("cache_bytes", "cache (GiB)", 2**-30),
+    ):
         figure, axis = plt.subplots(figsize=(6, 4))
         series = {}
         for row in rows:
             if isinstance(row.get(key), (int, float)):
-                series.setdefault(f"{row['model']} B={row['batch']}", []).append((row["context"], row[key] * scale))
+                batch = "largest" if row.get("largest_batch") else row["batch"]
+                series.setdefault(f"{row['model']} B={batch}", []).append((row["context"], row[key] * scale))
         if not series:
             plt.close(figure)
             continue
@@ -283,36 +780,114 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
     return paths
 
 
-def run(output: Path, models: dict, contexts, batches, *, environment: dict | None = None, decode_steps=16,
-        compiled=True, prefill_chunk=None, device="cpu", compare: tuple[str, str] | None = None) -> dict:
+def run(
+    output: Path,
+    models: dict,
+    contexts,
+    batches,
+    *,
+    environment: dict | None = None,
+    decode_steps=16,
+    compiled=True,
+    prefill_chunk=None,
+    device="cpu",
+    compare: tuple[str, str] | None = None,
+    largest_batch_contexts=(),
+    eager_max_context: int | None = None,
+    max_batch: int = MAX_BATCH,
+    breakdown_context: int | None = None,
+) -> dict:
     """Measures every model at every (context, batch); writes efficiency.json, efficiency.md and the plots.
 
-    `compare` = (efficient model, baseline) names for the ratios; by default the first two models given.
+    `compare` = (efficient model, baseline) names for the ratios; by default the first two models given. The
+    baseline's largest batch is searched at `largest_batch_contexts`; `breakdown_context` profiles the efficient
+    model there (breakdown.md).
     """
     import transformers
 
+    cuda = torch.device(device).type == "cuda"
+    compare = compare or tuple(models)[:2]
     environment = {
-        "device": torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "decode_steps": decode_steps,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "decode_steps": decode_steps,
         "prefill_chunk": prefill_chunk,
         "parameters": {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()},
+        "eager_decode": "generate (greedy) on the dynamic cache",
+        "compiled_decode": "StaticCache + torch.compile(mode='reduce-overhead')" if cuda else "StaticCache + compile",
         **(environment or {}),
     }
-    rows = sweep(models, contexts, batches, decode_steps=decode_steps, compiled=compiled,
-                 prefill_chunk=prefill_chunk, device=device)
+    if cuda:
+        environment["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
     output.mkdir(parents=True, exist_ok=True)
-    compare = compare or tuple(models)[:2]
-    result = {"environment": environment, "rows": rows,
-              "ratios": ratios(rows, *compare) if len(compare) == 2 else [], "compare": list(compare)}
+
+    def progress(rows):
+        # a run cut short still leaves every finished row behind
+        write_json_atomic(output / "efficiency.json", {"environment": environment, "rows": rows, "partial": True})
+
+    rows = sweep(
+        models,
+        contexts,
+        batches,
+        largest_batch_contexts=largest_batch_contexts,
+        baseline=compare[1] if len(compare) == 2 and compare[1] in models else None,
+        eager_max_context=eager_max_context,
+        max_batch=max_batch,
+        decode_steps=decode_steps,
+        compiled=compiled,
+        prefill_chunk=prefill_chunk,
+        device=device,
+        progress=progress,
+    )
+    ratio_rows = ratios(rows, *compare) if len(compare) == 2 else []
+    targets = check_targets(rows, ratio_rows, *compare) if len(compare) == 2 else []
+    result = {
+        "environment": environment,
+        "rows": rows,
+        "ratios": ratio_rows,
+        "compare": list(compare),
+        "targets": targets,
+    }
+    if breakdown_context is not None and compiled:
+        try:
+            result["breakdown"] = breakdown(
+                models[compare[0]],
+                breakdown_context,
+                prefill_chunk=prefill_chunk,
+                decode_steps=decode_steps,
+                device=device,
+            )
+            (output / "breakdown.md").write_text(render_breakdown(result["breakdown"]) + "\n")
+        except Exception as error:  # noqa: BLE001 (the measurements above are written whatever happens here)
+            result["breakdown"] = {"failed": f"{type(error).__name__}: {str(error)[:300]}"}
     write_json_atomic(output / "efficiency.json", result)
-    table = render_table(rows)
-    (output / "efficiency.md").write_text(table + "\n")
+    setting = ", ".join(
+        f"{key} {environment[key]}"
+        for key in ("device", "dtype", "torch", "transformers", "triton")
+        if key in environment
+    )
+    text = f"{setting}; {decode_steps} decode steps per measurement.\n\n" + render_table(rows)
+    if targets:
+        text += "\n\n## Targets\n\n" + render_targets(targets)
+    (output / "efficiency.md").write_text(text + "\n")
     plot(rows, output)
     return result
 
 
-def run_random_pair(output: Path, shape: str, contexts, batches, *, full_share=0.25, mixer="gdn", device=None,
-                    dtype="bfloat16", only: str | None = None, **options) -> dict:
+def run_random_pair(
+    output: Path,
+    shape: str,
+    contexts,
+    batches,
+    *,
+    full_share=0.25,
+    mixer="gdn",
+    device=None,
+    dtype="bfloat16",
+    only: str | None = None,
+    **options,
+) -> dict:
     """`run` on a random all-full model and its hybrid of the named shape (`only` = "full" or "hybrid": just one)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
@@ -320,14 +895,28 @@ def run_random_pair(output: Path, shape: str, contexts, batches, *, full_share=0
     from hf_effattn.mixer_linear import triton_linear_ops
 
     uses_triton = torch.device(device).type == "cuda" and triton_linear_ops() is not None
-    environment = {"dtype": dtype, "shape": shape, "full_share": full_share, "mixer": mixer,
-                   "layout": hybrid.config.mixer_types,
-                   "linear_ops": "triton" if uses_triton else "torch reference"}
+    environment = {
+        "dtype": dtype,
+        "shape": shape,
+        "full_share": full_share,
+        "mixer": mixer,
+        "layout": hybrid.config.mixer_types,
+        "linear_ops": (
+            "triton (prefill: chunked kernels; decode: fused recurrent kernel, a custom op inside the compiled graph)"
+        )
+        if uses_triton
+        else "torch reference",
+    }
+    if uses_triton:
+        import triton
+
+        environment["triton"] = triton.__version__
     models = {"full": full_model, "hybrid": hybrid}
     if only is not None:
         models = {only: models[only]}
-    return run(output, models, contexts, batches, environment=environment, device=device,
-               compare=("hybrid", "full"), **options)
+    return run(
+        output, models, contexts, batches, environment=environment, device=device, compare=("hybrid", "full"), **options
+    )
 
 
 def main(argv=None) -> int:
@@ -341,14 +930,31 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled static-cache decode")
+    parser.add_argument("--largest-batch", default="", help="contexts at which to search the baseline's largest batch")
+    parser.add_argument("--eager-max-context", type=int, default=None, help="skip eager decode above this context")
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="the largest-batch search stops here")
+    parser.add_argument("--breakdown", type=int, default=None, help="profile the hybrid at this context")
     parser.add_argument("--only", choices=["full", "hybrid"], default=None, help="measure one of the two models")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     args = parser.parse_args(argv)
     result = run_random_pair(
-        args.output, args.shape, [int(x) for x in args.contexts.split(",")], [int(x) for x in args.batches.split(",")],
-        full_share=args.full_share, mixer=args.mixer, decode_steps=args.decode_steps, compiled=not args.no_compile,
-        prefill_chunk=args.prefill_chunk, device=args.device, dtype=args.dtype, only=args.only,
+        args.output,
+        args.shape,
+        [int(x) for x in args.contexts.split(",")],
+        [int(x) for x in args.batches.split(",")],
+        full_share=args.full_share,
+        mixer=args.mixer,
+        decode_steps=args.decode_steps,
+        compiled=not args.no_compile,
+        prefill_chunk=args.prefill_chunk,
+        device=args.device,
+        dtype=args.dtype,
+        only=args.only,
+        largest_batch_contexts=[int(x) for x in args.largest_batch.split(",") if x],
+        eager_max_context=args.eager_max_context,
+        max_batch=args.max_batch,
+        breakdown_context=args.breakdown,
     )
     print(render_table(result["rows"]))
     print(json.dumps(result["ratios"], indent=1))

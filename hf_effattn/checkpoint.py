@@ -16,10 +16,16 @@ REMOTE_CODE_FILES = (
     "mixer_sliding.py",
     "mixer_linear.py",
     "mixer_hedgehog.py",
+    "mixer_block_topk.py",
     "ops_reference.py",
     # Triton kernels (kernels/, linked into hf_effattn/): used on GPUs where triton imports
     "linear_attn.py",
     "linear_attn_kernels.py",
+    "linear_attn_ops.py",
+    "block_topk.py",
+    "block_topk_kernels.py",
+    "sliding_window.py",
+    "sliding_window_kernels.py",
 )
 
 AUTO_MAP = {

@@ -65,6 +65,7 @@ def cmd_convert(args) -> int:
         sink_tokens=args.sink_tokens,
         data=args.data,
         retrieval_share=args.retrieval_share,
+        answer_weight=args.answer_weight,
         stage1_steps=args.stage1_steps,
         stage1_lr=args.stage1_lr,
         stage2_steps=args.stage2_steps,
@@ -76,6 +77,7 @@ def cmd_convert(args) -> int:
         seed=args.seed,
         precision=args.precision,
         eval_lengths=_parse_lengths(args.eval_lengths),
+        eval_samples=args.eval_samples,
     )
     path = convert(args.teacher, args.output, recipe, overwrite=args.overwrite, keep_work=args.keep_work)
     report = json.loads((path / "conversion_report.json").read_text())
@@ -124,7 +126,11 @@ def cmd_bench(args) -> int:
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     contexts = _parse_ints(args.contexts, "--contexts expects comma-separated token counts")
     batches = _parse_ints(args.batches, "--batches expects comma-separated batch sizes")
-    options = {"decode_steps": args.decode_steps, "compiled": not args.no_compile, "prefill_chunk": args.prefill_chunk}
+    options = {"decode_steps": args.decode_steps, "compiled": not args.no_compile, "prefill_chunk": args.prefill_chunk,
+               "eager_max_context": args.eager_max_context, "breakdown_context": args.breakdown,
+               "max_batch": args.max_batch,
+               "largest_batch_contexts": _parse_ints(args.largest_batch, "--largest-batch expects token counts")
+               if args.largest_batch else []}
     if args.shape:
         result = efficiency.run_random_pair(Path(args.output), args.shape, contexts, batches, full_share=args.full_share,
                                             mixer=args.mixer, device=device, dtype=dtype, **options)
@@ -139,6 +145,8 @@ def cmd_bench(args) -> int:
         result = efficiency.run(Path(args.output), models, contexts, batches, environment=environment, device=device,
                                 **options)
     print(efficiency.render_table(result["rows"]))
+    if result.get("targets"):
+        print(efficiency.render_targets(result["targets"]))
     print(f"results: {Path(args.output) / 'efficiency.json'}")
     return 0
 
@@ -247,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--stage2-lr", type=float, default=None, help="logit-distillation learning rate")
     convert.add_argument("--retrieval-share", type=float, default=None,
                          help="share of synthetic retrieval samples in the training data (default: 0.5)")
+    convert.add_argument("--answer-weight", type=float, default=None,
+                         help="stage-2 weight of the positions that predict a retrieval answer (a text token: 1)")
     convert.add_argument("--seq-lens", default=None, help="stage-2 sequence-length schedule, e.g. 512,1024")
     convert.add_argument("--lora-r", type=int, default=None, help="LoRA rank of stage 2, 0 for full fine-tuning")
     convert.add_argument("--batch-size", type=int, default=None)
@@ -254,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--seed", type=int, default=None)
     convert.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16"])
     convert.add_argument("--eval-lengths", default=None, help="passkey lengths of the final check, e.g. 1024,2048")
+    convert.add_argument("--eval-samples", type=int, default=None, help="passkey samples per length in that check")
     convert.add_argument("--overwrite", action="store_true", help="replace a finished conversion in --output")
     convert.add_argument("--keep-work", action="store_true", help="keep the work folder (checkpoints) at the end")
     convert.add_argument("--prompt", default="What is the capital of France?", help="sample prompt shown at the end")
@@ -289,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode-steps", type=int, default=16)
     bench.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this many tokens")
     bench.add_argument("--no-compile", action="store_true", help="skip the compiled static-cache decode")
+    bench.add_argument("--largest-batch", default=None,
+                       help="contexts at which to search the baseline's largest batch and decode both models there")
+    bench.add_argument("--eager-max-context", type=int, default=None,
+                       help="skip the eager generate decode above this many tokens")
+    bench.add_argument("--max-batch", type=int, default=256, help="where the largest-batch search stops")
+    bench.add_argument("--breakdown", type=int, default=None, metavar="CONTEXT",
+                       help="profile one prefill and one compiled decode step of the model (the hybrid) at CONTEXT")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="default: bfloat16 on CUDA, float32 on CPU")

@@ -19,6 +19,8 @@ MIXER_LAYER_TYPES = {
     "kda": "linear_attention",
     # a recurrent state plus a window of raw keys/values
     "hedgehog": "hybrid_sliding",
+    # every key is cached; each query block reads its own block, block 0 and its top-k blocks
+    "block_topk": "full_attention",
 }
 
 _LINEAR_HEADS = {"num_heads": None, "num_kv_heads": None, "head_dim": None}
@@ -53,11 +55,15 @@ MIXER_DEFAULTS = {
         "gate_rank": None,
     },
     "hedgehog": {"window": 64, "feature_dim": None, "chunk_size": 64},
+    # MoBA/NSA-style block-sparse attention: blocks of `block_size` tokens, `top_k` selected blocks per query block
+    "block_topk": {"block_size": 64, "top_k": 16, "keep_first_block": True},
 }
 
 _POSITIVE_INTS = {"window", "chunk_size", "gate_rank", "num_heads", "num_kv_heads", "head_dim", "feature_dim"}
 _NON_NEGATIVE_INTS = {"sink_tokens", "conv_size"}
-_BOOLS = {"sink_logits", "output_gate", "output_norm"}
+_BOOLS = {"sink_logits", "output_gate", "output_norm", "keep_first_block"}
+# block sizes the block top-k kernels tile (powers of two)
+BLOCK_TOPK_SIZES = (16, 32, 64, 128, 256)
 
 
 def _check_option(kind: str, key: str, value) -> None:
@@ -77,6 +83,10 @@ def _check_option(kind: str, key: str, value) -> None:
         raise ValueError(f"{where} = 1 is invalid: a causal convolution needs a kernel of 2 or more (0 turns it off).")
     if key in _BOOLS and not isinstance(value, bool):
         raise ValueError(f"{where} = {value!r} is invalid: expected true or false.")
+    if key == "block_size" and (isinstance(value, bool) or not isinstance(value, int) or value not in BLOCK_TOPK_SIZES):
+        raise ValueError(f"{where} = {value!r} is invalid: expected one of {BLOCK_TOPK_SIZES} (a power of two).")
+    if key == "top_k" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{where} = {value!r} is invalid: expected a positive integer (blocks per query block).")
     if key == "gate_normalizer" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
         raise ValueError(f"{where} = {value!r} is invalid: expected a positive number.")
 
@@ -108,8 +118,8 @@ class EffAttnConfig(PretrainedConfig):
     Qwen3's per-head q/k RMSNorm.
 
     Args:
-        mixer_types (`list[str]`): one of `full`, `sliding`, `gdn`, `deltanet`, `gla`, `kda`, `hedgehog` per layer
-            (default: all `full`).
+        mixer_types (`list[str]`): one of `full`, `sliding`, `gdn`, `deltanet`, `gla`, `kda`, `hedgehog`,
+            `block_topk` per layer (default: all `full`).
         mixer_options (`dict[str, dict]`): options per mixer kind, e.g. `{"sliding": {"window": 256}}`; see
             `MIXER_DEFAULTS` for every key.
 

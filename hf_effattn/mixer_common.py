@@ -3,6 +3,18 @@
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+def kernels_unavailable(layers: str, error: ImportError) -> None:
+    """Says once that `layers` run the slower pure-PyTorch reference on a GPU, and how to get the kernels."""
+    logger.warning_once(
+        f"The Triton kernels of the {layers} layers could not be imported ({error}); they run the pure-PyTorch "
+        "reference ops instead, which are slower. Install triton (`pip install hf_effattn[triton]`, or "
+        "`pip install triton`) to use the kernels."
+    )
 
 
 def current_padding_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:

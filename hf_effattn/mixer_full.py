@@ -1,4 +1,9 @@
-"""`full`: softmax attention through transformers' attention interface (sdpa, eager, flash...)."""
+"""`full`: softmax attention through transformers' attention interface (sdpa, eager, flash...).
+
+A prefill in chunks through the cache (the new tokens after `P` cached ones, no padding) runs on SDPA without the
+`[chunk, P + chunk]` mask transformers would build: at 1M tokens that mask alone is gigabytes per chunk, and a masked
+SDPA call cannot use the flash or cuDNN kernels.
+"""
 
 from collections.abc import Callable
 
@@ -21,6 +26,82 @@ try:
     ]
 except ImportError:
     sdpa_kernel = None
+
+# SDPA kernels that also return the log-sum-exp of each query's scores, fastest first; one that fails on this
+# machine is skipped from then on
+_LSE_KERNELS = ["cudnn", "flash", "efficient"]
+
+
+def _kernel_with_lse(kernel: str, q, k, v, scale: float, is_causal: bool):
+    ops = torch.ops.aten
+    if kernel == "cudnn":
+        out = ops._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False, scale=scale)
+    elif kernel == "flash":
+        out = ops._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
+    else:
+        out = ops._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, is_causal, scale=scale)
+    return out[0], out[1]
+
+
+def _math_with_lse(q, k, v, scale: float, is_causal: bool):
+    """The same in fp32 matmuls, a block of queries at a time so that the scores stay under 2^26 elements."""
+    batch, heads, seq_len, _ = q.shape
+    kv_len = k.shape[2]
+    keys, values = k.float().transpose(-1, -2), v.float()
+    rows = max(1, (1 << 26) // (batch * heads * kv_len))
+    outputs, lses = [], []
+    for start in range(0, seq_len, rows):
+        scores = (q[:, :, start : start + rows].float() @ keys) * scale
+        if is_causal:
+            # top-left aligned, as SDPA's is_causal: query i sees keys 0..i
+            query_index = torch.arange(start, start + scores.shape[2], device=q.device)[:, None]
+            scores = scores.masked_fill(torch.arange(kv_len, device=q.device) > query_index, float("-inf"))
+        lse = scores.logsumexp(-1)
+        outputs.append(((scores - lse[..., None]).exp() @ values).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outputs, dim=2), torch.cat(lses, dim=2)
+
+
+def attention_with_lse(q, k, v, scale: float, is_causal: bool):
+    """(o `[B, H, T, D]`, fp32 log-sum-exp `[B, H, T]`) of softmax attention; q `[B, H, T, D]`, k, v `[B, H, L, D]`."""
+    batch, heads, seq_len, _ = q.shape
+    if q.is_cuda:
+        for kernel in list(_LSE_KERNELS):
+            try:
+                out, lse = _kernel_with_lse(kernel, q, k, v, scale, is_causal)
+            except (RuntimeError, NotImplementedError):
+                _LSE_KERNELS.remove(kernel)
+                continue
+            # cuDNN returns [B, H, T, 1], the efficient kernel pads T to a multiple of 32
+            return out, lse.reshape(batch, heads, -1)[..., :seq_len].float()
+    return _math_with_lse(q, k, v, scale, is_causal)
+
+
+def offset_causal_attention(query, key, value, scale: float) -> torch.Tensor:
+    """Attention of C new queries over P cached keys and the C new keys, each query seeing every cached key and the
+    new keys up to its own, without a `[C, P + C]` mask: the cached part (no mask) and the new part (causal, square)
+    run as two SDPA calls merged by their log-sum-exps.
+
+    query `[B, H, C, D]`; key, value `[B, Hkv, P + C, D]`. Returns `[B, C, H, D]`, the attention interface's layout.
+    """
+    batch, heads, seq_len, head_dim = query.shape
+    kv_heads, past = key.shape[1], key.shape[2] - seq_len
+    groups = heads // kv_heads
+    # every query sees every cached key: the query heads of a group fold into one longer query sequence over their
+    # shared key/value head, so the cached keys and values are never repeated per query head
+    folded = query.reshape(batch, kv_heads, groups * seq_len, head_dim)
+    out_past, lse_past = attention_with_lse(folded, key[:, :, :past], value[:, :, :past], scale, False)
+    out_past = out_past.reshape(batch, heads, seq_len, head_dim)
+    lse_past = lse_past.reshape(batch, heads, seq_len)
+    # [B, H, C, D]: the new keys and values, repeated over each query group (only C tokens)
+    key_new = key[:, :, past:].repeat_interleave(groups, dim=1)
+    value_new = value[:, :, past:].repeat_interleave(groups, dim=1)
+    out_new, lse_new = attention_with_lse(query, key_new, value_new, scale, True)
+    top = torch.maximum(lse_past, lse_new)
+    weight_past, weight_new = (lse_past - top).exp(), (lse_new - top).exp()
+    merged = out_past.float() * weight_past[..., None] + out_new.float() * weight_new[..., None]
+    merged = merged / (weight_past + weight_new)[..., None]
+    return merged.to(query.dtype).transpose(1, 2)
 
 
 class FullAttention(nn.Module):
@@ -52,6 +133,7 @@ class FullAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
+        query_start: int | torch.Tensor = 0,
         **kwargs,
     ) -> torch.Tensor:
         input_shape = hidden_states.shape[:-1]
@@ -70,6 +152,18 @@ class FullAttention(nn.Module):
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
         implementation = self.config._attn_implementation
+        seq_len = query_states.shape[2]
+        if (
+            implementation == "sdpa"
+            and attention_mask is None
+            and isinstance(query_start, int)
+            and query_start > 0
+            and seq_len > 1
+            and key_states.shape[2] == query_start + seq_len
+        ):
+            # a chunk after cached tokens, whose causal mask the model left out (see EffAttnModel.forward)
+            attn_output = offset_causal_attention(query_states, key_states, value_states, self.scaling)
+            return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         kwargs.pop("output_attentions", None)
         args = (self, query_states, key_states, value_states, attention_mask)

@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .mixer_common import GatedOutput, RMSNorm, ShortConvolution, current_padding_mask, zero_padding
+from .mixer_common import (
+    GatedOutput,
+    RMSNorm,
+    ShortConvolution,
+    current_padding_mask,
+    kernels_unavailable,
+    zero_padding,
+)
 from .mixer_sliding import windowed_attention
 from .ops_reference import chunk_linear_attention, recurrent_linear_attention
 
@@ -31,23 +38,44 @@ LINEAR_OPS_OVERRIDE = None
 
 @functools.cache
 def triton_linear_ops():
-    """(chunked, token-by-token) Triton ops, or None where triton is missing. Imported on first use, so that
-    machines without a GPU never import triton through the model."""
+    """(chunked, token-by-token, token-by-token as a registered custom op) Triton ops, or None where triton is missing.
+    Imported on first use, so that machines without a GPU never import triton through the model."""
+    global _TRITON_OPS
     try:
         from .linear_attn import chunk_linear_attention as chunk_op
         from .linear_attn import fused_recurrent_linear_attention as recurrent_op
-    except ImportError:
+    except ImportError as error:
+        kernels_unavailable("linear (gdn, deltanet, gla, kda)", error)
         return None
-    return chunk_op, recurrent_op
+    try:
+        from .linear_attn_ops import fused_recurrent_linear_attention_op as graph_op
+    except ImportError:
+        # no registered op (a checkpoint without its file): compiled decode traces the torch reference step
+        graph_op = None
+    _TRITON_OPS = chunk_op, recurrent_op, graph_op
+    return _TRITON_OPS
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    if LINEAR_OPS_OVERRIDE is not None:
-        return LINEAR_OPS_OVERRIDE == "triton"
-    # inside torch.compile the torch ops are traced and captured in CUDA graphs; the kernels would break the graph
+# what `triton_linear_ops` imported, read as a plain global inside `torch.compile` (which does not trace imports)
+_TRITON_OPS = None
+
+
+def linear_ops(x: torch.Tensor, recurrent: bool):
+    """The Triton op to run (chunked, or token-by-token when `recurrent`), or None for the torch reference."""
+    forced = LINEAR_OPS_OVERRIDE == "triton"
+    if LINEAR_OPS_OVERRIDE == "reference" or not (x.is_cuda or forced):
+        return None
     if torch.compiler.is_compiling():
-        return False
-    return x.is_cuda and triton_linear_ops() is not None
+        # the token-by-token op is a custom op: torch.compile keeps it whole and CUDA graphs capture its kernel. The
+        # chunked op would break the graph: its torch reference is traced instead. The ops were imported by the eager
+        # forward that ran before (prefill); if none did, the reference is traced
+        if _TRITON_OPS is None or not (recurrent or forced):
+            return None
+        return _TRITON_OPS[2] if recurrent else _TRITON_OPS[0]
+    ops = triton_linear_ops()
+    if ops is None:
+        return None
+    return ops[1] if recurrent else ops[0]
 
 
 class LinearMixer(nn.Module):
@@ -152,9 +180,9 @@ class LinearMixer(nn.Module):
                 initial_state = layer.recurrent_states[0]
         use_recurrent = seq_len <= RECURRENT_MAX_LEN and not self.training
         op_args = dict(g=g, beta=beta, initial_state=initial_state, output_final_state=past_key_values is not None)
-        if use_triton(q):
-            chunk_op, recurrent_op = triton_linear_ops()
-            o, state = (recurrent_op if use_recurrent else chunk_op)(q, k, v, **op_args)
+        triton_op = linear_ops(q, use_recurrent)
+        if triton_op is not None:
+            o, state = triton_op(q, k, v, **op_args)
         elif use_recurrent:
             o, state = recurrent_linear_attention(q, k, v, **op_args)
         else:

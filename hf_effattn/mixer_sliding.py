@@ -2,14 +2,88 @@
 
 The cache holds only the window (transformers' sliding-window cache layer) plus the sink tokens. Sink tokens
 are the first *real* tokens of each row, so left padding never changes what a row attends to.
+
+On CUDA tensors, where triton imports, the attention runs on the Triton kernels (`sliding_window.py`): prefill and
+training when each row's real tokens form one run (no padding, left or right padding), and cached steps (decode)
+against the bounded cache when no gradient is needed. Anything else runs the torch reference.
 """
+
+import functools
 
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .mixer_common import RMSNorm, key_padding_mask
+from .mixer_common import RMSNorm, kernels_unavailable, key_padding_mask
 from .ops_reference import sliding_window_attention
+
+# which attention the windowed layers run: None = the Triton kernels on CUDA tensors when triton imports, else the
+# torch reference; tests set "triton" or "reference" to force one
+SLIDING_OPS_OVERRIDE = None
+
+
+@functools.cache
+def triton_sliding_ops():
+    """(prefill/training op, decode op) Triton kernels, or None where triton is missing. Imported on first use, so
+    that machines without a GPU never import triton through the model."""
+    try:
+        from .sliding_window import sliding_window_attention as prefill_op
+        from .sliding_window import sliding_window_decode as decode_op
+    except ImportError as error:
+        kernels_unavailable("sliding-window", error)
+        return None
+    return prefill_op, decode_op
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    if SLIDING_OPS_OVERRIDE is not None:
+        return SLIDING_OPS_OVERRIDE == "triton"
+    # inside torch.compile the torch reference is traced; the kernels would break the graph
+    if torch.compiler.is_compiling():
+        return False
+    return x.is_cuda and triton_sliding_ops() is not None
+
+
+def padding_bounds(attention_mask: torch.Tensor | None, total_len: int):
+    """`[B, 2]` (first, end) of each row's real tokens when they form one run (left and/or right padding), None
+    without padding (no 2-D mask, or all ones), False for masks the kernels cannot express."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    if attention_mask.shape[1] != total_len:
+        return False
+    mask = attention_mask.bool()
+    if bool(mask.all()):
+        return None
+    first = (mask.long().cumsum(-1) == 0).sum(-1)
+    end = first + mask.sum(-1)
+    index = torch.arange(total_len, device=mask.device)
+    run = (index >= first[:, None]) & (index < end[:, None])
+    if not bool((run == mask).all()):
+        return False
+    return torch.stack([first, end], dim=-1)
+
+
+def kernel_attention(q, k_all, v_all, sinks, *, window, num_sinks, scale, attention_mask, query_start, sink_logits):
+    """`windowed_attention` on the Triton kernels, or None where their semantics do not fit (the caller then runs
+    the reference): the prefill/training op when there is no past, the decode op against the cached window."""
+    prefill_op, decode_op = triton_sliding_ops()
+    seq_len = q.shape[1]
+    bounds = padding_bounds(attention_mask, query_start + seq_len)
+    if bounds is False:
+        return None
+    if query_start == 0 and k_all.shape[1] == seq_len:
+        return prefill_op(q, k_all, v_all, window, num_sinks, sink_logits, scale, key_bounds=bounds)
+    tensors = (q, k_all, v_all, sink_logits)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
+        return None
+    if bounds is not None and not bool((bounds[:, 1] == query_start + seq_len).all()):
+        # right padding before cached steps
+        return None
+    sink_k, sink_v, sink_index = sinks if sinks else (None, None, None)
+    first_index = None if bounds is None else bounds[:, 0]
+    return decode_op(
+        q, k_all, v_all, window, query_start, sink_k, sink_v, sink_index, sink_logits, scale, first_index=first_index
+    )
 
 
 def first_real_index(attention_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
@@ -81,6 +155,21 @@ def windowed_attention(
         sinks = capture_sinks(sinks, k, v, first_real, query_start, num_sinks)
         if layer is not None:
             layer.effattn_sinks = sinks
+    if use_triton(q):
+        o = kernel_attention(
+            q,
+            k_all,
+            v_all,
+            sinks,
+            window=window,
+            num_sinks=num_sinks,
+            scale=scale,
+            attention_mask=attention_mask,
+            query_start=query_start,
+            sink_logits=sink_logits,
+        )
+        if o is not None:
+            return o
     key_valid = key_padding_mask(attention_mask, k_all.shape[1], batch, q.device)
     return sliding_window_attention(
         q,

@@ -9,13 +9,14 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, StaticLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding
 
 from .configuration_effattn import LINEAR_KINDS, EffAttnConfig
+from .mixer_block_topk import BlockTopkAttention
 from .mixer_common import RMSNorm, ShortConvolution
 from .mixer_full import FullAttention
 from .mixer_hedgehog import HedgehogAttention, HedgehogFeatureMap
@@ -30,6 +31,7 @@ MIXER_CLASSES = {
     "gla": GatedLinearAttention,
     "kda": KimiDeltaAttention,
     "hedgehog": HedgehogAttention,
+    "block_topk": BlockTopkAttention,
 }
 
 
@@ -175,6 +177,19 @@ class EffAttnModel(EffAttnPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    def _causal_after_cache(self, attention_mask, past_key_values, past_length, seq_len: int) -> bool:
+        """Whether the full-attention mask would only say "causal, after `past_length` cached tokens" (a chunked
+        prefill without padding): the sdpa full layers then run without it (`mixer_full.offset_causal_attention`),
+        as transformers' `[seq_len, past_length + seq_len]` mask is gigabytes per chunk at 1M tokens."""
+        if self.config._attn_implementation != "sdpa" or seq_len == 1 or not isinstance(past_length, int):
+            return False
+        if past_length == 0 or past_key_values is None:
+            return False
+        full_layer = past_key_values.layers[self.config.mixer_types.index("full")]
+        if not isinstance(full_layer, DynamicLayer) or getattr(full_layer, "is_sliding", False):
+            return False
+        return attention_mask is None or (attention_mask.dim() == 2 and bool(attention_mask.all()))
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -215,7 +230,9 @@ class EffAttnModel(EffAttnPreTrainedModel):
             )
 
         full_mask = None
-        if "full" in self.config.mixer_types:
+        if "full" in self.config.mixer_types and not self._causal_after_cache(
+            attention_mask, past_key_values, past_length, seq_len
+        ):
             full_mask = create_causal_mask(
                 config=self.config,
                 inputs_embeds=inputs_embeds,

@@ -10,6 +10,8 @@ query/key heads (GVA, ``HV % H == 0``); the recurrent state is ``[B, HV, K, V]``
 This file imports only torch so that it can be copied into a remote-code checkpoint.
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -367,3 +369,318 @@ def hedgehog_attention(
         final = q.new_zeros(state.shape) if initial_state is None else initial_state.float()
         final = final + phi_k[:, :, :stop].transpose(-1, -2) @ v_aug[:, :, :stop]
     return o.transpose(1, 2).to(dtype), final
+
+
+def _sequences(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
+    """`(row, start, stop)` of every independent sequence: one per batch row, or the packed segments (B = 1)."""
+    if cu_seqlens is None:
+        return [(row, 0, seq_len) for row in range(batch)]
+    if batch != 1:
+        raise ValueError(
+            f"The batch size is expected to be 1 rather than {batch} when using `cu_seqlens`. "
+            "Please flatten variable-length inputs before processing."
+        )
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    return [(0, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+
+
+def _topk_lowest_index(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Indices of the `top_k` largest entries of the last dim (ties: lower index first; -inf entries give -1),
+    returned in ascending index order with the -1 entries last."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    taken = order.indices[..., :top_k]
+    taken = torch.where(order.values[..., :top_k] > float("-inf"), taken, -1)
+    if taken.shape[-1] < top_k:
+        taken = F.pad(taken, (0, top_k - taken.shape[-1]), value=-1)
+    # ascending, with the empty (-1) slots last
+    big = torch.iinfo(taken.dtype).max
+    taken = torch.sort(torch.where(taken < 0, big, taken), dim=-1).values
+    return torch.where(taken == big, -1, taken)
+
+
+@torch.no_grad()
+def block_topk_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int = 64,
+    top_k: int = 16,
+    keep_first_block: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Which key blocks each query block reads (parameter-free, MoBA-style pooled scores shared by each GQA group).
+
+    Blocks are `block_size` consecutive tokens counted from the sequence start. Query block `i` scores every earlier
+    key block `j < i` (`j >= 1` with `keep_first_block`, which keeps block 0 anyway) by `qbar_{i-1} . kbar_j`:
+    `kbar_j` is the mean of block `j`'s keys and `qbar_{i-1}` the mean of the *previous* query block's queries over
+    its tokens and the group's heads. The previous block is complete when block `i` starts, so a decode step makes the
+    same choice as the full forward. Query block 0 has no candidates.
+
+    Args:
+        q: `[B, T, H, D]`; k: `[B, T, Hkv, D]` (rope applied). cu_seqlens: `[N + 1]` packed sequences (B = 1).
+    Returns:
+        `[B, NQ, Hkv, top_k]` int32 key-block indices (relative to the sequence start), ascending, -1 for empty slots;
+        NQ = ceil(T / block_size), or the total over packed sequences. Ties go to the lower index.
+    """
+    batch, seq_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    groups = num_heads // num_kv_heads
+    first = 1 if keep_first_block else 0
+    outputs = []
+    for row, start, stop in _sequences(batch, seq_len, cu_seqlens):
+        length = stop - start
+        num_blocks = -(-length // block_size)
+        complete = length // block_size
+        taken = torch.full((num_blocks, num_kv_heads, top_k), -1, dtype=torch.int32, device=q.device)
+        if num_blocks > 1:
+            used = slice(start, start + complete * block_size)
+            # [NC, Hkv, D]: block means of the group's queries and of the keys
+            q_mean = q[row, used].float().view(complete, block_size, num_kv_heads, groups, head_dim).mean(dim=(1, 3))
+            k_mean = k[row, used].float().view(complete, block_size, num_kv_heads, head_dim).mean(dim=1)
+            # [Hkv, NQ - 1, NC]: query block i = 1 ... NQ - 1 scored with the means of block i - 1
+            scores = torch.einsum("ihd,jhd->hij", q_mean[: num_blocks - 1], k_mean)
+            i = torch.arange(1, num_blocks, device=q.device)[:, None]
+            j = torch.arange(complete, device=q.device)[None, :]
+            scores = scores.masked_fill(~((j < i) & (j >= first)), float("-inf"))
+            taken[1:] = _topk_lowest_index(scores, top_k).transpose(0, 1).int()
+        outputs.append(taken)
+    if cu_seqlens is None:
+        return torch.stack(outputs) if outputs else q.new_zeros(0, 0, num_kv_heads, top_k, dtype=torch.int32)
+    return torch.cat(outputs)[None]
+
+
+def _selected_blocks(block_indices: torch.Tensor, keep_first_block: bool) -> torch.Tensor:
+    """`[NQ, Hkv, top_k + 2]` every key block query block i reads: the first block (if kept and i > 0), the top-k
+    blocks and its own block; -1 marks an empty slot."""
+    num_blocks, num_kv_heads = block_indices.shape[:2]
+    i = torch.arange(num_blocks, device=block_indices.device)[:, None, None].expand(-1, num_kv_heads, 1)
+    first = torch.where((i > 0) & keep_first_block, 0, -1)
+    return torch.cat([first, block_indices.long(), i], dim=-1)
+
+
+def block_topk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int = 64,
+    top_k: int = 16,
+    keep_first_block: bool = True,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    block_indices: torch.Tensor | None = None,
+    naive: bool = False,
+    max_blocks_per_step: int = 16,
+) -> torch.Tensor:
+    """Block-sparse causal softmax attention over the key blocks `block_topk_select` picks.
+
+    Query `t` of block `i` attends, with exact causal softmax, to the union of its own block (keys `<= t`), block 0
+    (with `keep_first_block`) and the `top_k` selected blocks. The selection is not differentiable (as in MoBA/NSA);
+    gradients flow to q, k and v through the attention.
+
+    Args:
+        q: `[B, T, H, D]`; k, v: `[B, T, Hkv, D]`. cu_seqlens: `[N + 1]` packed sequences (B = 1).
+        block_indices: a precomputed selection (`block_topk_select`'s layout); computed when None.
+        naive: materialise the `[T, T]` mask (tests only).
+        max_blocks_per_step: query blocks gathered at once (bounds the memory of the blockwise form).
+    Returns:
+        `[B, T, H, D]` in q's dtype.
+    """
+    batch, seq_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    groups = num_heads // num_kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    if block_indices is None:
+        block_indices = block_topk_select(q, k, block_size, top_k, keep_first_block, cu_seqlens)
+    first_block, outputs = 0, []
+    for row, start, stop in _sequences(batch, seq_len, cu_seqlens):
+        num_blocks = -(-(stop - start) // block_size)
+        selected = block_indices[0 if cu_seqlens is not None else row]
+        if cu_seqlens is not None:
+            selected = selected[first_block : first_block + num_blocks]
+            first_block += num_blocks
+        if stop == start:
+            continue
+        blocks = _selected_blocks(selected[:num_blocks], keep_first_block)
+        args = (q[row, start:stop], k[row, start:stop], v[row, start:stop], blocks, block_size, scale, groups)
+        out = _naive_block_topk(*args) if naive else _blockwise_block_topk(*args, max_blocks_per_step)
+        outputs.append((start, stop, out))
+    if cu_seqlens is None:
+        return torch.stack([out for _, _, out in outputs]).to(q.dtype)
+    # packed: tokens outside every sequence stay zero
+    parts, cursor = [], 0
+    for start, stop, out in outputs:
+        parts += [q.new_zeros(start - cursor, num_heads, head_dim, dtype=torch.float32), out]
+        cursor = stop
+    parts.append(q.new_zeros(seq_len - cursor, num_heads, head_dim, dtype=torch.float32))
+    return torch.cat(parts)[None].to(q.dtype)
+
+
+def _naive_block_topk(q, k, v, blocks, block_size, scale, groups):
+    """One sequence: `[T, T]` visibility mask per kv head, then masked softmax (fp32)."""
+    length = q.shape[0]
+    position = torch.arange(length, device=q.device)
+    block_of = position // block_size
+    # [Hkv, T, NB]: whether query t's block reads key block b
+    num_blocks = blocks.shape[0]
+    reads = torch.zeros(blocks.shape[1], num_blocks, num_blocks + 1, dtype=torch.bool, device=q.device)
+    target = torch.where(blocks >= 0, blocks, num_blocks).permute(1, 0, 2)
+    reads.scatter_(2, target, True)
+    reads = reads[:, block_of][:, :, block_of]
+    mask = reads & (position[None, :, None] >= position[None, None, :])
+    mask = mask.repeat_interleave(groups, dim=0)
+    k, v = k.float().repeat_interleave(groups, dim=1), v.float().repeat_interleave(groups, dim=1)
+    scores = torch.einsum("thd,shd->hts", q.float(), k) * scale
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return torch.einsum("hts,shd->thd", weights, v)
+
+
+def _blockwise_block_topk(q, k, v, blocks, block_size, scale, groups, max_blocks_per_step):
+    """One sequence, a few query blocks at a time: gather each query block's key blocks, then masked softmax."""
+    length, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    num_blocks = blocks.shape[0]
+    pad = num_blocks * block_size - length
+    # [NB, S, Hkv, D] key/value blocks (the tail zero-padded) and [NB, S, Hkv, G, D] query blocks
+    k_blocks = F.pad(k.float(), (0, 0, 0, 0, 0, pad)).view(num_blocks, block_size, num_kv_heads, head_dim)
+    v_blocks = F.pad(v.float(), (0, 0, 0, 0, 0, pad)).view(num_blocks, block_size, num_kv_heads, head_dim)
+    q_blocks = F.pad(q.float(), (0, 0, 0, 0, 0, pad)).view(num_blocks, block_size, num_kv_heads, groups, head_dim)
+    offsets = torch.arange(block_size, device=q.device)
+    heads = torch.arange(num_kv_heads, device=q.device)[None, :, None]
+    outputs = []
+    for lo in range(0, num_blocks, max_blocks_per_step):
+        hi = min(lo + max_blocks_per_step, num_blocks)
+        chosen = blocks[lo:hi]
+        # [n, Hkv, P = (top_k + 2) * S] absolute key positions and their validity for query offset t
+        key_pos = (chosen.clamp_min(0)[..., None] * block_size + offsets).flatten(2)
+        key_ok = (chosen >= 0)[..., None].expand(-1, -1, -1, block_size).flatten(2) & (key_pos < length)
+        query_pos = torch.arange(lo, hi, device=q.device)[:, None] * block_size + offsets
+        # [n, Hkv, P, D]
+        block_ids = chosen.clamp_min(0)
+        k_sel = k_blocks[block_ids, :, heads].flatten(2, 3)
+        v_sel = v_blocks[block_ids, :, heads].flatten(2, 3)
+        # [n, Hkv, S * G, D] queries of the block, token-major
+        q_sel = q_blocks[lo:hi].permute(0, 2, 1, 3, 4).flatten(2, 3)
+        scores = q_sel @ k_sel.transpose(-1, -2) * scale
+        # [n, Hkv, S * G, P]: causal within the own block, nothing past the sequence end
+        visible = key_ok[:, :, None, :] & (key_pos[:, :, None, :] <= query_pos[:, None, :, None])
+        visible = visible.repeat_interleave(groups, dim=2)
+        weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        out = (weights @ v_sel).view(hi - lo, num_kv_heads, block_size, groups, head_dim)
+        outputs.append(out.permute(0, 2, 1, 3, 4).reshape((hi - lo) * block_size, num_heads, head_dim))
+    return torch.cat(outputs)[:length]
+
+
+def block_topk_cached_attention(
+    q: torch.Tensor,
+    k_all: torch.Tensor,
+    v_all: torch.Tensor,
+    state: dict | None,
+    first_real: torch.Tensor,
+    block_size: int = 64,
+    top_k: int = 16,
+    keep_first_block: bool = True,
+    scale: float | None = None,
+    attend: bool = True,
+    max_keys_per_step: int = 2**24,
+):
+    """`block_topk_attention` for the newest tokens of a cache: decode steps and prefill continuations.
+
+    The block means live in `state` so that a step scores `O(T / block_size)` pooled keys and reads
+    `O((top_k + 2) * block_size)` keys. Blocks count from each row's first real token (`first_real`), so left padding
+    never shifts them, and padding keys are never read.
+
+    Args:
+        q: `[B, Tn, H, D]` the new queries; k_all, v_all: `[B, L, Hkv, D]` the whole cache, new tokens last.
+        state: `{"kbar": [B, NB, Hkv, D] key-block means, "qbar": [B, Hkv, D] query mean of the last complete block,
+            "qsum": [B, Hkv, D] query sum of the block in progress}` (fp32), or None before the first token.
+        first_real: `[B]` cache index of each row's first real token.
+        attend: False only updates the state (the prefill output came from `block_topk_attention`).
+    Returns:
+        (`[B, Tn, H, D]` in q's dtype, or None; the new state). Queries on padding give zeros.
+    """
+    batch, num_new, num_heads, head_dim = q.shape
+    total, num_kv_heads = k_all.shape[1], k_all.shape[2]
+    groups, size = num_heads // num_kv_heads, block_size
+    scale = head_dim**-0.5 if scale is None else scale
+    device = q.device
+    past = total - num_new
+    # relative positions (tokens since the row's first real token) before and after this step
+    rel_old = (past - first_real).clamp_min(0)
+    rel_new = (total - first_real).clamp_min(0)
+    rel = past + torch.arange(num_new, device=device)[None, :] - first_real[:, None]
+    real = rel >= 0
+
+    # key blocks completed by this step: at most ceil(Tn / S) per row
+    new_blocks = -(-num_new // size)
+    capacity = -(-total // size) + new_blocks
+    kbar = q.new_zeros(batch, capacity, num_kv_heads, head_dim, dtype=torch.float32)
+    if state is not None:
+        kbar[:, : state["kbar"].shape[1]] = state["kbar"][:, :capacity]
+    block_ids = (rel_old // size)[:, None] + torch.arange(new_blocks, device=device)
+    positions = first_real[:, None, None] + block_ids[..., None] * size + torch.arange(size, device=device)
+    gathered = k_all.gather(
+        1, positions.flatten(1).clamp(0, total - 1)[..., None, None].expand(-1, -1, *k_all.shape[2:])
+    )
+    pooled = gathered.float().view(batch, new_blocks, size, num_kv_heads, head_dim).mean(dim=2)
+    done = (block_ids < (rel_new // size)[:, None])[..., None, None]
+    index = block_ids[..., None, None].expand(-1, -1, num_kv_heads, head_dim)
+    kbar = kbar.scatter(1, index, torch.where(done, pooled, kbar.gather(1, index)))
+
+    # query sums per block touched by this step; slot c is block rel_old // S + c
+    slots = (size - 1 + num_new) // size + 1
+    first_slot_block = rel_old // size
+    q_group = q.float().view(batch, num_new, num_kv_heads, groups, head_dim).sum(dim=3)
+    q_group = torch.where(real[..., None, None], q_group, 0.0)
+    slot = torch.where(real, rel.div(size, rounding_mode="floor") - first_slot_block[:, None], 0)
+    q_sums = q.new_zeros(batch, slots, num_kv_heads, head_dim, dtype=torch.float32)
+    if state is not None:
+        q_sums[:, 0] = state["qsum"]
+    q_sums = q_sums.scatter_add(1, slot[..., None, None].expand_as(q_group), q_group)
+    q_last = state["qbar"] if state is not None else q.new_zeros(batch, num_kv_heads, head_dim, dtype=torch.float32)
+    # [B, C, Hkv, D]: the query mean that selects for each touched block (its predecessor's)
+    q_select = torch.cat([q_last[:, None], q_sums[:, :-1] / (size * groups)], dim=1)
+    next_slot = (rel_new // size - first_slot_block)[:, None, None, None].expand(-1, 1, num_kv_heads, head_dim)
+    new_state = {
+        "kbar": kbar,
+        "qbar": q_select.gather(1, next_slot)[:, 0],
+        "qsum": q_sums.gather(1, next_slot)[:, 0],
+    }
+    if not attend:
+        return None, new_state
+
+    # selection per touched block: earlier complete blocks, the first one kept aside
+    block_i = first_slot_block[:, None] + torch.arange(slots, device=device)
+    j = torch.arange(capacity, device=device)
+    candidates = (j < block_i[..., None]) & (j >= (1 if keep_first_block else 0))
+    scores = torch.einsum("bchd,bjhd->bchj", q_select, kbar)
+    scores = scores.masked_fill(~candidates[:, :, None, :], float("-inf"))
+    taken = _topk_lowest_index(scores, top_k)
+    first = torch.where((block_i > 0) & keep_first_block, 0, -1)[:, :, None, None].expand(-1, -1, num_kv_heads, 1)
+    own = block_i[:, :, None, None].expand(-1, -1, num_kv_heads, 1)
+    # [B, C, Hkv, top_k + 2] every block each touched query block reads
+    chosen = torch.cat([first, taken, own], dim=-1)
+
+    offsets = torch.arange(size, device=device)
+    k_heads, v_heads = k_all.transpose(1, 2), v_all.transpose(1, 2)
+    outputs = []
+    step = max(1, max_keys_per_step // max(1, batch * num_kv_heads * chosen.shape[-1] * size * head_dim))
+    for lo in range(0, num_new, step):
+        hi = min(lo + step, num_new)
+        # [B, n, Hkv, P] the blocks (then keys) of each new token's query block
+        tok_slot = slot[:, lo:hi, None, None].expand(-1, -1, num_kv_heads, chosen.shape[-1])
+        blocks = chosen.gather(1, tok_slot)
+        key_rel = (blocks.clamp_min(0)[..., None] * size + offsets).flatten(-2)
+        visible = (blocks >= 0)[..., None].expand(*blocks.shape, size).flatten(-2)
+        visible = visible & (key_rel <= rel[:, lo:hi, None, None]) & real[:, lo:hi, None, None]
+        key_pos = (first_real[:, None, None, None] + key_rel).clamp(0, total - 1)
+        # [B, Hkv, n * P, D] gathered keys and values
+        flat = key_pos.permute(0, 2, 1, 3).flatten(2)[..., None].expand(-1, -1, -1, head_dim)
+        keys = k_heads.gather(2, flat).float().view(batch, num_kv_heads, hi - lo, -1, head_dim)
+        values = v_heads.gather(2, flat).float().view(batch, num_kv_heads, hi - lo, -1, head_dim)
+        # [B, Hkv, n, G, D] queries
+        queries = q[:, lo:hi].float().view(batch, hi - lo, num_kv_heads, groups, head_dim).transpose(1, 2)
+        scores = queries @ keys.transpose(-1, -2) * scale
+        mask = visible.permute(0, 2, 1, 3)[:, :, :, None, :]
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+        out = (weights @ values).transpose(1, 2).reshape(batch, hi - lo, num_heads, head_dim)
+        outputs.append(out)
+    return torch.cat(outputs, dim=1).to(q.dtype), new_state

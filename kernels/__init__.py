@@ -4,6 +4,7 @@ Each op has a pure-PyTorch reference in `hf_effattn.ops_reference`; the mixers f
 GPU is missing.
 """
 
+from .block_topk import block_topk_attention, block_topk_select
 from .linear_attn import (
     chunk_delta_rule,
     chunk_gated_delta_rule,
@@ -16,8 +17,11 @@ from .linear_attn import (
     fused_recurrent_kda,
     fused_recurrent_linear_attention,
 )
+from .sliding_window import sliding_window_attention, sliding_window_decode
 
 __all__ = [
+    "block_topk_attention",
+    "block_topk_select",
     "chunk_delta_rule",
     "chunk_gated_delta_rule",
     "chunk_gla",
@@ -28,4 +32,6 @@ __all__ = [
     "fused_recurrent_gla",
     "fused_recurrent_kda",
     "fused_recurrent_linear_attention",
+    "sliding_window_attention",
+    "sliding_window_decode",
 ]

@@ -33,7 +33,7 @@ def _layout_cell(results: Results) -> str:
     kinds, recipe = report["layout"]["mixer_types"], report["recipe"]
     counts = {kind: kinds.count(kind) for kind in sorted(set(kinds), key=lambda k: k != "full")}
     text = " + ".join(f"{count} {kind}" for kind, count in counts.items())
-    if recipe.get("window") and recipe["mixer"] != "full":
+    if recipe.get("window") and recipe["mixer"] not in ("full", "block_topk"):
         text += f" (window {recipe['window']}, {recipe.get('sink_tokens', 0)} sinks)"
     elif recipe["mixer"] in ("gdn", "deltanet", "gla", "kda"):
         text += " (no window)"

@@ -34,8 +34,10 @@ MIXER_NAMES = {
     "gla": "gated linear attention (GLA)",
     "kda": "Kimi Delta Attention (delta rule with a per-channel decay)",
     "hedgehog": "Hedgehog linear attention (LoLCATs-style) beside a softmax window",
+    "block_topk": "block-sparse softmax attention over the top-k key blocks (MoBA/NSA-style)",
 }
-MIXER_LETTERS = {"full": "F", "sliding": "S", "gdn": "G", "deltanet": "D", "gla": "L", "kda": "K", "hedgehog": "H"}
+MIXER_LETTERS = {"full": "F", "sliding": "S", "gdn": "G", "deltanet": "D", "gla": "L", "kda": "K", "hedgehog": "H",
+                 "block_topk": "B"}
 LINEAR_MIXERS = ("gdn", "deltanet", "gla", "kda")
 
 TASK_NAMES = {
@@ -58,8 +60,11 @@ CONVERT_OPTIONS = {
     "sink_tokens": "--sink-tokens", "data": "--data", "retrieval_share": "--retrieval-share",
     "stage1_steps": "--stage1-steps", "stage1_lr": "--stage1-lr", "stage2_steps": "--stage2-steps",
     "stage2_lr": "--stage2-lr", "stage2_seq_lens": "--seq-lens", "lora_r": "--lora-r", "batch_size": "--batch-size",
-    "seed": "--seed", "precision": "--precision", "eval_lengths": "--eval-lengths",
+    "seed": "--seed", "precision": "--precision", "eval_lengths": "--eval-lengths", "answer_weight": "--answer-weight",
+    "eval_samples": "--eval-samples",
 }
+# recipe fields added after some reports were written, with the value those reports' runs used
+FIELDS_BEFORE_THEY_EXISTED = {"answer_weight": 1.0}
 NOT_RESULT_FIELDS = ("save_every",)
 
 # absolute paths: POSIX (/a/b), home (~/), Windows drives (C:\ or C:/), file URLs
@@ -217,6 +222,9 @@ def _mixer_detail(kind: str, recipe: dict) -> str:
         return f"softmax attention over the last {window} tokens and {sinks} sink tokens; caches only those"
     if kind == "hedgehog":
         return f"learned feature-map linear attention plus softmax attention over the last {window} tokens"
+    if kind == "block_topk":
+        return ("exact softmax over the key blocks that score highest against pooled keys, plus the local block; "
+                "caches the keys and values of every token")
     return "see the checkpoint's config.json"
 
 
@@ -374,7 +382,11 @@ def efficiency_sections(files: list[tuple[str, dict]]) -> list[str]:
                         f"{_number(row.get('prefill_s'), 2) if isinstance(row.get('prefill_s'), (int, float)) else row.get('prefill_s', 'n/a')} | "
                         f"{_number(row.get('eager_ms_per_step'))} | {_number(row.get('compiled_ms_per_step'))} | "
                         f"{_gib(row.get('cache_bytes'))} | {_gib(row.get('peak_bytes'))} |")
-        parts = [_efficiency_description(name, data), "", "\n".join(rows)]
+        description = _efficiency_description(name, data)
+        if data.get("partial"):
+            description += (" The run stopped before all its rows were measured: the rows below are the ones it "
+                            "finished.")
+        parts = [description, "", "\n".join(rows)]
         compare = data.get("compare") or []
         if data.get("ratios") and len(compare) == 2:
             ratio_rows = [(f"| context | batch | prefill speed-up | eager decode speed-up | compiled decode speed-up | "
@@ -451,7 +463,7 @@ def convert_command(report: dict, name: str) -> tuple[str, list[str]]:
     """(the `hf-effattn convert` command that reruns this recipe, recipe fields it cannot set)."""
     from hf_effattn.conversion.recipe import PRESETS, make_recipe
 
-    recipe = report["recipe"]
+    recipe = {**FIELDS_BEFORE_THEY_EXISTED, **report["recipe"]}
 
     def differences(preset):
         defaults = make_recipe(preset).to_dict()
@@ -582,6 +594,8 @@ def _tags(kinds: list[str]) -> list[str]:
         tags.append("linear-attention")
     if "sliding" in efficient:
         tags.append("sliding-window-attention")
+    if "block_topk" in efficient:
+        tags.append("sparse-attention")
     if len(set(kinds)) > 1:
         tags.append("hybrid")
     return [*tags, "distillation"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The longer conversion recipe (`--preset gpu`: bf16, batch 8, 1k-4k tokens) on one GPU, then a pure-linear
+# The longer conversion recipe (`--preset gpu`: bf16, batch 4, 1k-2k tokens) on one GPU, then a pure-linear
 # conversion (no full-attention layer) with the same recipe for comparison. Each run resumes where it stopped
 # when rerun with the same arguments.
 # Usage: scripts/convert_gpu.sh OUTPUT_DIR [TEACHER] [extra hf-effattn convert options...]

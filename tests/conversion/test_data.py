@@ -7,7 +7,14 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from hf_effattn.conversion.data import DataError, load_documents, pack, retrieval_sample, training_blocks
+from hf_effattn.conversion.data import (
+    DataError,
+    load_documents,
+    pack,
+    retrieval_sample,
+    training_blocks,
+    training_blocks_with_answers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +90,19 @@ def test_pack_and_retrieval_share(char_tokenizer):
         pack(char_tokenizer, ["tiny"], 100000, 1)
     with pytest.raises(DataError, match="fraction"):
         training_blocks(char_tokenizer, docs, 256, 4, 1.5, seed=0)
+
+
+def test_answer_mask_marks_the_positions_that_predict_the_asked_value(char_tokenizer):
+    docs = load_documents("stdlib", "train")[:30]
+    blocks, answers = training_blocks_with_answers(char_tokenizer, docs, 600, 10, 0.5, seed=3)
+    assert blocks.tolist() == training_blocks(char_tokenizer, docs, 600, 10, 0.5, seed=3).tolist()
+    rows = answers.any(-1)
+    assert rows.sum() == 5
+    for ids, mask in zip(blocks[rows], answers[rows]):
+        positions = mask.nonzero().flatten()
+        # contiguous, ending on the position before the last token
+        assert positions.tolist() == list(range(int(positions[0]), 599))
+        predicted = char_tokenizer.decode(ids[positions + 1]).replace(" ", "")
+        # the predicted tokens are the value (digits) and its full stop; the value was stated earlier
+        assert predicted.endswith(".") and predicted[:-1].isdigit(), predicted
+        assert char_tokenizer.decode(ids[: int(positions[0])]).replace(" ", "").count(predicted[:-1]) >= 1

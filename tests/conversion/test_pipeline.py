@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_effattn.checkpoint import check_remote_code
 from hf_effattn.conversion.data import DataError
-from hf_effattn.conversion.distill import AttentionTransferLoss, capture_attention, choose_full_layers
+from hf_effattn.conversion.distill import AttentionTransferLoss, capture_attention, choose_full_layers, chunked_kl
 from hf_effattn.conversion.pipeline import REPORT_NAME, ConversionError, convert
 from hf_effattn.conversion.recipe import RecipeError, make_recipe
 from hf_effattn.conversion.teachers import TeacherError
@@ -30,7 +30,7 @@ def quiet(*args, **kwargs):
 
 
 def test_convert_writes_a_complete_remote_code_checkpoint(tiny_teacher, tmp_path):
-    recipe = make_recipe("smoke", full_share=0.5, stage1_steps=3, stage2_steps=3)
+    recipe = make_recipe("smoke", full_share=0.5, stage1_steps=3, stage2_steps=3, answer_weight=5.0)
     out = convert(str(tiny_teacher), tmp_path / "hybrid", recipe, log=quiet)
     check_remote_code(out)
     report = json.loads((out / REPORT_NAME).read_text())
@@ -93,12 +93,29 @@ def test_attention_transfer_lowers_the_layer_error(tiny_teacher):
     assert (final < 0.7 * first).all(), (first, final)
 
 
+def test_weighted_kl_scales_each_position_and_keeps_the_token_mean():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 2100, 8)  # more positions than one KL chunk
+    head = torch.nn.Linear(8, 11)
+    teacher_logits = torch.randn(2, 2100, 11)
+    logits_fn = lambda start, stop: teacher_logits[:, start:stop]  # noqa: E731
+    plain, _ = chunked_kl(hidden, head, logits_fn, 1.0)
+    ones, _ = chunked_kl(hidden, head, logits_fn, 1.0, weights=torch.ones(2, 2100))
+    torch.testing.assert_close(ones, plain)
+    per_position = (teacher_logits.softmax(-1) * (teacher_logits.log_softmax(-1) - head(hidden).log_softmax(-1))).sum(-1)
+    weights = torch.ones(2, 2100)
+    weights[1, 2050:2060] = 11.0
+    weighted, _ = chunked_kl(hidden, head, logits_fn, 1.0, weights=weights)
+    torch.testing.assert_close(weighted, plain + 10.0 * per_position[1, 2050:2060].sum() / per_position.numel())
+
+
 @pytest.mark.parametrize(
     "overrides, error, message",
     [
         (dict(full_share=1.5), RecipeError, "within \\[0, 1\\]"),
         (dict(full_layers=[0, 9]), RecipeError, "out of range"),
         (dict(window=1), RecipeError, "at least 2 tokens"),
+        (dict(answer_weight=-1.0), RecipeError, "answer_weight"),
     ],
 )
 def test_bad_recipes_fail_before_training(tiny_teacher, tmp_path, overrides, error, message):

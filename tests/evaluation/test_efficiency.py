@@ -70,19 +70,196 @@ def test_static_cache_refuses_windowed_layers(tiny_config, torch_single_thread):
 
 
 def test_bench_sweep_writes_report(tmp_path, torch_single_thread):
-    code = main(["bench", "--shape", "tiny", "--contexts", "64,128", "--batches", "1,2", "--decode-steps", "2",
-                 "--no-compile", "--device", "cpu", "--output", str(tmp_path)])
+    code = main(
+        [
+            "bench",
+            "--shape",
+            "tiny",
+            "--contexts",
+            "64,128",
+            "--batches",
+            "1,2",
+            "--decode-steps",
+            "2",
+            "--no-compile",
+            "--device",
+            "cpu",
+            "--output",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "efficiency.json").read_text())
     assert len(result["rows"]) == 8 and result["compare"] == ["hybrid", "full"]
     for row in result["rows"]:
         assert row["prefill_s"] > 0 and row["eager_ms_per_step"] > 0 and row["cache_bytes"] > 0
     for entry in result["ratios"]:
-        full = next(r for r in result["rows"] if r["model"] == "full" and r["context"] == entry["context"]
-                    and r["batch"] == entry["batch"])
-        hybrid = next(r for r in result["rows"] if r["model"] == "hybrid" and r["context"] == entry["context"]
-                      and r["batch"] == entry["batch"])
+        full = next(
+            r
+            for r in result["rows"]
+            if r["model"] == "full" and r["context"] == entry["context"] and r["batch"] == entry["batch"]
+        )
+        hybrid = next(
+            r
+            for r in result["rows"]
+            if r["model"] == "hybrid" and r["context"] == entry["context"] and r["batch"] == entry["batch"]
+        )
         assert entry["prefill_s_speedup"] == pytest.approx(full["prefill_s"] / hybrid["prefill_s"])
         assert entry["cache_ratio"] == pytest.approx(hybrid["cache_bytes"] / full["cache_bytes"])
     assert {p.name for p in tmp_path.glob("*.png")} == {"prefill_s.png", "eager_tokens_per_s.png", "cache_bytes.png"}
     assert "| hybrid | 128 | 2 |" in (tmp_path / "efficiency.md").read_text()
+
+
+def test_attention_cache_bytes_predicts_the_keys_and_values(pair):
+    full_model, hybrid = pair
+    ids = torch.randint(0, 4096, (2, 24))
+    _, full_cache = efficiency.prefill(full_model, ids, None)
+    assert efficiency.attention_cache_bytes(full_model, 2, 24) == efficiency.cache_bytes(full_cache)
+    _, hybrid_cache = efficiency.prefill(hybrid, ids, None)
+    keys_values = sum(layer.keys.numel() * 4 * 2 for layer in hybrid_cache.layers if hasattr(layer, "keys"))
+    assert efficiency.attention_cache_bytes(hybrid, 2, 24) == keys_values
+
+
+def test_chunked_prefill_builds_no_mask_and_padding_still_does(pair, monkeypatch):
+    from hf_effattn import modeling_effattn
+
+    _, hybrid = pair
+    ids = torch.randint(0, 4096, (2, 96))
+    whole, _ = efficiency.prefill(hybrid, ids, None)
+    built = []
+    original = modeling_effattn.create_causal_mask
+    monkeypatch.setattr(modeling_effattn, "create_causal_mask", lambda **kw: built.append(1) or original(**kw))
+    chunked, _ = efficiency.prefill(hybrid, ids, 40)
+    # the first chunk has no cached tokens (transformers skips its mask); the later ones run without one
+    assert (whole - chunked).abs().max().item() < 1e-4
+    assert len(built) == 1
+    # a padded batch keeps transformers' mask, and its real tokens get what they get alone
+    mask = torch.ones_like(ids)
+    mask[0, :10] = 0
+    with torch.no_grad():
+        cache = None
+        for start in (0, 40, 80):
+            out = hybrid(
+                ids[:, start : start + 40],
+                attention_mask=mask[:, : start + 40],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = out.past_key_values
+        assert len(built) == 4
+        alone = hybrid(ids[1:], logits_to_keep=1).logits
+    assert (out.logits[1:] - alone).abs().max().item() < 1e-4
+
+
+def test_offset_causal_attention_matches_a_masked_sdpa():
+    from hf_effattn.mixer_full import offset_causal_attention
+
+    # 4 query heads over 2 key/value heads, 37 new tokens after 100 cached ones
+    q, k, v = torch.randn(2, 4, 37, 16), torch.randn(2, 2, 137, 16), torch.randn(2, 2, 137, 16)
+    out = offset_causal_attention(q, k, v, 0.25)
+    mask = torch.arange(137)[None, :] <= (100 + torch.arange(37))[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask, scale=0.25
+    )
+    assert out.shape == (2, 37, 4, 16)
+    assert (out - expected.transpose(1, 2)).abs().max().item() < 1e-5
+
+
+def test_static_copy_tiled_over_a_batch_decodes_each_row_alike(pair):
+    _, hybrid = pair
+    ids = torch.randint(0, 4096, (1, 40))
+    logits, cache = efficiency.prefill(hybrid, ids, None)
+    token = logits[:, -1:].argmax(-1)
+    single = efficiency.to_static(hybrid, cache, 48)
+    tiled = efficiency.to_static(hybrid, cache, 48, batch=3)
+    # every tensor but the static layers' 0-d length counters grows with the batch
+    counters = sum(8 for layer in single.layers if hasattr(layer, "cumulative_length"))
+    assert efficiency.cache_bytes(tiled) - counters == 3 * (efficiency.cache_bytes(single) - counters)
+    with torch.no_grad():
+        for step in range(3):
+            one = hybrid(token, position_ids=torch.tensor([[40 + step]]), past_key_values=single).logits
+            three = hybrid(token.expand(3, 1), position_ids=torch.full((3, 1), 40 + step), past_key_values=tiled).logits
+            assert (three - one).abs().max().item() < 1e-5
+            token = one[:, -1:].argmax(-1)
+
+
+def test_sweep_finds_the_largest_batch_targets_and_breakdown(tmp_path, monkeypatch, torch_single_thread):
+    # the compiled forward replaced by the plain one: the static-cache path, the search and the report without
+    # minutes of compilation on a CPU
+    monkeypatch.setattr(efficiency, "_compiled_forward", lambda model, device, dynamic=None: model.forward)
+    result = efficiency.run_random_pair(
+        tmp_path,
+        "tiny",
+        [64, 96],
+        [1],
+        device="cpu",
+        dtype="float32",
+        decode_steps=2,
+        largest_batch_contexts=[64],
+        max_batch=4,
+        eager_max_context=64,
+        only="hybrid",
+        breakdown_context=64,
+    )
+    rows = result["rows"]
+    tiled = [row for row in rows if row.get("largest_batch")]
+    assert [(row["context"], row["batch"]) for row in tiled] == [(64, 4)]
+    assert tiled[0]["compiled_ms_per_step"] > 0 and tiled[0]["cache_bytes"] == 4 * rows[0]["cache_bytes"]
+    assert rows[0]["eager_ms_per_step"] > 0 and rows[0]["compiled_ms_per_step"] > 0
+    assert rows[-1]["context"] == 96 and rows[-1]["eager_ms_per_step"].startswith("skipped")
+    assert {"prefill", "decode_step"} <= set(result["breakdown"])
+    assert (tmp_path / "breakdown.md").exists() and "(largest)" in (tmp_path / "efficiency.md").read_text()
+
+
+def test_targets_compare_the_hybrid_with_the_baseline():
+    rows = [
+        {
+            "model": "full",
+            "context": 131072,
+            "batch": 1,
+            "prefill_s": 4.5,
+            "compiled_ms_per_step": 30.0,
+            "cache_bytes": 100,
+        },
+        {
+            "model": "hybrid",
+            "context": 131072,
+            "batch": 1,
+            "prefill_s": 1.5,
+            "compiled_ms_per_step": 15.0,
+            "cache_bytes": 25,
+        },
+        {
+            "model": "full",
+            "context": 131072,
+            "batch": 4,
+            "largest_batch": True,
+            "compiled_ms_per_step": 90.0,
+            "cache_bytes": 400,
+        },
+        {
+            "model": "hybrid",
+            "context": 131072,
+            "batch": 4,
+            "largest_batch": True,
+            "compiled_ms_per_step": 20.0,
+            "cache_bytes": 100,
+        },
+        {"model": "full", "context": 1 << 20, "batch": 1, "prefill_s": "oom"},
+        {
+            "model": "hybrid",
+            "context": 1 << 20,
+            "batch": 1,
+            "prefill_s": 40.0,
+            "compiled_ms_per_step": 20.0,
+            "cache_bytes": 7,
+        },
+    ]
+    targets = {t["target"]: t for t in efficiency.check_targets(rows, efficiency.ratios(rows))}
+    assert targets["prefill speed-up at 131,072, batch 1"]["met"] is True
+    assert targets["compiled decode speed-up at 131,072, batch 1"]["met"] is False
+    assert targets["compiled decode speed-up at 131,072, batch 4 (the baseline's largest)"]["value"] == 4.5
+    assert targets["cache bytes hybrid / full at 131,072"]["met"] is True
+    assert targets["hybrid prefills and decodes 1,048,576 tokens"]["met"] is True
+    assert targets["full runs out of memory at 1,048,576 tokens"]["met"] is True

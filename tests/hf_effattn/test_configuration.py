@@ -23,6 +23,7 @@ EXPECTED_LAYER_TYPES = {
     "gla": "linear_attention",
     "kda": "linear_attention",
     "hedgehog": "hybrid_sliding",
+    "block_topk": "full_attention",
 }
 
 EXPECTED_CACHE_LAYERS = {
@@ -33,6 +34,7 @@ EXPECTED_CACHE_LAYERS = {
     "gla": LinearAttentionLayer,
     "kda": LinearAttentionLayer,
     "hedgehog": LinearAttentionAndSlidingWindowAttentionLayer,
+    "block_topk": DynamicLayer,
 }
 
 

@@ -11,16 +11,18 @@ import torch
 
 from hf_effattn import EffAttnConfig, EffAttnForCausalLM
 from hf_effattn.checkpoint import REMOTE_CODE_FILES, check_remote_code, save_checkpoint
+from hf_effattn.configuration_effattn import MIXER_LAYER_TYPES
 
-ALL_KINDS = ["full", "sliding", "gdn", "deltanet", "gla", "kda", "hedgehog"]
+ALL_KINDS = sorted(MIXER_LAYER_TYPES)
 
-# runs in a fresh interpreter where importing hf_effattn fails, as on a machine that never installed it
+# runs in a fresh interpreter where importing hf_effattn (and triton) fails, as on a machine with only torch and
+# transformers
 LOADER = textwrap.dedent(
     """
     import importlib.abc, sys
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name == "hf_effattn" or name.startswith("hf_effattn."):
+            if name.split(".")[0] in ("hf_effattn", "triton"):
                 raise ModuleNotFoundError(f"No module named {name!r}")
     sys.meta_path.insert(0, Block())
     import torch
@@ -57,6 +59,11 @@ def test_checkpoint_is_self_contained(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_effattn.EffAttnForCausalLM"
     assert config["mixer_types"] == ALL_KINDS
+    # the checkpoint carries exactly the files the modeling file imports, directly or not
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    imported = {os.path.basename(path) for path in get_relative_import_files(str(folder / "modeling_effattn.py"))}
+    assert imported | {"modeling_effattn.py"} == set(REMOTE_CODE_FILES)
     for name in REMOTE_CODE_FILES:
         source = (folder / name).read_text()
         # flat: only single-dot sibling imports, never the installed package

@@ -1,0 +1,1 @@
+../kernels/block_topk.py

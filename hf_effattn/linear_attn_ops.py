@@ -1,0 +1,1 @@
+../kernels/linear_attn_ops.py

@@ -1,0 +1,182 @@
+"""`block_topk`: block-sparse softmax attention, MoBA/NSA-style.
+
+Keys and queries are cut into blocks of `block_size` tokens counted from each row's first real token. Query block i
+reads its own block (causal), block 0 (`keep_first_block`) and the `top_k` earlier blocks j that score highest by
+`qbar_{i-1} . kbar_j`: the mean key of block j against the mean query of the previous block (over its tokens and the
+GQA group's heads). The previous block is complete when block i starts, so a decode step selects exactly what the full
+forward selects for its position (up to floating-point ties); the selection is parameter-free and not differentiable.
+
+The projections, rope, GQA and optional q/k norm are those of `full`, so a converted layer starts from the teacher's
+attention weights. The cache is a full KV cache; block means (`effattn_block_topk` on the cache layer) let a decode
+step score O(T / block_size) pooled keys and read O((top_k + 2) * block_size) keys.
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .mixer_common import RMSNorm, kernels_unavailable
+from .mixer_sliding import first_real_index
+from .ops_reference import block_topk_attention, block_topk_cached_attention
+
+# which op the prefill runs: None = the Triton kernels on CUDA tensors when triton imports, else the torch reference;
+# tests set "triton" or "reference" to force one
+BLOCK_TOPK_OPS_OVERRIDE = None
+
+
+@functools.cache
+def triton_block_topk():
+    """The Triton prefill op, or None where triton is missing (imported on first use)."""
+    try:
+        from .block_topk import block_topk_attention as op
+    except ImportError as error:
+        kernels_unavailable("block_topk", error)
+        return None
+    return op
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    if BLOCK_TOPK_OPS_OVERRIDE is not None:
+        return BLOCK_TOPK_OPS_OVERRIDE == "triton"
+    if torch.compiler.is_compiling():
+        return False
+    return x.is_cuda and triton_block_topk() is not None
+
+
+STATE = "effattn_block_topk"
+
+
+def _after(original, layer, make):
+    """`original(arg)`, then the same batch operation on the block means of `layer`."""
+
+    def wrapped(arg):
+        original(arg)
+        state = getattr(layer, STATE, None)
+        if state is not None:
+            setattr(layer, STATE, {key: make(arg)(value) for key, value in state.items()})
+
+    return wrapped
+
+
+def follow_batch_ops(layer) -> None:
+    """Makes the block means on cache layer `layer` follow its batch reorders (beam search) and resets."""
+    if getattr(layer, "effattn_follows_batch", False):
+        return
+    layer.effattn_follows_batch = True
+    layer.reorder_cache = _after(
+        layer.reorder_cache, layer, lambda index: lambda t: t.index_select(0, index.to(t.device))
+    )
+    layer.batch_select_indices = _after(layer.batch_select_indices, layer, lambda index: lambda t: t[index])
+    layer.batch_repeat_interleave = _after(
+        layer.batch_repeat_interleave, layer, lambda repeats: lambda t: t.repeat_interleave(repeats, dim=0)
+    )
+    original_reset = layer.reset
+
+    def reset():
+        original_reset()
+        setattr(layer, STATE, None)
+
+    layer.reset = reset
+
+
+class BlockTopkAttention(nn.Module):
+    """Block top-k sparse attention with the projections of Llama/Mistral/Qwen2/Qwen3 attention."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        options = config.mixer_config(layer_idx)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.block_size = options["block_size"]
+        self.top_k = options["top_k"]
+        self.keep_first_block = options["keep_first_block"]
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    @property
+    def options(self) -> dict:
+        return {"block_size": self.block_size, "top_k": self.top_k, "keep_first_block": self.keep_first_block}
+
+    def prefill(self, q, k, v, attention_mask):
+        """Block-sparse attention of a whole sequence; padded rows run as packed sequences of their real tokens."""
+        batch, seq_len = q.shape[:2]
+        op = triton_block_topk() if use_triton(q) else block_topk_attention
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            mask = attention_mask[:, -seq_len:].bool()
+        if mask is None or bool(mask.all()):
+            return op(q, k, v, scale=self.scaling, **self.options)
+        # [N] flat indices of the real tokens, packed row after row
+        real = mask.flatten().nonzero().squeeze(1)
+        cu_seqlens = F.pad(mask.sum(-1).cumsum(0), (1, 0))
+        packed = [x.flatten(0, 1).index_select(0, real)[None] for x in (q, k, v)]
+        o = op(*packed, scale=self.scaling, cu_seqlens=cu_seqlens, **self.options)
+        return q.new_zeros(batch * seq_len, *q.shape[2:]).index_copy(0, real, o[0]).view(q.shape)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        batch, seq_len = hidden_states.shape[:2]
+        hidden_shape = (batch, seq_len, -1, self.head_dim)
+        # [B, T, H, D]
+        q = self.q_proj(hidden_states).view(hidden_shape)
+        k = self.k_proj(hidden_states).view(hidden_shape)
+        v = self.v_proj(hidden_states).view(hidden_shape)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        if past_key_values is None:
+            return self.o_proj(self.prefill(q, k, v, attention_mask).flatten(2))
+
+        layer = past_key_values.layers[self.layer_idx]
+        state = getattr(layer, STATE, None)
+        # [B, L, Hkv, D]: the cached keys/values followed by the current ones
+        k_all, v_all = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+        k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            mask = attention_mask.bool()
+            # cached steps count blocks from each row's first real token: only left padding keeps that exact
+            if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+                raise ValueError(
+                    f"Layer {self.layer_idx} (block_topk): with a cache, the attention mask may only pad on the left "
+                    "(zeros, then ones per row); pad prompts on the left (tokenizer.padding_side = 'left') or run "
+                    "without a cache."
+                )
+        first_real = first_real_index(attention_mask, batch, q.device)
+        if state is None and k_all.shape[1] > seq_len:
+            raise ValueError(
+                f"Layer {self.layer_idx} (block_topk): the cache holds {k_all.shape[1] - seq_len} tokens but not their "
+                "block means; fill the cache with this model's forward (a cache from another model cannot be reused)."
+            )
+        if k_all.shape[1] == seq_len:
+            # an empty cache: the prefill op, then the block means for the steps that follow
+            o = self.prefill(q, k, v, attention_mask)
+            _, state = block_topk_cached_attention(
+                q, k_all, v_all, None, first_real, scale=self.scaling, attend=False, **self.options
+            )
+        else:
+            o, state = block_topk_cached_attention(
+                q, k_all, v_all, state, first_real, scale=self.scaling, **self.options
+            )
+        follow_batch_ops(layer)
+        setattr(layer, STATE, state)
+        return self.o_proj(o.flatten(2))

@@ -1,0 +1,1 @@
+../kernels/sliding_window.py

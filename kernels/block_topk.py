@@ -1,0 +1,442 @@
+"""Block-sparse top-k attention (MoBA/NSA-style) on Triton kernels, with a backward and packed sequences.
+
+    block_topk_select     which key blocks each query block reads: `[B, NQ, Hkv, top_k]` block indices
+    block_topk_attention  causal softmax over each query block's own block, block 0 and its top-k blocks
+
+Semantics are those of `hf_effattn.ops_reference.block_topk_select` / `block_topk_attention`: blocks of
+`block_size` tokens from each sequence start; query block i scores key blocks j < i by the mean of block i - 1's
+queries (over its tokens and the GQA group's heads) dotted with the mean key of block j, keeps the `top_k` best
+(ties: lower index), always reads its own block (causal) and, with `keep_first_block`, block 0. One selection per kv
+head serves its whole query group, and the selection is not differentiable.
+
+Layout `[B, T, H, D]` for q and `[B, T, Hkv, D]` for k/v; `cu_seqlens` packs sequences along T with B = 1. A batch
+is run as packed sequences, so every kernel sees one token axis.
+"""
+
+import functools
+import itertools
+
+import torch
+
+from .block_topk_kernels import (
+    block_attn_bwd_delta_kernel,
+    block_attn_bwd_dkv_kernel,
+    block_attn_bwd_dq_kernel,
+    block_attn_fwd_kernel,
+    block_pool_kernel,
+    block_select_kernel,
+    triton,
+)
+
+MAX_HEAD_DIM = 256
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+# query blocks per selection program, candidate blocks per scoring step
+SELECT_BQ, SELECT_BN = 16, 64
+# query blocks per dk/dv program: longer lists (block 0 is read by every query block) are split and added atomically
+DKV_QUERY_CHUNK = 32
+# launch choices: rows (group heads x block tokens) and warps per program of the forward, dq and dk/dv kernels.
+# Measured on an H100 (bf16, 32/8 heads, D = 128, block 64, T = 32k): the forward took 1.59 ms with the whole group
+# in one program (256 rows, 16 warps), 1.85 ms with 8 warps and 1.96 ms with 128 rows / 4 warps; forward + backward
+# took 10.3 ms with 64-row dk/dv tiles on 4 warps, 13.3 ms on 8 warps and 11.2 ms with 128 rows.
+TUNING = {
+    "fwd_rows": 256,
+    "fwd_warps": None,  # None: `_warps(rows)`
+    "fwd_stages": 2,
+    "dq_rows": 256,
+    "dq_warps": None,
+    "dkv_rows": 64,
+    "dkv_warps": 4,
+}
+
+
+def _warps(rows: int) -> int:
+    """Warps for a row tile: a 256-row tile (the whole group) runs as four warpgroups of 64 rows."""
+    return 16 if rows >= 256 else 4
+
+
+def _row_tiling(groups: int, block_size: int, max_rows: int) -> tuple[int, int]:
+    """(heads per program GH, rows BM): the largest divisor of the group that fits `max_rows` with the block."""
+    heads = max([d for d in range(1, groups + 1) if groups % d == 0 and d * block_size <= max_rows] or [1])
+    return heads, triton.next_power_of_2(heads * block_size)
+
+
+class _Layout:
+    """Block tables of packed sequences, built on the device: `blocks [NB, 2]` (sequence, block inside it), each
+    sequence's first block, and the selection tiles `[NT, 2]` (sequence, first block) of `SELECT_BQ` blocks."""
+
+    def __init__(self, batch: int, seq_len: int, block_size: int, cu_seqlens: torch.Tensor | None, device):
+        if cu_seqlens is None:
+            self.cu_seqlens = torch.arange(batch + 1, device=device, dtype=torch.int64) * seq_len
+            num_seqs, per_row = batch, triton.cdiv(seq_len, block_size)
+            counts = torch.full((batch,), per_row, dtype=torch.int64, device=device)
+            self.num_blocks = batch * per_row
+            self.num_tiles = batch * triton.cdiv(per_row, SELECT_BQ)
+        else:
+            self.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int64).contiguous()
+            num_seqs = self.cu_seqlens.numel() - 1
+            counts = (self.cu_seqlens.diff() + block_size - 1) // block_size
+            # one synchronisation: the grid sizes
+            sizes = torch.stack([counts.sum(), ((counts + SELECT_BQ - 1) // SELECT_BQ).sum()])
+            self.num_blocks, self.num_tiles = (int(x) for x in sizes.tolist())
+        self.first_blocks = counts.cumsum(0) - counts
+        self.blocks = self._table(counts, 1, num_seqs, self.num_blocks, device)
+        tiles = self._table((counts + SELECT_BQ - 1) // SELECT_BQ, SELECT_BQ, num_seqs, self.num_tiles, device)
+        # the last tiles of a sequence score the most candidates: launch them first so that they do not trail
+        self.tiles = tiles.flip(0).contiguous()
+
+    @staticmethod
+    def _table(counts, step, num_seqs, total, device):
+        """`[total, 2]` int32 rows (sequence n, step * c) for c < counts[n], sequence after sequence."""
+        if total == 0:
+            return torch.zeros(1, 2, dtype=torch.int32, device=device)
+        seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), counts, output_size=total)
+        first = counts.cumsum(0) - counts
+        local = torch.arange(total, device=device) - first[seq]
+        return torch.stack([seq, local * step], dim=1).to(torch.int32).contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_layout(batch: int, seq_len: int, block_size: int, device: torch.device) -> _Layout:
+    return _Layout(batch, seq_len, block_size, None, device)
+
+
+def _layout(batch, seq_len, block_size, cu_seqlens, device) -> _Layout:
+    if cu_seqlens is None:
+        return _dense_layout(batch, seq_len, block_size, device)
+    return _Layout(batch, seq_len, block_size, cu_seqlens, device)
+
+
+def _shape(q, k, block_size):
+    _, total, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    return total, num_heads, num_kv_heads, num_heads // num_kv_heads, head_dim, triton.next_power_of_2(head_dim)
+
+
+def _pool(q, k, layout, block_size):
+    """(qbar, kbar) `[NB, Hkv, D]` fp32 block means of packed q `[1, T, H, D]`, k `[1, T, Hkv, D]`."""
+    _, num_heads, num_kv_heads, groups, head_dim, bd = _shape(q, k, block_size)
+    qbar = q.new_empty(max(layout.num_blocks, 1), num_kv_heads, head_dim, dtype=torch.float32)
+    kbar = torch.empty_like(qbar)
+    if layout.num_blocks == 0:
+        return qbar, kbar
+    block_pool_kernel[(layout.num_blocks, num_kv_heads)](
+        q,
+        k,
+        qbar,
+        kbar,
+        layout.blocks,
+        layout.cu_seqlens,
+        H=num_heads,
+        HKV=num_kv_heads,
+        G=groups,
+        GP=triton.next_power_of_2(groups),
+        D=head_dim,
+        BD=bd,
+        BS=block_size,
+        # about 8k elements per load
+        BR=max(1, min(block_size, 8192 // (triton.next_power_of_2(groups) * bd))),
+        num_warps=4,
+    )
+    return qbar, kbar
+
+
+def _top_k(qbar, kbar, layout, block_size, top_k, keep_first_block):
+    """`[NB, Hkv, top_k]` int32 selection from the block means."""
+    num_kv_heads, head_dim = kbar.shape[1], kbar.shape[2]
+    block_indices = torch.full((layout.num_blocks, num_kv_heads, top_k), -1, dtype=torch.int32, device=kbar.device)
+    if layout.num_blocks == 0:
+        return block_indices
+    block_select_kernel[(layout.num_tiles, num_kv_heads)](
+        qbar,
+        kbar,
+        block_indices,
+        layout.tiles,
+        layout.first_blocks,
+        layout.cu_seqlens,
+        HKV=num_kv_heads,
+        D=head_dim,
+        BD=triton.next_power_of_2(head_dim),
+        BS=block_size,
+        BQ=SELECT_BQ,
+        BN=SELECT_BN,
+        TOPK=top_k,
+        KP=max(2, triton.next_power_of_2(top_k)),
+        KEEP_FIRST=keep_first_block,
+        num_warps=4,
+    )
+    return block_indices
+
+
+def _select(q, k, layout, block_size, top_k, keep_first_block):
+    """`[NB, Hkv, top_k]` int32 selection of packed q `[1, T, H, D]`, k `[1, T, Hkv, D]`."""
+    qbar, kbar = _pool(q, k, layout, block_size)
+    return _top_k(qbar, kbar, layout, block_size, top_k, keep_first_block)
+
+
+def _attention_fwd(q, k, v, block_indices, layout, block_size, keep_first_block, scale):
+    total, num_heads, num_kv_heads, groups, head_dim, bd = _shape(q, k, block_size)
+    top_k = block_indices.shape[-1]
+    heads, rows = _row_tiling(groups, block_size, TUNING["fwd_rows"])
+    o = torch.empty_like(q)
+    lse = q.new_empty(total, num_heads, dtype=torch.float32)
+    if layout.num_blocks:
+        block_attn_fwd_kernel[(layout.num_blocks, num_kv_heads * (groups // heads))](
+            q,
+            k,
+            v,
+            o,
+            lse,
+            block_indices,
+            layout.blocks,
+            layout.cu_seqlens,
+            scale,
+            H=num_heads,
+            HKV=num_kv_heads,
+            G=groups,
+            GH=heads,
+            D=head_dim,
+            BD=bd,
+            BS=block_size,
+            BM=rows,
+            TOPK=top_k,
+            KP=max(2, triton.next_power_of_2(top_k)),
+            KEEP_FIRST=keep_first_block,
+            num_warps=TUNING["fwd_warps"] or _warps(rows),
+            num_stages=TUNING["fwd_stages"],
+        )
+    return o, lse
+
+
+def _dkv_work(block_indices, layout, keep_first_block):
+    """The transposed selection: `query_lists` holds, per (kv head, key block), the query blocks that read it
+    (ascending); `items [W, 3]` = (kv head * NB + key block, first entry, count <= DKV_QUERY_CHUNK)."""
+    num_blocks, num_kv_heads, _ = block_indices.shape
+    device = block_indices.device
+    query = torch.arange(num_blocks, device=device)
+    base = query - layout.blocks[:, 1].long()
+    selected = block_indices.long()
+    selected = torch.where(selected >= 0, base[:, None, None] + selected, -1)
+    first = torch.where((query > base) & keep_first_block, base, -1)[:, None, None].expand(-1, num_kv_heads, 1)
+    own = query[:, None, None].expand(-1, num_kv_heads, 1)
+    # [NB, Hkv, top_k + 2] global key blocks read by each query block
+    key_blocks = torch.cat([first, selected, own], dim=-1)
+    heads = torch.arange(num_kv_heads, device=device)[None, :, None].expand_as(key_blocks)
+    valid = key_blocks >= 0
+    keys = (heads * num_blocks + key_blocks)[valid]
+    queries = query[:, None, None].expand_as(key_blocks)[valid]
+    order = torch.sort(keys, stable=True).indices
+    keys, query_lists = keys[order], queries[order].to(torch.int32)
+    counts = torch.bincount(keys, minlength=num_kv_heads * num_blocks)
+    starts = counts.cumsum(0) - counts
+    pieces = (counts + DKV_QUERY_CHUNK - 1) // DKV_QUERY_CHUNK
+    item_key = torch.repeat_interleave(torch.arange(counts.numel(), device=device), pieces)
+    item_rank = torch.arange(item_key.numel(), device=device) - torch.repeat_interleave(
+        pieces.cumsum(0) - pieces, pieces
+    )
+    item_start = starts[item_key] + item_rank * DKV_QUERY_CHUNK
+    item_count = torch.clamp(counts[item_key] - item_rank * DKV_QUERY_CHUNK, max=DKV_QUERY_CHUNK)
+    items = torch.stack([item_key, item_start, item_count], dim=1).to(torch.int32).contiguous()
+    return items, query_lists.contiguous()
+
+
+def _attention_bwd(q, k, v, o, lse, do, block_indices, layout, block_size, keep_first_block, scale):
+    total, num_heads, num_kv_heads, groups, head_dim, bd = _shape(q, k, block_size)
+    top_k = block_indices.shape[-1]
+    delta = q.new_empty(total, num_heads, dtype=torch.float32)
+    rows_per_program = 32
+    block_attn_bwd_delta_kernel[(triton.cdiv(total * num_heads, rows_per_program),)](
+        o, do, delta, total * num_heads, D=head_dim, BD=bd, BN=rows_per_program, num_warps=4
+    )
+    dq = torch.empty_like(q)
+    dk = torch.zeros_like(k, dtype=torch.float32)
+    dv = torch.zeros_like(v, dtype=torch.float32)
+    if layout.num_blocks == 0:
+        return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
+    heads, rows = _row_tiling(groups, block_size, TUNING["dq_rows"])
+    block_attn_bwd_dq_kernel[(layout.num_blocks, num_kv_heads * (groups // heads))](
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        block_indices,
+        layout.blocks,
+        layout.cu_seqlens,
+        scale,
+        H=num_heads,
+        HKV=num_kv_heads,
+        G=groups,
+        GH=heads,
+        D=head_dim,
+        BD=bd,
+        BS=block_size,
+        BM=rows,
+        TOPK=top_k,
+        KP=max(2, triton.next_power_of_2(top_k)),
+        KEEP_FIRST=keep_first_block,
+        num_warps=TUNING["dq_warps"] or _warps(rows),
+        num_stages=2,
+    )
+    items, query_lists = _dkv_work(block_indices, layout, keep_first_block)
+    heads, rows = _row_tiling(groups, block_size, TUNING["dkv_rows"])
+    block_attn_bwd_dkv_kernel[(items.shape[0],)](
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        items,
+        query_lists,
+        layout.blocks,
+        layout.cu_seqlens,
+        scale,
+        layout.num_blocks,
+        items.shape[0],
+        H=num_heads,
+        HKV=num_kv_heads,
+        G=groups,
+        GH=heads,
+        D=head_dim,
+        BD=bd,
+        BS=block_size,
+        BM=rows,
+        num_warps=TUNING["dkv_warps"] if rows >= 64 else 4,
+        num_stages=2,
+    )
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class BlockTopkAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_indices, layout, block_size, keep_first_block, scale):
+        o, lse = _attention_fwd(q, k, v, block_indices, layout, block_size, keep_first_block, scale)
+        ctx.save_for_backward(q, k, v, o, lse, block_indices)
+        ctx.layout, ctx.block_size, ctx.keep_first_block, ctx.scale = layout, block_size, keep_first_block, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, block_indices = ctx.saved_tensors
+        dq, dk, dv = _attention_bwd(
+            q,
+            k,
+            v,
+            o,
+            lse,
+            do.contiguous(),
+            block_indices,
+            ctx.layout,
+            ctx.block_size,
+            ctx.keep_first_block,
+            ctx.scale,
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _check_inputs(q, k, v, block_size, top_k, cu_seqlens):
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(
+            f"expected q [B, T, H, D] and k, v [B, T, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"the {q.shape[2]} query heads must be a multiple of the {k.shape[2]} key/value heads")
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got {q.shape[3]}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES} (a power of two the kernels tile), got {block_size}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must be float16, bfloat16 or float32, got {q.dtype}")
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(
+            f"The batch size is expected to be 1 rather than {q.shape[0]} when using `cu_seqlens`. "
+            "Please flatten variable-length inputs before processing."
+        )
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        if (
+            not bounds
+            or bounds[0] != 0
+            or bounds[-1] != q.shape[1]
+            or any(b < a for a, b in itertools.pairwise(bounds))
+        ):
+            raise ValueError(f"cu_seqlens {bounds} must rise from 0 to the {q.shape[1]} packed tokens")
+
+
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """`[B, T, ...]` -> contiguous `[1, B * T, ...]`."""
+    return x.reshape(1, -1, *x.shape[2:]).contiguous()
+
+
+@torch.compiler.disable
+def block_topk_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int = 64,
+    top_k: int = 16,
+    keep_first_block: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Block selection: `[B, NQ, Hkv, top_k]` int32 key-block indices relative to each sequence start, ascending,
+    -1 for empty slots (NQ = ceil(T / block_size), or the total over packed sequences). The own block and block 0
+    are implicit. Args as `block_topk_attention`."""
+    _check_inputs(q, k, k, block_size, top_k, cu_seqlens)
+    batch, seq_len = q.shape[:2]
+    layout = _layout(batch, seq_len, block_size, cu_seqlens, q.device)
+    with torch.no_grad():
+        selected = _select(_packed(q), _packed(k.to(q.dtype)), layout, block_size, top_k, keep_first_block)
+    return selected.view(batch, -1, *selected.shape[1:]) if cu_seqlens is None else selected[None]
+
+
+@torch.compiler.disable
+def block_topk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: int = 64,
+    top_k: int = 16,
+    keep_first_block: bool = True,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    block_indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal block-sparse attention: each query block reads its own block, block 0 (`keep_first_block`) and its
+    `top_k` selected earlier blocks, with exact softmax over their union.
+
+    Args:
+        q: `[B, T, H, D]`; k, v: `[B, T, Hkv, D]`, H a multiple of Hkv; D <= 256.
+        block_size: one of 16, 32, 64, 128, 256.
+        scale: softmax scale, default D ** -0.5.
+        cu_seqlens: `[N + 1]` cumulative lengths of sequences packed along T (then B must be 1).
+        block_indices: a selection in `block_topk_select`'s layout (valid entries first, each < its query block and
+            not block 0 when `keep_first_block`); computed when None.
+    Returns:
+        `[B, T, H, D]` in q's dtype; gradients for q, k and v.
+
+    Examples::
+        >>> o = block_topk_attention(q, k, v, block_size=64, top_k=16)
+    """
+    _check_inputs(q, k, v, block_size, top_k, cu_seqlens)
+    batch, seq_len = q.shape[:2]
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    layout = _layout(batch, seq_len, block_size, cu_seqlens, q.device)
+    qp, kp, vp = _packed(q), _packed(k.to(q.dtype)), _packed(v.to(q.dtype))
+    if block_indices is None:
+        with torch.no_grad():
+            block_indices = _select(qp.detach(), kp.detach(), layout, block_size, top_k, keep_first_block)
+    else:
+        expected = (layout.num_blocks, k.shape[2])
+        block_indices = block_indices.to(device=q.device, dtype=torch.int32).reshape(-1, *block_indices.shape[-2:])
+        if tuple(block_indices.shape[:2]) != expected:
+            raise ValueError(
+                f"block_indices must hold {expected} (query blocks, kv heads) rows, got {tuple(block_indices.shape)}"
+            )
+        block_indices = block_indices.contiguous()
+    o = BlockTopkAttentionFunction.apply(qp, kp, vp, block_indices, layout, block_size, keep_first_block, scale)
+    return o.view(q.shape)

@@ -1,0 +1,452 @@
+"""Triton kernels of block-sparse top-k attention (host side: `block_topk.py`).
+
+Sequences are packed along T (a batch is one packed row) and cut into blocks of BS tokens from each sequence start.
+Query block i reads its own block (causal), block 0 (KEEP_FIRST, i > 0) and up to TOPK earlier blocks listed in
+`block_indices[i, h, :]` (ascending, -1 = empty, empty slots last). One kv head's selection serves its GQA group.
+
+  block_pool_kernel        means of every complete block: keys, and queries over the group's heads (fp32);
+  block_select_kernel      scores qbar[i - 1] . kbar[j] for j < i and a running top-TOPK per query block and kv head;
+  block_attn_fwd_kernel    one program per (query block, kv head, row tile): flash-style online softmax over the
+                           selected blocks; each block's keys/values are loaded once for the tile's BM query rows;
+  block_attn_bwd_dq_kernel the same loop for dq;
+  block_attn_bwd_dkv_kernel one program per (kv block, kv head, list chunk): the query blocks that read the block
+                           (transposed selection, built on the host side), dk/dv added atomically in fp32.
+
+A row tile holds GH heads of the group times the BS tokens of the block (BM = next power of two of GH * BS); row r
+is head r // BS, token r % BS. Log-sum-exps are stored in base 2.
+
+Layouts: q, o, do `[T, H, D]`; k, v `[T, HKV, D]`; lse, delta `[T, H]`; pooled `[NB, HKV, D]`; block tables
+`blocks [NB, 2]` (sequence, block within it) and `cu_seqlens [N + 1]`.
+"""
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:  # the importer falls back to the torch reference
+    raise ImportError("the block top-k kernels need triton (`pip install triton`)") from error
+
+
+@triton.jit
+def _locate_block(i_b, blocks, cu_seqlens):
+    """(first token of the sequence, its length, block index inside it) of global block `i_b`."""
+    i_n = tl.load(blocks + i_b * 2).to(tl.int64)
+    i_c = tl.load(blocks + i_b * 2 + 1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    return bos, seq_len, i_c
+
+
+@triton.jit
+def block_pool_kernel(
+    q,
+    k,
+    qbar,
+    kbar,
+    blocks,
+    cu_seqlens,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    BR: tl.constexpr,
+):
+    """qbar[b, h] = mean of block b's queries over its tokens and the group's heads; kbar[b, h] = mean key."""
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
+    bos, seq_len, i_c = _locate_block(i_b, blocks, cu_seqlens)
+    if (i_c + 1) * BS <= seq_len:
+        o_r = tl.arange(0, BR).to(tl.int64)
+        o_g = tl.arange(0, GP)
+        o_d = tl.arange(0, BD)
+        m_d = o_d < D
+        # [GP, BD]: the group's heads of one token are contiguous, so each token's rows load as one segment
+        m_gd = (o_g < G)[:, None] & m_d[None, :]
+        o_gd = o_g[:, None] * D + o_d[None, :]
+        # elementwise sums in the loop, one reduction at the end (no cross-warp reduction per step)
+        b_qs = tl.zeros([BR, GP, BD], dtype=tl.float32)
+        b_ks = tl.zeros([BR, BD], dtype=tl.float32)
+        for r0 in range(0, BS, BR):
+            o_t = bos + i_c * BS + r0 + o_r
+            # [BR, GP, BD]
+            b_q = tl.load(q + (o_t * H + i_h * G)[:, None, None] * D + o_gd[None, :, :], mask=m_gd[None], other=0.0)
+            b_qs += b_q.to(tl.float32)
+            b_k = tl.load(k + (o_t * HKV + i_h)[:, None] * D + o_d[None, :], mask=m_d[None, :], other=0.0)
+            b_ks += b_k.to(tl.float32)
+        o_out = (i_b.to(tl.int64) * HKV + i_h) * D + o_d
+        tl.store(qbar + o_out, tl.sum(tl.sum(b_qs, 0), 0) / (BS * G), mask=m_d)
+        tl.store(kbar + o_out, tl.sum(b_ks, 0) / BS, mask=m_d)
+
+
+@triton.jit
+def _insert(b_val, b_idx, b_top, j_top):
+    """Puts (b_top, j_top) `[BQ]` into the running top-k (b_val, b_idx) `[BQ, KP]` where it beats the minimum:
+    the evicted entry is the lowest value, among equal values the highest index (lower indices win ties)."""
+    b_min = tl.min(b_val, 1)
+    evict = tl.max(tl.where(b_val == b_min[:, None], b_idx, -2147483647), 1)
+    take = (b_idx == evict[:, None]) & (b_val == b_min[:, None]) & (b_top > b_min)[:, None]
+    return tl.where(take, b_top[:, None], b_val), tl.where(take, j_top[:, None], b_idx)
+
+
+@triton.jit
+def _store_selection(
+    block_indices, b_val, b_idx, first, o_i, m_i, i_h, HKV: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr
+):
+    """Stores the running top-k sorted by block index, -1 for empty slots."""
+    o_k = tl.arange(0, KP)
+    big = 2147483647
+    b_key = tl.where((b_val > float("-inf")) & (b_val < float("inf")), b_idx, big)
+    b_key = tl.sort(b_key, 1)
+    b_key = tl.where(b_key == big, -1, b_key)
+    p_o = block_indices + ((first + o_i) * HKV + i_h)[:, None] * TOPK + o_k[None, :]
+    tl.store(p_o, b_key, mask=m_i[:, None] & (o_k < TOPK)[None, :])
+
+
+@triton.jit
+def _select_tile(tiles, first_blocks, cu_seqlens, i_t, BS: tl.constexpr, BQ: tl.constexpr):
+    """(first global block of the sequence, its block count, first query block of tile i_t, the tile's query blocks
+    o_i [BQ], their validity)."""
+    i_n = tl.load(tiles + i_t * 2).to(tl.int64)
+    i_c0 = tl.load(tiles + i_t * 2 + 1).to(tl.int64)
+    first = tl.load(first_blocks + i_n).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - tl.load(cu_seqlens + i_n).to(tl.int64)
+    num_blocks = tl.cdiv(seq_len, BS)
+    o_i = i_c0 + tl.arange(0, BQ)
+    return first, num_blocks, i_c0, o_i, o_i < num_blocks
+
+
+@triton.jit
+def block_select_kernel(
+    qbar,
+    kbar,
+    block_indices,
+    tiles,
+    first_blocks,
+    cu_seqlens,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    BQ: tl.constexpr,
+    BN: tl.constexpr,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    KEEP_FIRST: tl.constexpr,
+):
+    """Top-TOPK key blocks j < i (j >= 1 with KEEP_FIRST) by qbar[i - 1] . kbar[j], for BQ query blocks of one
+    sequence and one kv head. Ties go to the lower index; the result is sorted ascending, -1 padded."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    first, num_blocks, i_c0, o_i, m_i = _select_tile(tiles, first_blocks, cu_seqlens, i_t, BS, BQ)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    # [BQ, BD] the query mean that selects for each block: its predecessor's
+    p_q = qbar + ((first + o_i - 1) * HKV + i_h)[:, None] * D + o_d[None, :]
+    b_q = tl.load(p_q, mask=(m_i & (o_i >= 1))[:, None] & m_d[None, :], other=0.0)
+
+    o_k = tl.arange(0, KP)
+    # running top-k: values and block indices; slots past TOPK hold +inf so that they are never evicted
+    b_val = tl.where(o_k < TOPK, float("-inf"), float("inf")).to(tl.float32)[None, :] + tl.zeros([BQ, KP], tl.float32)
+    b_idx = (-1 - o_k)[None, :] + tl.zeros([BQ, KP], tl.int32)
+    j_lo = 1 if KEEP_FIRST else 0
+    # candidates j < i for the last valid query block of the tile
+    j_hi = tl.minimum(i_c0 + BQ, num_blocks) - 1
+    o_n = tl.arange(0, BN)
+    for j0 in range(j_lo, j_hi, BN):
+        o_j = j0 + o_n
+        p_k = kbar + ((first + o_j) * HKV + i_h)[:, None] * D + o_d[None, :]
+        b_k = tl.load(p_k, mask=(o_j < j_hi)[:, None] & m_d[None, :], other=0.0)
+        # [BQ, BN] fp32-accurate scores (3xTF32; plain tf32 would differ from decode's fp32 scores at 1e-3)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="tf32x3")
+        b_s = tl.where((o_j[None, :] < o_i[:, None]) & (o_j < j_hi)[None, :] & m_i[:, None], b_s, float("-inf"))
+        # candidates that beat their row's current minimum bound the rounds needed (the minimum only grows)
+        better = tl.sum((b_s > tl.min(b_val, 1)[:, None]).to(tl.int32), 1)
+        for _round in range(tl.minimum(tl.max(better, 0), TOPK)):
+            # ties within the chunk: the lowest position, i.e. the lowest block index
+            b_top, a_top = tl.max(b_s, 1, return_indices=True, return_indices_tie_break_left=True)
+            b_val, b_idx = _insert(b_val, b_idx, b_top, (j0 + a_top).to(tl.int32))
+            b_s = tl.where(o_n[None, :] == a_top[:, None], float("-inf"), b_s)
+    _store_selection(block_indices, b_val, b_idx, first, o_i, m_i, i_h, HKV, TOPK, KP)
+
+
+@triton.jit
+def _row_tile(i_c, i_h, i_r, seq_len, BS: tl.constexpr, BM: tl.constexpr, G: tl.constexpr, GH: tl.constexpr):
+    """(token inside the sequence, head, validity) of the BM rows of row tile i_r of kv head i_h, query block i_c."""
+    o_r = tl.arange(0, BM)
+    tok = i_c * BS + (o_r % BS)
+    head = i_h * G + i_r * GH + o_r // BS
+    return tok, head, (o_r // BS < GH) & (tok < seq_len)
+
+
+@triton.jit
+def _load_kv(k, v, bos, seq_len, i_j, i_h, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr):
+    """[BS, BD] keys and values of block i_j (past the sequence end: zeros), and the key positions."""
+    key = i_j * BS + tl.arange(0, BS)
+    o_d = tl.arange(0, BD)
+    m = (key < seq_len)[:, None] & (o_d < D)[None, :]
+    o_kv = ((bos + key) * HKV + i_h)[:, None] * D + o_d[None, :]
+    return tl.load(k + o_kv, mask=m, other=0.0), tl.load(v + o_kv, mask=m, other=0.0), key
+
+
+@triton.jit
+def _attend_block(
+    b_q,
+    b_acc,
+    b_m,
+    b_l,
+    k,
+    v,
+    bos,
+    seq_len,
+    i_j,
+    i_h,
+    tok,
+    qk_scale,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    """One online-softmax step of the BM query rows over key block i_j."""
+    b_k, b_v, key = _load_kv(k, v, bos, seq_len, i_j, i_h, HKV, D, BD, BS)
+    # [BM, BS] in base-2 units
+    b_s = tl.dot(b_q, tl.trans(b_k)) * qk_scale
+    if CAUSAL:
+        b_s = tl.where((key[None, :] <= tok[:, None]) & (key < seq_len)[None, :], b_s, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    b_p = tl.exp2(b_s - b_mn[:, None])
+    b_alpha = tl.exp2(b_m - b_mn)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    return b_acc, b_mn, b_l
+
+
+@triton.jit
+def _num_selected(block_indices, i_q, i_h, HKV: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr):
+    o_k = tl.arange(0, KP)
+    b_sel = tl.load(block_indices + (i_q.to(tl.int64) * HKV + i_h) * TOPK + o_k, mask=o_k < TOPK, other=-1)
+    return tl.sum((b_sel >= 0).to(tl.int32), 0)
+
+
+@triton.jit
+def block_attn_fwd_kernel(
+    q,
+    k,
+    v,
+    o,
+    lse,
+    block_indices,
+    blocks,
+    cu_seqlens,
+    scale,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GH: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    BM: tl.constexpr,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    KEEP_FIRST: tl.constexpr,
+):
+    i_q, i_hr = tl.program_id(0), tl.program_id(1)
+    i_h, i_r = i_hr // (G // GH), i_hr % (G // GH)
+    bos, seq_len, i_c = _locate_block(i_q, blocks, cu_seqlens)
+    tok, head, m_r = _row_tile(i_c, i_h, i_r, seq_len, BS, BM, G, GH)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_q = ((bos + tok) * H + head)[:, None] * D + o_d[None, :]
+    b_q = tl.load(q + o_q, mask=m_r[:, None] & m_d[None, :], other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+    if (i_c > 0) & KEEP_FIRST:
+        b_acc, b_m, b_l = _attend_block(
+            b_q, b_acc, b_m, b_l, k, v, bos, seq_len, 0, i_h, tok, qk_scale, HKV, D, BD, BS, False
+        )
+    num_selected = _num_selected(block_indices, i_q, i_h, HKV, TOPK, KP)
+    for i_s in range(num_selected):
+        i_j = tl.load(block_indices + (i_q.to(tl.int64) * HKV + i_h) * TOPK + i_s).to(tl.int64)
+        b_acc, b_m, b_l = _attend_block(
+            b_q, b_acc, b_m, b_l, k, v, bos, seq_len, i_j, i_h, tok, qk_scale, HKV, D, BD, BS, False
+        )
+    b_acc, b_m, b_l = _attend_block(
+        b_q, b_acc, b_m, b_l, k, v, bos, seq_len, i_c, i_h, tok, qk_scale, HKV, D, BD, BS, True
+    )
+    b_o = b_acc / b_l[:, None]
+    tl.store(o + o_q, b_o.to(o.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
+    tl.store(lse + (bos + tok) * H + head, b_m + tl.log2(b_l), mask=m_r)
+
+
+@triton.jit
+def _dq_block(
+    b_q,
+    b_do,
+    b_lse,
+    b_delta,
+    b_dq,
+    k,
+    v,
+    bos,
+    seq_len,
+    i_j,
+    i_h,
+    tok,
+    qk_scale,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    b_k, b_v, key = _load_kv(k, v, bos, seq_len, i_j, i_h, HKV, D, BD, BS)
+    b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k)) * qk_scale - b_lse[:, None])
+    if CAUSAL:
+        b_p = tl.where((key[None, :] <= tok[:, None]) & (key < seq_len)[None, :], b_p, 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v))
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k)
+
+
+@triton.jit
+def block_attn_bwd_dq_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dq,
+    block_indices,
+    blocks,
+    cu_seqlens,
+    scale,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GH: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    BM: tl.constexpr,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    KEEP_FIRST: tl.constexpr,
+):
+    i_q, i_hr = tl.program_id(0), tl.program_id(1)
+    i_h, i_r = i_hr // (G // GH), i_hr % (G // GH)
+    bos, seq_len, i_c = _locate_block(i_q, blocks, cu_seqlens)
+    tok, head, m_r = _row_tile(i_c, i_h, i_r, seq_len, BS, BM, G, GH)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_q = ((bos + tok) * H + head)[:, None] * D + o_d[None, :]
+    m_q = m_r[:, None] & m_d[None, :]
+    b_q = tl.load(q + o_q, mask=m_q, other=0.0)
+    b_do = tl.load(do + o_q, mask=m_q, other=0.0)
+    b_lse = tl.load(lse + (bos + tok) * H + head, mask=m_r, other=0.0)
+    b_delta = tl.load(delta + (bos + tok) * H + head, mask=m_r, other=0.0)
+    qk_scale = scale * 1.4426950408889634
+    b_dq = tl.zeros([BM, BD], dtype=tl.float32)
+    if (i_c > 0) & KEEP_FIRST:
+        b_dq = _dq_block(
+            b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, seq_len, 0, i_h, tok, qk_scale, HKV, D, BD, BS, False
+        )
+    num_selected = _num_selected(block_indices, i_q, i_h, HKV, TOPK, KP)
+    for i_s in range(num_selected):
+        i_j = tl.load(block_indices + (i_q.to(tl.int64) * HKV + i_h) * TOPK + i_s).to(tl.int64)
+        b_dq = _dq_block(
+            b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, seq_len, i_j, i_h, tok, qk_scale, HKV, D, BD, BS, False
+        )
+    b_dq = _dq_block(b_q, b_do, b_lse, b_delta, b_dq, k, v, bos, seq_len, i_c, i_h, tok, qk_scale, HKV, D, BD, BS, True)
+    tl.store(dq + o_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_q)
+
+
+@triton.jit
+def block_attn_bwd_dkv_kernel(
+    q,
+    k,
+    v,
+    do,
+    lse,
+    delta,
+    dk,
+    dv,
+    items,
+    query_lists,
+    blocks,
+    cu_seqlens,
+    scale,
+    NB,
+    NW,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GH: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    BM: tl.constexpr,
+):
+    """dk, dv of one key block and kv head from a chunk of the query blocks that read it: items[w] = (kv head *
+    NB + key block, first entry in query_lists, entry count). A key block with one item stores its fp32 dk/dv; one
+    split over several items (long lists) adds them atomically."""
+    i_w = tl.program_id(0)
+    i_key = tl.load(items + i_w * 3).to(tl.int64)
+    i_start = tl.load(items + i_w * 3 + 1).to(tl.int64)
+    count = tl.load(items + i_w * 3 + 2)
+    i_h, i_j = i_key // NB, i_key % NB
+    bos, seq_len, i_cj = _locate_block(i_j, blocks, cu_seqlens)
+    b_k, b_v, key = _load_kv(k, v, bos, seq_len, i_cj, i_h, HKV, D, BD, BS)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    qk_scale = scale * 1.4426950408889634
+    b_dk = tl.zeros([BS, BD], dtype=tl.float32)
+    b_dv = tl.zeros([BS, BD], dtype=tl.float32)
+    for i_e in range(count):
+        i_q = tl.load(query_lists + i_start + i_e).to(tl.int64)
+        i_cq = tl.load(blocks + i_q * 2 + 1).to(tl.int64)
+        for i_r in range(G // GH):
+            tok, head, m_r = _row_tile(i_cq, i_h, i_r, seq_len, BS, BM, G, GH)
+            o_q = ((bos + tok) * H + head)[:, None] * D + o_d[None, :]
+            m_q = m_r[:, None] & m_d[None, :]
+            b_q = tl.load(q + o_q, mask=m_q, other=0.0)
+            b_do = tl.load(do + o_q, mask=m_q, other=0.0)
+            b_lse = tl.load(lse + (bos + tok) * H + head, mask=m_r, other=float("inf"))
+            b_delta = tl.load(delta + (bos + tok) * H + head, mask=m_r, other=0.0)
+            # [BM, BS]; the own block is causal, every other block complete and fully visible
+            b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k)) * qk_scale - b_lse[:, None])
+            visible = m_r[:, None] & ((key[None, :] <= tok[:, None]) | (i_q != i_j))
+            b_p = tl.where(visible, b_p, 0.0)
+            b_dv += tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
+            b_ds = b_p * (tl.dot(b_do, tl.trans(b_v)) - b_delta[:, None])
+            b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
+    o_kv = ((bos + key) * HKV + i_h)[:, None] * D + o_d[None, :]
+    m_kv = (key < seq_len)[:, None] & m_d[None, :]
+    # the neighbouring items hold the same key block when its list was split
+    alone = i_w >= 0
+    if i_w > 0:
+        alone = tl.load(items + (i_w - 1) * 3) != i_key
+    if i_w < NW - 1:
+        alone = alone & (tl.load(items + (i_w + 1) * 3) != i_key)
+    if alone:
+        tl.store(dk + o_kv, b_dk * scale, mask=m_kv)
+        tl.store(dv + o_kv, b_dv, mask=m_kv)
+    else:
+        tl.atomic_add(dk + o_kv, b_dk * scale, mask=m_kv)
+        tl.atomic_add(dv + o_kv, b_dv, mask=m_kv)
+
+
+@triton.jit
+def block_attn_bwd_delta_kernel(o, do, delta, N, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """delta[n] = sum_d o[n, d] * do[n, d] in fp32 over the N = T * H rows."""
+    o_n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    m = (o_n < N)[:, None] & (o_d < D)[None, :]
+    o_nd = o_n[:, None] * D + o_d[None, :]
+    b_o = tl.load(o + o_nd, mask=m, other=0.0).to(tl.float32)
+    b_do = tl.load(do + o_nd, mask=m, other=0.0).to(tl.float32)
+    tl.store(delta + o_n, tl.sum(b_o * b_do, 1), mask=o_n < N)

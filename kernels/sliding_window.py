@@ -1,0 +1,486 @@
+"""Triton causal sliding-window softmax attention with sink tokens (StreamingLLM) and sink logits (gpt-oss).
+
+    sliding_window_attention   prefill and training: forward and backward (dq, dk, dv, d sink_logits), packed
+                               sequences through `cu_seqlens`, padding through per-row key bounds
+    sliding_window_decode      a few queries against a bounded cache (window + sinks), forward only; its cost does
+                               not depend on how long the context is
+
+Both follow `hf_effattn.ops_reference.sliding_window_attention`: query t sees key s when 0 <= t - s < window; the
+sink tokens join once they have left the window; the sink logits join every softmax denominator with no value.
+Layout `[B, T, H, D]` for q and `[B, T, HKV, D]` for k, v (GQA: H % HKV == 0); the output has q's dtype.
+"""
+
+import functools
+import itertools
+import math
+
+import torch
+
+from .sliding_window_kernels import (
+    sliding_bwd_dkdv_kernel,
+    sliding_bwd_dq_kernel,
+    sliding_bwd_preprocess_kernel,
+    sliding_decode_combine_kernel,
+    sliding_decode_kernel,
+    sliding_fwd_kernel,
+    triton,
+)
+
+MAX_HEAD_DIM = 256
+# tiles (rows BM x keys BN) and launch options per kernel and head-dim bound, for 16-bit inputs on a GPU; fp32 tiles
+# are twice as large, so they run halved; the interpreter (CPU) runs small tiles. D = 128 by sweep on an H100 (bf16,
+# T = 32k, window 4096; `scripts/sliding_window_gpu.py --sweep`): fwd 4.62 ms against 4.69-6.68 for the other six;
+# backward 15.9 ms with dq (128, 128, 8, 2) against 16.7-24.0, and 16.4 ms with dk/dv (32, 64, 4, 4) against 16.8-48.8
+GPU_TILES = {
+    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
+    "dq": {64: (128, 128, 4, 2), 128: (128, 128, 8, 2), 256: (64, 64, 8, 2)},
+    "dkdv": {64: (32, 64, 4, 4), 128: (32, 64, 4, 4), 256: (32, 64, 8, 2)},
+}
+CPU_TILES = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
+# decode: key tile, and programs per SM to aim for when splitting the cache
+DECODE_BLOCK_N = 64
+DECODE_PROGRAMS_PER_SM = 2
+DECODE_OPTIONS = {"num_warps": 4, "num_stages": 2}
+
+
+def _block(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+@functools.cache
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tiles(kind: str, head_dim: int, dtype: torch.dtype, device) -> dict:
+    """{"BM", "BN", "num_warps", "num_stages"} of kernel `kind` ("fwd", "dq", "dkdv")."""
+    if device.type != "cuda":
+        bm, bn, warps, stages = CPU_TILES[kind]
+    else:
+        bound = min(bound for bound in GPU_TILES[kind] if bound >= head_dim)
+        bm, bn, warps, stages = GPU_TILES[kind][bound]
+        if dtype == torch.float32:
+            bm, bn, stages = max(16, bm // 2), max(16, bn // 2), min(stages, 2)
+    return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
+
+
+def _launch_options(tiles: dict) -> dict:
+    return {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
+
+
+class _Blocks:
+    """Grid of one block size: per-row block count, or for packed sequences the (sequence, block) list."""
+
+    def __init__(self, seq_len: int, seq_lens: list[int] | None, block: int, device):
+        if seq_lens is None:
+            self.count, self.index, self.seq_ids = triton.cdiv(seq_len, block), None, None
+            return
+        pairs = [(n, c) for n, length in enumerate(seq_lens) for c in range(triton.cdiv(length, block))]
+        self.count = len(pairs)
+        self.index = torch.tensor(pairs or [(0, 0)], dtype=torch.int32, device=device)
+        self.seq_ids = self.index[: self.count, 0].long()
+
+
+def _forward(q, k, v, sink_logits, window, num_sinks, scale, cu_seqlens, seq_lens, key_bounds):
+    batch, seq_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    tokens = batch * seq_len
+    tiles = _tiles("fwd", head_dim, q.dtype, q.device)
+    blocks = _Blocks(seq_len, seq_lens, tiles["BM"], q.device)
+    o = torch.empty_like(q)
+    lse = torch.empty(num_heads, tokens, dtype=torch.float32, device=q.device)
+    sliding_fwd_kernel[(blocks.count, (1 if seq_lens else batch) * num_heads)](
+        q,
+        k,
+        v,
+        o,
+        lse,
+        sink_logits,
+        cu_seqlens,
+        blocks.index,
+        key_bounds,
+        scale,
+        window,
+        seq_len,
+        tokens,
+        H=num_heads,
+        HKV=num_kv_heads,
+        D=head_dim,
+        S=num_sinks,
+        BM=tiles["BM"],
+        BN=tiles["BN"],
+        BS=_block(num_sinks),
+        BD=_block(head_dim),
+        IS_VARLEN=seq_lens is not None,
+        HAS_BOUNDS=key_bounds is not None,
+        HAS_SINK_LOGITS=sink_logits is not None,
+        **_launch_options(tiles),
+    )
+    return o, lse
+
+
+def _backward(q, k, v, o, lse, do, sink_logits, window, num_sinks, scale, cu_seqlens, seq_lens, key_bounds):
+    batch, seq_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    groups = num_heads // num_kv_heads
+    tokens = batch * seq_len
+    rows = 1 if seq_lens else batch
+    num_seqs = len(seq_lens) if seq_lens else batch
+    shape = {
+        "H": num_heads,
+        "HKV": num_kv_heads,
+        "D": head_dim,
+        "S": num_sinks,
+        "BD": _block(head_dim),
+        "IS_VARLEN": seq_lens is not None,
+        "HAS_BOUNDS": key_bounds is not None,
+    }
+
+    delta = torch.empty_like(lse)
+    sliding_bwd_preprocess_kernel[(triton.cdiv(tokens, 64), num_heads)](
+        o,
+        do,
+        delta,
+        tokens,
+        H=num_heads,
+        D=head_dim,
+        BT=64,
+        BD=_block(head_dim),
+        num_warps=4,
+    )
+
+    tiles = _tiles("dq", head_dim, q.dtype, q.device)
+    blocks = _Blocks(seq_len, seq_lens, tiles["BM"], q.device)
+    dq = torch.empty_like(q)
+    sink_dk = sink_dv = None
+    if num_sinks:
+        # one partial per query block and query head; blocks whose queries never see a sink out of the window
+        # leave theirs at zero
+        partial_shape = (blocks.count, rows * num_heads, num_sinks, head_dim)
+        sink_dk = torch.zeros(partial_shape, dtype=torch.float32, device=q.device)
+        sink_dv = torch.zeros(partial_shape, dtype=torch.float32, device=q.device)
+    sliding_bwd_dq_kernel[(blocks.count, rows * num_heads)](
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        sink_dk,
+        sink_dv,
+        cu_seqlens,
+        blocks.index,
+        key_bounds,
+        scale,
+        window,
+        seq_len,
+        tokens,
+        BM=tiles["BM"],
+        BN=tiles["BN"],
+        BS=_block(num_sinks),
+        **shape,
+        **_launch_options(tiles),
+    )
+    if num_sinks:
+        # [num_seqs, HKV, S, D]: summed over the query blocks of each sequence and the query heads of each group
+        sums = []
+        for partial in (sink_dk, sink_dv):
+            if seq_lens is None:
+                partial = partial.view(blocks.count, batch, num_heads, num_sinks, head_dim).sum(0)
+            else:
+                partial = partial.new_zeros(num_seqs, num_heads, num_sinks, head_dim).index_add_(
+                    0, blocks.seq_ids, partial
+                )
+            sums.append(partial.view(num_seqs, num_kv_heads, groups, num_sinks, head_dim).sum(2).contiguous())
+        sink_dk, sink_dv = sums
+
+    tiles = _tiles("dkdv", head_dim, q.dtype, q.device)
+    blocks = _Blocks(seq_len, seq_lens, tiles["BN"], q.device)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    sliding_bwd_dkdv_kernel[(blocks.count, rows * num_kv_heads)](
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        sink_dk,
+        sink_dv,
+        cu_seqlens,
+        blocks.index,
+        key_bounds,
+        scale,
+        window,
+        seq_len,
+        tokens,
+        BM=tiles["BM"],
+        BN=tiles["BN"],
+        **shape,
+        **_launch_options(tiles),
+    )
+    dsink = None
+    if sink_logits is not None:
+        # d o / d z = -p_sink o, so dz = -sum_t p_sink(t) (do_t . o_t)
+        p_sink = torch.exp2(sink_logits.float()[:, None] * math.log2(math.e) - lse)
+        dsink = -(p_sink * delta).sum(1)
+    return dq, dk, dv, dsink
+
+
+class SlidingWindowAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sink_logits, window, num_sinks, scale, cu_seqlens, seq_lens, key_bounds):
+        o, lse = _forward(q, k, v, sink_logits, window, num_sinks, scale, cu_seqlens, seq_lens, key_bounds)
+        ctx.save_for_backward(q, k, v, o, lse, sink_logits, cu_seqlens, key_bounds)
+        ctx.options = (window, num_sinks, scale, seq_lens)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, sink_logits, cu_seqlens, key_bounds = ctx.saved_tensors
+        window, num_sinks, scale, seq_lens = ctx.options
+        dq, dk, dv, dsink = _backward(
+            q, k, v, o, lse, do.contiguous(), sink_logits, window, num_sinks, scale, cu_seqlens, seq_lens, key_bounds
+        )
+        if dsink is not None:
+            dsink = dsink.to(sink_logits.dtype)
+        return dq, dk, dv, dsink, None, None, None, None, None, None
+
+
+def _check_head_dims(q, k, v):
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(
+            f"expected q [B, T, H, D] and k, v [B, T, HKV, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            f"k and v must be [B, T, HKV, D] with the batch and head dim of q {tuple(q.shape)} and HKV dividing "
+            f"its {q.shape[2]} heads, got {tuple(k.shape)}"
+        )
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got {q.shape[3]}")
+
+
+def _check_sink_logits(sink_logits, num_heads):
+    if sink_logits is not None and tuple(sink_logits.shape) != (num_heads,):
+        raise ValueError(f"sink_logits must be [H] = [{num_heads}], got {tuple(sink_logits.shape)}")
+
+
+@torch.compiler.disable
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    num_sink_tokens: int = 0,
+    sink_logits: torch.Tensor | None = None,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    key_bounds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal sliding-window softmax attention, with a backward.
+
+    Args:
+        q: `[B, T, H, D]`. k, v: `[B, T, HKV, D]`, H a multiple of HKV.
+        window: query t sees key s when 0 <= t - s < window.
+        num_sink_tokens: the first tokens of each sequence (of each row's valid keys), visible to every later query.
+        sink_logits: `[H]` learned logits that join each softmax denominator with no value (gpt-oss).
+        scale: score scale, default D ** -0.5.
+        cu_seqlens: `[N + 1]` cumulative lengths of sequences packed along T (then B must be 1).
+        key_bounds: `[B, 2]` (first, end): row b's keys outside [first, end) are padding; the sinks start at first.
+    Returns:
+        `[B, T, H, D]` in q's dtype.
+    """
+    _check_head_dims(q, k, v)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"q and k must have the same length, got {q.shape[1]} and {k.shape[1]}")
+    batch, seq_len, num_heads, head_dim = q.shape
+    if window < 1 or num_sink_tokens < 0:
+        raise ValueError(f"expected window >= 1 and num_sink_tokens >= 0, got {window} and {num_sink_tokens}")
+    _check_sink_logits(sink_logits, num_heads)
+    if seq_len * num_heads * head_dim >= 2**31:
+        raise ValueError(f"one sequence of {seq_len} tokens x {num_heads} heads x {head_dim} overflows int32 offsets")
+    seq_lens = None
+    if cu_seqlens is not None:
+        if batch != 1:
+            raise ValueError(
+                f"The batch size is expected to be 1 rather than {batch} when using `cu_seqlens`. "
+                "Please flatten variable-length inputs before processing."
+            )
+        if key_bounds is not None:
+            raise ValueError("key_bounds (padding) cannot be combined with cu_seqlens (packed sequences)")
+        bounds = cu_seqlens.tolist()
+        seq_lens = [hi - lo for lo, hi in itertools.pairwise(bounds)]
+        if not bounds or bounds[0] != 0 or bounds[-1] != seq_len or min(seq_lens, default=0) < 0:
+            raise ValueError(f"cu_seqlens {cu_seqlens.tolist()} must rise from 0 to the {seq_len} packed tokens")
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    if key_bounds is not None:
+        if tuple(key_bounds.shape) != (batch, 2):
+            raise ValueError(f"key_bounds must be [B, 2] = [{batch}, 2], got {tuple(key_bounds.shape)}")
+        key_bounds = key_bounds.to(device=q.device, dtype=torch.int32).contiguous()
+    if seq_len == 0:
+        return q.new_zeros(q.shape)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    dtype = q.dtype
+    q, k, v = q.contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous()
+    return SlidingWindowAttentionFunction.apply(
+        q, k, v, sink_logits, int(window), int(num_sink_tokens), scale, cu_seqlens, seq_lens, key_bounds
+    )
+
+
+def naive_sliding_window_attention(
+    q, k, v, window, num_sink_tokens=0, sink_logits=None, scale=None, cu_seqlens=None, key_bounds=None
+):
+    """`sliding_window_attention` by its definition, materialising `[B, H, T, T]`, in the inputs' dtype (tests)."""
+    batch, seq_len, num_heads, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else scale
+    index = torch.arange(seq_len, device=q.device)
+    # [B, T] first and end of each key's sequence (packed) or row (padding)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(q.device)
+        seq = torch.bucketize(index, cu_seqlens[1:], right=True)
+        first, end = cu_seqlens[seq][None], cu_seqlens[seq + 1][None]
+    elif key_bounds is not None:
+        first = key_bounds[:, :1].to(q.device).expand(batch, seq_len)
+        end = key_bounds[:, 1:].to(q.device).expand(batch, seq_len)
+    else:
+        first, end = index.new_zeros(1, seq_len), index.new_full((1, seq_len), seq_len)
+    distance = index[:, None] - index[None, :]
+    key_valid = (index >= first) & (index < end)
+    sink = (index - first) < num_sink_tokens
+    # [B, Tq, Tk]; packed sequences never see each other's keys
+    visible = (distance >= 0) & ((distance < window)[None] | sink[:, None, :]) & key_valid[:, None, :]
+    if cu_seqlens is not None:
+        visible = visible & (seq[:, None] == seq[None, :])
+    groups = num_heads // k.shape[2]
+    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    if sink_logits is not None:
+        sink_column = sink_logits.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink_column], dim=-1)
+    peak = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)
+    weights = (scores - peak).exp()
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+    return torch.einsum("bhts,bshd->bthd", weights[..., :seq_len], v)
+
+
+@torch.compiler.disable
+def sliding_window_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    query_start: int,
+    sink_k: torch.Tensor | None = None,
+    sink_v: torch.Tensor | None = None,
+    sink_index: torch.Tensor | None = None,
+    sink_logits: torch.Tensor | None = None,
+    scale: float | None = None,
+    first_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A few queries against a bounded key/value cache (forward only): split-K over the cache, one combine.
+
+    Args:
+        q: `[B, Tq, H, D]` at absolute positions `query_start ... query_start + Tq - 1`.
+        k, v: `[B, Tk, HKV, D]`, any strides with a contiguous last dim (e.g. a `[B, HKV, Tk, D]` cache transposed);
+            the keys end at the last query (cached window followed by the current tokens).
+        sink_k, sink_v: `[B, S, HKV, D]` sink tokens with absolute indices `sink_index` `[B, S]` (-1: none yet);
+            a sink joins once it has left the window.
+        sink_logits: `[H]` learned logits joining each softmax denominator.
+        first_index: `[B]` absolute index of each row's first real token; earlier keys are padding.
+    Returns:
+        `[B, Tq, H, D]` in q's dtype.
+    """
+    _check_head_dims(q, k, v)
+    if any(x is not None and x.requires_grad for x in (q, k, v, sink_k, sink_v, sink_logits)) and (
+        torch.is_grad_enabled()
+    ):
+        raise RuntimeError("sliding_window_decode has no backward; use sliding_window_attention for training")
+    batch, num_queries, num_heads, head_dim = q.shape
+    num_keys, num_kv_heads = k.shape[1], k.shape[2]
+    groups = num_heads // num_kv_heads
+    _check_sink_logits(sink_logits, num_heads)
+    num_sinks = 0 if sink_k is None else sink_k.shape[1]
+    if num_sinks and (sink_v is None or sink_index is None or tuple(sink_index.shape) != (batch, num_sinks)):
+        raise ValueError("sink_k needs sink_v [B, S, HKV, D] and sink_index [B, S]")
+    if num_keys < num_queries:
+        raise ValueError(f"the cache must end with the {num_queries} queries' own keys, got {num_keys} keys")
+    if num_queries == 0:
+        return q.new_zeros(q.shape)
+    q = q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    # integer indices of any width: the kernel reads them as they are
+    if num_sinks:
+        sink_k, sink_v, sink_index = sink_k.contiguous(), sink_v.contiguous(), sink_index.contiguous()
+    if first_index is not None:
+        first_index = first_index.contiguous()
+    scale = head_dim**-0.5 if scale is None else float(scale)
+
+    rows = num_queries * groups
+    block_m = min(64, _block(rows))
+    row_tiles = triton.cdiv(rows, block_m)
+    block_n = DECODE_BLOCK_N if q.is_cuda else 16
+    target = max(1, int(DECODE_PROGRAMS_PER_SM * _num_sms(q.device)))
+    splits = max(1, min(triton.cdiv(max(num_keys, 1), block_n), triton.cdiv(target, batch * num_kv_heads * row_tiles)))
+    split_len = triton.cdiv(triton.cdiv(max(num_keys, 1), splits), block_n) * block_n
+    splits = triton.cdiv(max(num_keys, 1), split_len)
+    block_d = _block(head_dim)
+    o_part = q.new_empty(batch * num_kv_heads, row_tiles, splits, block_m, block_d, dtype=torch.float32)
+    lse_part = q.new_empty(batch * num_kv_heads, row_tiles, splits, block_m, dtype=torch.float32)
+    sliding_decode_kernel[(splits, row_tiles, batch * num_kv_heads)](
+        q,
+        k,
+        v,
+        sink_k,
+        sink_v,
+        sink_index,
+        first_index,
+        o_part,
+        lse_part,
+        scale,
+        int(window),
+        int(query_start),
+        num_queries,
+        num_keys,
+        split_len,
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        H=num_heads,
+        HKV=num_kv_heads,
+        D=head_dim,
+        S=num_sinks,
+        BM=block_m,
+        BN=block_n,
+        BS=_block(num_sinks),
+        BD=block_d,
+        HAS_FIRST=first_index is not None,
+        **DECODE_OPTIONS,
+    )
+    o = torch.empty_like(q)
+    sliding_decode_combine_kernel[(row_tiles, batch * num_kv_heads)](
+        o_part,
+        lse_part,
+        sink_logits,
+        o,
+        num_queries,
+        splits,
+        H=num_heads,
+        HKV=num_kv_heads,
+        D=head_dim,
+        BM=block_m,
+        BD=block_d,
+        HAS_SINK_LOGITS=sink_logits is not None,
+        num_warps=4,
+    )
+    return o

@@ -1,0 +1,409 @@
+"""Block top-k attention on a GPU: correctness against FlexAttention on the identical selection, prefill speed against
+SDPA flash and compiled FlexAttention, and decode time per token.
+
+    python scripts/block_topk_gpu.py OUTPUT_DIR [--seq-lens 8192 32768 131072] [--skip-correctness]
+
+1. Correctness (bf16 inputs): our output and dq/dk/dv against FlexAttention in fp32 on the same inputs and the same
+   block selection (a mask_mod that looks the selection up; eager FlexAttention evaluates mask_mod only), as relative
+   RMS errors; compiled bf16 FlexAttention on the `BlockMask.from_kv_blocks` mask is shown for scale. Odd lengths,
+   GQA and packed sequences (the reference runs each sequence alone; errors are over the packed tensor). Tolerances:
+   0.005 (output), 0.01 (gradients).
+2. Prefill speed, bf16, 32 query / 8 kv heads, D = 128, B = 1, block 64, top-16 + block 0 + own block: ours (whole
+   forward, selection alone, attention alone, forward + backward), SDPA flash causal, SDPA cuDNN causal, compiled
+   FlexAttention on the identical selection (own block causal through mask_mod, the others as full blocks); CUDA
+   events, median after warm-up; the selection's parts and share; a sweep of the kernels' launch choices at the
+   middle length.
+3. Decode: one token against a cache of 4k ... 128k tokens (`block_topk_cached_attention`), against SDPA over the
+   whole cache.
+
+Prints one table and writes block_topk_gpu.json to OUTPUT_DIR; every row runs in its own try/except.
+"""
+
+import argparse
+import itertools
+import json
+import math
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from hf_effattn.kernels import block_topk as ops
+from hf_effattn.ops_reference import block_topk_cached_attention
+
+BF16 = torch.bfloat16
+BLOCK, TOP_K, KEEP_FIRST = 64, 16, True
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+# (name, lengths of the packed sequences, heads, kv heads, head dim)
+CORRECTNESS_CASES = [
+    ("T1000-G4", [1000], 8, 2, 128),
+    ("T4097-G4", [4097], 8, 2, 128),
+    ("T2050-MHA-D64", [2050], 4, 4, 64),
+    ("varlen", [1, 63, 64, 700, 1500, 2100], 8, 2, 128),
+]
+# launch choices tried at the middle length (ops.TUNING overrides): forward, then backward
+FWD_SWEEP = [{"fwd_rows": 128, "fwd_warps": 4}, {"fwd_rows": 256, "fwd_warps": 8}]
+BWD_SWEEP = [{"dq_rows": 128, "dq_warps": 4}, {"dkv_rows": 64, "dkv_warps": 8}, {"dkv_rows": 128, "dkv_warps": 8}]
+# the forward's default tile (128 queries) cannot tile a 64-query block mask
+FLEX_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
+compiled_flex = torch.compile(flex_attention)
+
+
+def allow_flex_backward_on_64_token_blocks():
+    """FlexAttention's one sm90 backward config for D = 128 tiles 128 keys, which a 64-token BlockMask filters out
+    (no valid choice left); add 64 x 64 tiles."""
+    from torch._inductor.template_heuristics import triton as heuristics
+
+    original = heuristics.CUDAConfigHeuristic.get_flex_attn_bwd_configs
+
+    def configs(self, head_dim, dtype):
+        return [*original(self, head_dim, dtype), heuristics.FlexBwDConfig(64, 64, 64, 64, 2, 4)]
+
+    heuristics.CUDAConfigHeuristic.get_flex_attn_bwd_configs = configs
+
+
+def rel_rms(actual, expected) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def timed(fn, warmup: int = 2, reps: int = 5) -> float:
+    """Median milliseconds of `fn()` with CUDA events, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sorted(times)[len(times) // 2]
+
+
+def reps_for(ms_estimate: float) -> dict:
+    return {"warmup": 1, "reps": 3} if ms_estimate > 200 else {"warmup": 3, "reps": 10}
+
+
+def selection_lookup(block_indices, num_heads, num_blocks):
+    """[H, NQ, NQ] bool: query block i reads key block j (first block, top-k blocks and its own block)."""
+    sel = block_indices[0].long().permute(1, 0, 2).repeat_interleave(num_heads // block_indices.shape[2], dim=0)
+    dense = torch.zeros(num_heads, num_blocks, num_blocks + 1, dtype=torch.bool, device=sel.device)
+    dense.scatter_(2, torch.where(sel >= 0, sel, num_blocks), True)
+    i = torch.arange(num_blocks, device=sel.device)
+    dense[:, i, i] = True
+    if KEEP_FIRST:
+        dense[:, 1:, 0] = True
+    return dense[..., :num_blocks]
+
+
+def flex_block_mask(block_indices, num_heads, seq_len):
+    """BlockMask.from_kv_blocks of our selection: own block partial (causal mask_mod), block 0 and the top-k full."""
+    num_blocks = block_indices.shape[1]
+    device = block_indices.device
+    sel = block_indices[0].long().permute(1, 0, 2).repeat_interleave(num_heads // block_indices.shape[2], dim=0)
+    i = torch.arange(num_blocks, device=device)
+    first = torch.where((i > 0) & KEEP_FIRST, 0, -1)[None, :, None].expand(num_heads, -1, 1)
+    full = torch.cat([first, sel], dim=-1)
+    big = num_blocks + 1
+    full = torch.sort(torch.where(full < 0, big, full), dim=-1).values
+    full_count = (full < big).sum(-1).int()
+    full_idx = torch.zeros(num_heads, num_blocks, num_blocks, dtype=torch.int32, device=device)
+    # at most i entries are valid for query block i, so a short sequence keeps its first num_blocks columns
+    width = min(full.shape[-1], num_blocks)
+    full_idx[..., :width] = torch.where(full < big, full, 0)[..., :width].int()
+    partial_idx = torch.zeros_like(full_idx)
+    partial_idx[..., 0] = i.int()
+    partial_count = torch.ones(num_heads, num_blocks, dtype=torch.int32, device=device)
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    return BlockMask.from_kv_blocks(
+        partial_count[None],
+        partial_idx[None],
+        full_count[None],
+        full_idx[None],
+        BLOCK_SIZE=BLOCK,
+        mask_mod=causal,
+        seq_lengths=(seq_len, seq_len),
+    )
+
+
+def flex_fp32_reference(q, k, v, block_indices, scale):
+    """Eager fp32 FlexAttention of one sequence `[1, T, H, D]` with the selection as a mask_mod lookup."""
+    seq_len, num_heads = q.shape[1], q.shape[2]
+    num_blocks = block_indices.shape[1]
+    lookup = selection_lookup(block_indices, num_heads, num_blocks)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & lookup[h, q_idx // BLOCK, kv_idx // BLOCK]
+
+    mask = BlockMask.from_kv_blocks(
+        torch.full((1, 1, num_blocks), num_blocks, dtype=torch.int32, device=q.device),
+        torch.arange(num_blocks, device=q.device, dtype=torch.int32).expand(1, 1, num_blocks, num_blocks).contiguous(),
+        BLOCK_SIZE=BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(seq_len, seq_len),
+    )
+    args = [x.transpose(1, 2) for x in (q, k, v)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return flex_attention(*args, block_mask=mask, scale=scale, enable_gqa=True).transpose(1, 2)
+
+
+def correctness(rows):
+    for name, lengths, heads, kv_heads, head_dim in CORRECTNESS_CASES:
+        try:
+            torch.manual_seed(0)
+            total = sum(lengths)
+            cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), device="cuda") if len(lengths) > 1 else None
+            q = torch.randn(1, total, heads, head_dim, device="cuda", dtype=BF16)
+            k = torch.randn(1, total, kv_heads, head_dim, device="cuda", dtype=BF16)
+            v = torch.randn(1, total, kv_heads, head_dim, device="cuda", dtype=BF16)
+            do = torch.randn(1, total, heads, head_dim, device="cuda", dtype=BF16)
+            scale = head_dim**-0.5
+            ours = [x.clone().requires_grad_() for x in (q, k, v)]
+            o = ops.block_topk_attention(*ours, BLOCK, TOP_K, KEEP_FIRST, scale, cu_seqlens=cu)
+            o.backward(do)
+            selected = ops.block_topk_select(q, k, BLOCK, TOP_K, KEEP_FIRST, cu_seqlens=cu)
+            errors = {"flex_bf16_o": []}
+            reference = {"o": [], "dq": [], "dk": [], "dv": []}
+            bounds = [0] + list(torch.tensor(lengths).cumsum(0).tolist())
+            first_block = 0
+            for lo, hi in itertools.pairwise(bounds):
+                nb = math.ceil((hi - lo) / BLOCK)
+                sel = selected[:, first_block : first_block + nb]
+                first_block += nb
+                ref = [x[:, lo:hi].detach().float().requires_grad_() for x in (q, k, v)]
+                o_ref = flex_fp32_reference(*ref, sel, scale)
+                o_ref.backward(do[:, lo:hi].float())
+                reference["o"].append(o_ref.detach())
+                for key, theirs in zip(("dq", "dk", "dv"), ref):
+                    reference[key].append(theirs.grad)
+                if hi - lo >= BLOCK and cu is None and heads == 8:
+                    mask = flex_block_mask(sel, heads, hi - lo)
+                    args = [x[:, lo:hi].transpose(1, 2) for x in (q, k, v)]
+                    o_flex = compiled_flex(
+                        *args, block_mask=mask, scale=scale, enable_gqa=True, kernel_options=FLEX_OPTIONS
+                    ).transpose(1, 2)
+                    errors["flex_bf16_o"].append(rel_rms(o_flex, o_ref))
+            # over the whole packed tensor: a 1-token sequence has exactly zero dq and dk, so no relative error
+            worst = {"o": rel_rms(o, torch.cat(reference["o"], dim=1))}
+            for key, mine in zip(("dq", "dk", "dv"), ours):
+                worst[key] = rel_rms(mine.grad, torch.cat(reference[key], dim=1))
+            worst["flex_bf16_o"] = max(errors["flex_bf16_o"]) if errors["flex_bf16_o"] else None
+            ok = worst["o"] <= 0.005 and max(worst["dq"], worst["dk"], worst["dv"]) <= 0.01
+            rows.append({"section": "correctness", "name": name, **worst, "ok": ok})
+        except Exception as error:  # noqa: BLE001 - every row runs on its own
+            rows.append({"section": "correctness", "name": name, "error": repr(error)[:300]})
+            traceback.print_exc()
+
+
+def sdpa(q, k, v, backend):
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+def benchmark(rows, seq_len, sweep):
+    torch.manual_seed(0)
+    q = torch.randn(1, seq_len, HEADS, HEAD_DIM, device="cuda", dtype=BF16)
+    k = torch.randn(1, seq_len, KV_HEADS, HEAD_DIM, device="cuda", dtype=BF16)
+    v = torch.randn(1, seq_len, KV_HEADS, HEAD_DIM, device="cuda", dtype=BF16)
+    do = torch.randn_like(q)
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    dense_flops = 2 * HEADS * seq_len * seq_len * HEAD_DIM  # causal forward: 4 B H T^2 D / 2
+    kib = seq_len // 1024
+    selected = ops.block_topk_select(q, k, BLOCK, TOP_K, KEEP_FIRST)
+    # keys each query reads: top-k + block 0 + its own block (half on average)
+    sparse_flops = 4 * HEADS * seq_len * HEAD_DIM * BLOCK * ((selected[0] >= 0).sum(-1).float().mean().item() + 1 + 0.5)
+
+    def add(name, fn, flops=None, estimate=10.0):
+        try:
+            ms = timed(fn, **reps_for(estimate))
+            row = {"section": "prefill", "T": seq_len, "name": name, "ms": ms}
+            if flops:
+                row["tflops"] = flops / ms / 1e9
+            rows.append(row)
+            print(f"  {kib}k {name}: {ms:.3f} ms", flush=True)
+            return ms
+        except Exception as error:  # noqa: BLE001
+            rows.append({"section": "prefill", "T": seq_len, "name": name, "error": repr(error)[:300]})
+            traceback.print_exc()
+            return None
+
+    def ours_fwd():
+        return ops.block_topk_attention(q, k, v, BLOCK, TOP_K, KEEP_FIRST)
+
+    def ours_select():
+        return ops.block_topk_select(q, k, BLOCK, TOP_K, KEEP_FIRST)
+
+    def ours_attention():
+        return ops.block_topk_attention(q, k, v, BLOCK, TOP_K, KEEP_FIRST, block_indices=selected)
+
+    def ours_fwd_bwd():
+        qg.grad = kg.grad = vg.grad = None
+        ops.block_topk_attention(qg, kg, vg, BLOCK, TOP_K, KEEP_FIRST).backward(do)
+
+    layout = ops._layout(1, seq_len, BLOCK, None, q.device)
+    means = ops._pool(q, k, layout, BLOCK)
+    fwd = add("ours fwd (selection + attention)", ours_fwd, sparse_flops)
+    sel = add("ours selection", ours_select)
+    add("  of which block means (reads q and k once)", lambda: ops._pool(q, k, layout, BLOCK))
+    add("  of which scores and top-k", lambda: ops._top_k(*means, layout, BLOCK, TOP_K, KEEP_FIRST))
+    attention = add("ours attention (given selection)", ours_attention, sparse_flops)
+    add("ours fwd+bwd", ours_fwd_bwd, 3.5 * sparse_flops)
+    if fwd and sel:
+        rows.append({"section": "prefill", "T": seq_len, "name": "selection share of ours fwd", "share": sel / fwd})
+    if attention and sel:
+        rows.append(
+            {"section": "prefill", "T": seq_len, "name": "selection / attention time", "share": sel / attention}
+        )
+    if sweep:
+        saved = dict(ops.TUNING)
+        for choice in FWD_SWEEP:
+            ops.TUNING.update(choice)
+            add(f"ours attention {choice}", ours_attention, sparse_flops)
+            ops.TUNING.update(saved)
+        for choice in BWD_SWEEP:
+            ops.TUNING.update(choice)
+            add(f"ours fwd+bwd {choice}", ours_fwd_bwd, 3.5 * sparse_flops)
+            ops.TUNING.update(saved)
+
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    qtg, ktg, vtg = (x.detach().clone().requires_grad_() for x in (qt, kt, vt))
+    dot = do.transpose(1, 2)
+    estimate = 500.0 if seq_len > 64 * 1024 else 50.0
+    add("SDPA flash causal fwd", lambda: sdpa(qt, kt, vt, SDPBackend.FLASH_ATTENTION), dense_flops, estimate)
+
+    def sdpa_fwd_bwd():
+        qtg.grad = ktg.grad = vtg.grad = None
+        sdpa(qtg, ktg, vtg, SDPBackend.FLASH_ATTENTION).backward(dot)
+
+    def flex_fwd_bwd():
+        qtg.grad = ktg.grad = vtg.grad = None
+        compiled_flex(qtg, ktg, vtg, **flex_args).backward(dot)
+
+    add("SDPA flash causal fwd+bwd", sdpa_fwd_bwd, 3.5 * dense_flops, 3 * estimate)
+    add("SDPA cuDNN causal fwd", lambda: sdpa(qt, kt, vt, SDPBackend.CUDNN_ATTENTION), dense_flops, estimate)
+    try:
+        mask = flex_block_mask(selected, HEADS, seq_len)
+        flex_args = {"block_mask": mask, "scale": HEAD_DIM**-0.5, "enable_gqa": True, "kernel_options": FLEX_OPTIONS}
+        add(
+            "FlexAttention (compiled) fwd, same selection", lambda: compiled_flex(qt, kt, vt, **flex_args), sparse_flops
+        )
+        add("FlexAttention (compiled) fwd+bwd, same selection", flex_fwd_bwd, 3.5 * sparse_flops)
+    except Exception as error:  # noqa: BLE001
+        rows.append({"section": "prefill", "T": seq_len, "name": "FlexAttention", "error": repr(error)[:300]})
+        traceback.print_exc()
+
+
+def decode(rows, context):
+    try:
+        torch.manual_seed(0)
+        q_all = torch.randn(1, context + 1, HEADS, HEAD_DIM, device="cuda", dtype=BF16)
+        k_all = torch.randn(1, context + 1, KV_HEADS, HEAD_DIM, device="cuda", dtype=BF16)
+        v_all = torch.randn_like(k_all)
+        first_real = torch.zeros(1, dtype=torch.long, device="cuda")
+        options = {"block_size": BLOCK, "top_k": TOP_K, "keep_first_block": KEEP_FIRST}
+        _, state = block_topk_cached_attention(
+            q_all[:, :context], k_all[:, :context], v_all[:, :context], None, first_real, attend=False, **options
+        )
+
+        def step():
+            return block_topk_cached_attention(q_all[:, context:], k_all, v_all, state, first_real, **options)
+
+        ms = timed(step, warmup=5, reps=50)
+        qt, kt, vt = q_all[:, context:].transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2)
+        dense = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True), warmup=5, reps=50)
+        rows.append({"section": "decode", "T": context, "name": "block_topk decode step (torch)", "ms": ms})
+        rows.append({"section": "decode", "T": context, "name": "SDPA decode over the whole cache", "ms": dense})
+        print(f"  decode {context // 1024}k: {ms:.3f} ms (SDPA {dense:.3f} ms)", flush=True)
+    except Exception as error:  # noqa: BLE001
+        rows.append({"section": "decode", "T": context, "name": "decode", "error": repr(error)[:300]})
+        traceback.print_exc()
+
+
+def print_table(rows):
+    print(f"\n{'section':<12} {'T':>7} {'case':<52} {'result':>40}")
+    for row in rows:
+        if "error" in row:
+            result = "ERROR " + row["error"][:60]
+        elif row["section"] == "correctness":
+            flex = "-" if row["flex_bf16_o"] is None else f"{row['flex_bf16_o']:.1e}"
+            result = (
+                f"o {row['o']:.1e} dq {row['dq']:.1e} dk {row['dk']:.1e} dv {row['dv']:.1e} "
+                f"{'ok' if row['ok'] else 'FAIL'} (flex bf16 o {flex})"
+            )
+        elif "share" in row:
+            result = f"{100 * row['share']:.1f} %"
+        else:
+            result = f"{row['ms']:.3f} ms" + (f" ({row['tflops']:.0f} TFLOP/s)" if "tflops" in row else "")
+        print(f"{row['section']:<12} {row.get('T', ''):>7} {row['name']:<52} {result:>40}")
+    by_name = {(r.get("T"), r["name"]): r.get("ms") for r in rows if r["section"] == "prefill"}
+    for seq_len in sorted({r["T"] for r in rows if r["section"] == "prefill"}):
+        ours = by_name.get((seq_len, "ours fwd (selection + attention)"))
+        flash = by_name.get((seq_len, "SDPA flash causal fwd"))
+        flex = by_name.get((seq_len, "FlexAttention (compiled) fwd, same selection"))
+        if ours:
+            print(
+                f"T={seq_len}: ours fwd is {flash / ours if flash else float('nan'):.1f}x SDPA flash, "
+                f"{flex / ours if flex else float('nan'):.2f}x compiled Flex on the same selection"
+            )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--decode-contexts", type=int, nargs="+", default=[4096, 16384, 32768, 65536, 131072])
+    parser.add_argument("--skip-correctness", action="store_true")
+    args = parser.parse_args()
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    props = torch.cuda.get_device_properties(0)
+    print(
+        f"{props.name}, torch {torch.__version__}, triton {triton.__version__}; config {vars(args)}; "
+        f"tuning {ops.TUNING}",
+        flush=True,
+    )
+    started = time.time()
+    try:
+        allow_flex_backward_on_64_token_blocks()
+    except (ImportError, AttributeError) as error:
+        print(f"FlexAttention's backward configs left as they are: {error!r}")
+    rows = []
+    if not args.skip_correctness:
+        correctness(rows)
+        print(f"correctness done ({time.time() - started:.0f} s)", flush=True)
+    sweep_len = sorted(args.seq_lens)[len(args.seq_lens) // 2]
+    for seq_len in args.seq_lens:
+        benchmark(rows, seq_len, sweep=seq_len == sweep_len)
+        torch.cuda.empty_cache()
+    print(f"prefill done ({time.time() - started:.0f} s)", flush=True)
+    for context in args.decode_contexts:
+        decode(rows, context)
+        torch.cuda.empty_cache()
+    print_table(rows)
+    result = {
+        "device": props.name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "tuning": ops.TUNING,
+        "seconds": time.time() - started,
+        "rows": rows,
+    }
+    (output / "block_topk_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"total {time.time() - started:.0f} s; wrote {output / 'block_topk_gpu.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,477 @@
+"""Checks and times the Triton sliding-window attention on a GPU, against FlexAttention on the identical mask and
+SDPA's flash backend on full causal attention.
+
+    python scripts/sliding_window_gpu.py OUTPUT_DIR            # correctness, prefill and decode tables (~2-3 min)
+    python scripts/sliding_window_gpu.py OUTPUT_DIR --sweep    # also times candidate tiles of each kernel at T=32k
+
+1. Correctness, bf16 inputs: ours against FlexAttention (eager, fp32 upcast of the same inputs, the same mask):
+   outputs and dq/dk/dv as relative RMS error (bounds 0.005 / 0.01); odd lengths, GQA, sinks, packed sequences.
+   Sink logits and padding bounds, which Flex cannot express, are checked against the fp32 naive op.
+2. Prefill, bf16, B=1, 32 query / 8 kv heads, D=128, window 4096 + 4 sink tokens, T in {8k, 32k, 128k}: forward
+   and forward+backward of ours, FlexAttention (torch.compile'd, BlockMask from the window's kv blocks) and SDPA
+   flash on full causal attention, timed with CUDA events (triton.testing.do_bench medians) in the same run.
+3. Decode: one token against a cache of window + sinks, per context length 4k ... 128k; SDPA over the full cache
+   for contrast.
+Every row runs in its own try/except; the table is printed and saved as OUTPUT_DIR/sliding_window_gpu.json.
+"""
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hf_effattn.kernels import sliding_window as ops
+
+HEADS, KV_HEADS, HEAD_DIM, WINDOW, SINKS = 32, 8, 128, 4096, 4
+SEQ_LENS = (8192, 32768, 131072)
+DECODE_CONTEXTS = (4096, 8192, 16384, 32768, 65536, 131072)
+OUTPUT_TOL, GRAD_TOL = 0.005, 0.01
+
+
+def rel_rms(actual, expected) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-300)).item()
+
+
+def flex_mask_mod(window, num_sinks, cu_seqlens=None):
+    """The kernel's mask as a FlexAttention mask_mod (packed sequences by per-token sequence starts)."""
+    if cu_seqlens is None:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx < num_sinks))
+
+        return mask_mod
+    index = torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device)
+    start = cu_seqlens[torch.bucketize(index, cu_seqlens[1:], right=True)]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same = start[q_idx] == start[kv_idx]
+        return same & (kv_idx <= q_idx) & ((q_idx - kv_idx < window) | (kv_idx - start[kv_idx] < num_sinks))
+
+    return mask_mod
+
+
+def window_block_mask(seq_len, window, num_sinks, device, block=128):
+    """BlockMask of the window (+ sinks) built from its kv blocks: full blocks skip the mask_mod."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    blocks = math.ceil(seq_len / block)
+    m = torch.arange(blocks, device=device)[:, None]
+    n = torch.arange(blocks, device=device)[None, :]
+    causal = n <= m
+    # smallest and largest query-key distance inside the tile
+    any_window = causal & (block * (m - n) - (block - 1) < window)
+    any_sink = causal & (block * n < num_sinks)
+    visible = any_window | any_sink
+    full = (n < m) & ((block * (m - n) + block - 1 < window) | (block * n + block - 1 < num_sinks))
+    full = full & ((m + 1) * block <= seq_len)
+    partial = visible & ~full
+
+    def ordered(dense):
+        counts = dense.sum(-1).to(torch.int32)
+        indices = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts[None, None], indices[None, None]
+
+    kv_num, kv_idx = ordered(partial)
+    full_num, full_idx = ordered(full)
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block,
+        mask_mod=flex_mask_mod(window, num_sinks),
+        seq_lengths=(seq_len, seq_len),
+    )
+
+
+def inputs(batch, seq_len, heads, kv_heads, head_dim, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, seq_len, heads, head_dim, device="cuda", dtype=dtype, generator=gen)
+    k = torch.randn(batch, seq_len, kv_heads, head_dim, device="cuda", dtype=dtype, generator=gen)
+    v = torch.randn(batch, seq_len, kv_heads, head_dim, device="cuda", dtype=dtype, generator=gen)
+    do = torch.randn(batch, seq_len, heads, head_dim, device="cuda", dtype=dtype, generator=gen)
+    return q, k, v, do
+
+
+def ours_with_grads(q, k, v, do, window, num_sinks, sink_logits=None, cu_seqlens=None, key_bounds=None):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    z = None if sink_logits is None else sink_logits.detach().clone().requires_grad_()
+    o = ops.sliding_window_attention(*leaves, window, num_sinks, z, cu_seqlens=cu_seqlens, key_bounds=key_bounds)
+    grads = torch.autograd.grad(o, leaves + ([z] if z is not None else []), do)
+    return o, grads
+
+
+def check_against_flex(case):
+    """Ours (bf16) against eager FlexAttention on the fp32 upcast: {name: relative RMS error}."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    batch, seq_len, heads, kv_heads, head_dim, window, num_sinks, cu = case
+    q, k, v, do = inputs(batch, seq_len, heads, kv_heads, head_dim, torch.bfloat16)
+    cu_seqlens = None if cu is None else torch.tensor(cu, device="cuda", dtype=torch.int32)
+    o, grads = ours_with_grads(q, k, v, do, window, num_sinks, cu_seqlens=cu_seqlens)
+    mask = create_block_mask(
+        flex_mask_mod(window, num_sinks, cu_seqlens), None, None, seq_len, seq_len, device="cuda", _compile=False
+    )
+    ref = [x.float().transpose(1, 2).requires_grad_() for x in (q, k, v)]
+    o_ref = flex_attention(*ref, block_mask=mask, enable_gqa=True).transpose(1, 2)
+    ref_grads = torch.autograd.grad(o_ref, ref, do.float())
+    errors = {"o": rel_rms(o, o_ref)}
+    for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        errors[name] = rel_rms(grad, ref_grad.transpose(1, 2))
+    return errors
+
+
+def check_against_naive(case):
+    """Sink logits and padding bounds: ours (bf16) against the fp32 naive op."""
+    batch, seq_len, heads, kv_heads, head_dim, window, num_sinks, bounds = case
+    q, k, v, do = inputs(batch, seq_len, heads, kv_heads, head_dim, torch.bfloat16)
+    sink_logits = torch.randn(heads, device="cuda")
+    key_bounds = None if bounds is None else torch.tensor(bounds, device="cuda")
+    o, grads = ours_with_grads(q, k, v, do, window, num_sinks, sink_logits, key_bounds=key_bounds)
+    ref = [x.float().requires_grad_() for x in (q, k, v)] + [sink_logits.clone().requires_grad_()]
+    o_ref = ops.naive_sliding_window_attention(*ref[:3], window, num_sinks, ref[3], key_bounds=key_bounds)
+    ref_grads = torch.autograd.grad(o_ref, ref, do.float())
+    errors = {"o": rel_rms(o, o_ref)}
+    for name, grad, ref_grad in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads, strict=True):
+        errors[name] = rel_rms(grad, ref_grad)
+    return errors
+
+
+def check_decode(case):
+    """One decode step against a cache of window - 1 keys + the current one, against the fp32 naive op on the
+    whole sequence (the cache holds exactly what the window needs)."""
+    seq_len, window, num_sinks = case
+    q, k, v, _ = inputs(1, seq_len, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16)
+    sink_logits = torch.randn(HEADS, device="cuda")
+    keep = min(window, seq_len)
+    cache_k, cache_v = k[:, -keep:].transpose(1, 2).contiguous(), v[:, -keep:].transpose(1, 2).contiguous()
+    sink_index = torch.arange(num_sinks, device="cuda")[None]
+    with torch.no_grad():
+        o = ops.sliding_window_decode(
+            q[:, -1:],
+            cache_k.transpose(1, 2),
+            cache_v.transpose(1, 2),
+            window,
+            seq_len - 1,
+            k[:, :num_sinks],
+            v[:, :num_sinks],
+            sink_index,
+            sink_logits,
+        )
+        o_ref = ops.naive_sliding_window_attention(q.float(), k.float(), v.float(), window, num_sinks, sink_logits)
+    return {"o": rel_rms(o, o_ref[:, -1:])}
+
+
+CORRECTNESS = [
+    ("flex", "T1000-GQA4", (2, 1000, 8, 2, 128, 256, 0, None)),
+    ("flex", "T1023-sinks4", (1, 1023, 8, 2, 128, 300, 4, None)),
+    ("flex", "T4097-D64-MQA", (1, 4097, 4, 1, 64, 1024, 4, None)),
+    ("flex", "T63-window>T", (2, 63, 4, 4, 128, 100, 2, None)),
+    ("flex", "varlen", (1, 2500, 8, 2, 128, 200, 4, [0, 1, 15, 100, 300, 301, 1000, 2500])),
+    ("naive", "sink-logits-T777", (2, 777, 8, 2, 128, 129, 4, None)),
+    ("naive", "padding-D100", (2, 600, 4, 2, 100, 64, 3, [[17, 600], [0, 431]])),
+    ("decode", "decode-T5000", (5000, 1024, 4)),
+]
+
+
+def run_correctness(results):
+    checks = {"flex": check_against_flex, "naive": check_against_naive, "decode": check_decode}
+    for kind, name, case in CORRECTNESS:
+        row = {"case": name, "against": kind}
+        errors = attempt(checks[kind], case)
+        if isinstance(errors, dict):
+            row["errors"] = errors
+            row["ok"] = all(
+                math.isfinite(e) and e <= (OUTPUT_TOL if key == "o" else GRAD_TOL) for key, e in errors.items()
+            )
+        else:
+            row["error"] = errors
+        results.append(row)
+        text = " ".join(f"{key} {value:.1e}" for key, value in row.get("errors", {}).items())
+        print(f"{name:<20} vs {kind:<6} {'ok' if row.get('ok') else 'FAIL'}  {text or row.get('error')}", flush=True)
+
+
+def window_flops(seq_len, window, num_sinks):
+    """Forward FLOPs per (batch, head, head-dim): 4 * visible (query, key) pairs."""
+    visible = sum(min(t + 1, window) + max(0, min(num_sinks, t - window + 1)) for t in range(seq_len))
+    return 4 * visible
+
+
+def bench(fn):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def attempt(fn, *args):
+    """fn(*args), or the error's text: one failing row must not end the run."""
+    try:
+        return fn(*args)
+    except Exception as error:  # noqa: BLE001 (a failure is reported in its row; the other rows still run)
+        traceback.print_exc()
+        return f"{type(error).__name__}: {str(error)[:200]}"
+    finally:
+        torch.cuda.empty_cache()
+
+
+def bench_forward(forward):
+    with torch.no_grad():
+        return bench(forward)
+
+
+def fwd_and_bwd(forward, leaves, do):
+    """(forward ms, forward+backward ms) of `forward()` whose output has `do`'s shape."""
+    return bench_forward(forward), bench(lambda: torch.autograd.grad(forward(), leaves, do))
+
+
+def time_flex(flex_compiled, q, k, v, do, seq_len):
+    block_mask = window_block_mask(seq_len, WINDOW, SINKS, "cuda")
+    # [B, H, T, D] views of the same leaves
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    return fwd_and_bwd(
+        lambda: flex_compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=True).transpose(1, 2), [q, k, v], do
+    )
+
+
+def time_sdpa_full(q, k, v, do):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    groups = HEADS // KV_HEADS
+    # full causal attention; the kv heads are repeated for the flash backend (outside the timing)
+    qf = q.detach().transpose(1, 2).requires_grad_()
+    kf = k.detach().repeat_interleave(groups, 2).transpose(1, 2).requires_grad_()
+    vf = v.detach().repeat_interleave(groups, 2).transpose(1, 2).requires_grad_()
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qf, kf, vf, is_causal=True)
+
+    return fwd_and_bwd(sdpa, [qf, kf, vf], do.transpose(1, 2))
+
+
+def prefill_rows(seq_len, flex_compiled):
+    """{provider: (fwd ms, fwd+bwd ms) or an error text} at one length."""
+    q, k, v, do = inputs(1, seq_len, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    return {
+        "ours": attempt(fwd_and_bwd, lambda: ops.sliding_window_attention(q, k, v, WINDOW, SINKS), [q, k, v], do),
+        "flex": attempt(time_flex, flex_compiled, q, k, v, do, seq_len),
+        "sdpa flash (full causal)": attempt(time_sdpa_full, q, k, v, do),
+    }
+
+
+def run_prefill(results):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex_compiled = torch.compile(flex_attention, dynamic=False)
+    for seq_len in SEQ_LENS:
+        flops = window_flops(seq_len, WINDOW, SINKS) * HEADS * HEAD_DIM
+        start = time.time()
+        rows = prefill_rows(seq_len, flex_compiled)
+        for provider, times in rows.items():
+            fwd, both = times if isinstance(times, tuple) else (times, times)
+            row = {"T": seq_len, "provider": provider, "fwd_ms": fwd, "fwd_bwd_ms": both}
+            if isinstance(fwd, float) and provider != "sdpa flash (full causal)":
+                row["fwd_tflops"] = flops / fwd / 1e9
+                row["fwd_bwd_tflops"] = 3.5 * flops / both / 1e9
+            results.append(row)
+        ours, flex = rows.get("ours"), rows.get("flex")
+        if isinstance(ours, tuple) and isinstance(flex, tuple):
+            results.append(
+                {
+                    "T": seq_len,
+                    "provider": "speedup vs flex",
+                    "fwd": flex[0] / ours[0],
+                    "fwd_bwd": flex[1] / ours[1],
+                    "bwd": (flex[1] - flex[0]) / (ours[1] - ours[0]),
+                }
+            )
+        print(f"prefill T={seq_len} done in {time.time() - start:.0f} s", flush=True)
+
+
+def time_decode(step):
+    """(ms per call, ms per replay of the call captured in a CUDA graph: kernel time without launch overhead)."""
+    with torch.no_grad():
+        eager = bench(step)
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    return eager, bench(graph.replay)
+
+
+def time_sdpa_decode(q1, context):
+    cache = torch.randn(1, HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    qt = q1.transpose(1, 2)
+    with torch.no_grad():
+        return bench(lambda: F.scaled_dot_product_attention(qt, cache, cache))
+
+
+def run_decode(results):
+    """ms per decode step at each context length: the cache holds window - 1 keys + the current one, + sinks."""
+    q, k, v, _ = inputs(1, WINDOW, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16)
+    # the transformers cache layout [B, HKV, T, D], read through a transposed view
+    cache_k, cache_v = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+    sink_k, sink_v = k[:, :SINKS].contiguous(), v[:, :SINKS].contiguous()
+    sink_index = torch.arange(SINKS, device="cuda")[None]
+    q1 = q[:, -1:].contiguous()
+    for context in DECODE_CONTEXTS:
+
+        def step(context=context):
+            return ops.sliding_window_decode(q1, cache_k, cache_v, WINDOW, context - 1, sink_k, sink_v, sink_index)
+
+        times = attempt(time_decode, step)
+        row = (
+            {"context": context, "ours_ms": times[0], "ours_graph_ms": times[1]}
+            if isinstance(times, tuple)
+            else {"context": context, "ours_ms": times}
+        )
+        row["sdpa_full_cache_ms"] = attempt(time_sdpa_decode, q1, context)
+        results.append(row)
+
+
+def run_sweep(results):
+    """Times candidate (BM, BN, warps, stages) of each kernel at T = 32k (D = 128, bf16), and decode split counts."""
+    candidates = {
+        "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
+        "dq": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)],
+        "dkdv": [
+            (32, 64, 4, 4),
+            (32, 64, 4, 3),
+            (32, 64, 4, 5),
+            (64, 64, 4, 4),
+            (32, 128, 4, 4),
+            (64, 128, 8, 3),
+            (16, 64, 4, 4),
+            (64, 64, 8, 3),
+        ],
+    }
+    q, k, v, do = inputs(1, 32768, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    default = {kind: dict(tiles) for kind, tiles in ops.GPU_TILES.items()}
+    try:
+        base_fwd = bench_forward(lambda: ops.sliding_window_attention(q, k, v, WINDOW, SINKS))
+        for kind, configs in candidates.items():
+            for config in configs:
+                ops.GPU_TILES[kind][128] = config
+                if kind == "fwd":
+                    ms = attempt(bench_forward, lambda: ops.sliding_window_attention(q, k, v, WINDOW, SINKS))
+                else:
+                    ms = attempt(
+                        bench,
+                        lambda: torch.autograd.grad(ops.sliding_window_attention(*leaves, WINDOW, SINKS), leaves, do),
+                    )
+                    ms = ms - base_fwd if isinstance(ms, float) else ms
+                results.append({"kernel": kind, "tiles": config, "ms": ms})
+                print(f"sweep {kind} {config}: {ms}", flush=True)
+            ops.GPU_TILES[kind] = dict(default[kind])
+    finally:
+        for kind, tiles in default.items():
+            ops.GPU_TILES[kind] = tiles
+    # decode: programs per SM that the cache is split for
+    default_programs = ops.DECODE_PROGRAMS_PER_SM
+    cache_k, cache_v = k[:, :WINDOW].detach(), v[:, :WINDOW].detach()
+    sink_index = torch.arange(SINKS, device="cuda")[None]
+    try:
+        for programs in (0.25, 0.5, 1, 2):
+            ops.DECODE_PROGRAMS_PER_SM = programs
+
+            def step():
+                return ops.sliding_window_decode(
+                    q[:, WINDOW - 1 : WINDOW].detach(),
+                    cache_k,
+                    cache_v,
+                    WINDOW,
+                    WINDOW - 1,
+                    cache_k[:, :SINKS],
+                    cache_v[:, :SINKS],
+                    sink_index,
+                )
+
+            ms = attempt(time_decode, step)
+            results.append({"kernel": "decode", "programs_per_sm": programs, "ms": ms})
+            print(f"sweep decode programs/SM {programs}: {ms}", flush=True)
+    finally:
+        ops.DECODE_PROGRAMS_PER_SM = default_programs
+
+
+def fmt(x, digits=2):
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)[:40]
+
+
+def print_tables(report):
+    print("\n== correctness (relative RMS error; bounds: o 0.005, gradients 0.01) ==")
+    for row in report["correctness"]:
+        errors = " ".join(f"{k}={v:.1e}" for k, v in row.get("errors", {}).items())
+        print(
+            f"{row['case']:<20} {row['against']:<7} {'ok  ' if row.get('ok') else 'FAIL'} {errors or row.get('error')}"
+        )
+    print(f"\n== prefill: bf16, B=1, {HEADS}/{KV_HEADS} heads, D={HEAD_DIM}, window {WINDOW} + {SINKS} sinks ==")
+    print(f"{'T':>7} {'provider':<26} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd TF/s':>9} {'f+b TF/s':>9}")
+    for row in report["prefill"]:
+        if row["provider"] == "speedup vs flex":
+            print(
+                f"{row['T']:>7} {'speedup vs flex':<26} {fmt(row['fwd']):>9} {fmt(row['fwd_bwd']):>11}  "
+                f"(bwd alone {fmt(row['bwd'])})"
+            )
+            continue
+        print(
+            f"{row['T']:>7} {row['provider']:<26} {fmt(row['fwd_ms']):>9} {fmt(row['fwd_bwd_ms']):>11} "
+            f"{fmt(row.get('fwd_tflops', ''), 0):>9} {fmt(row.get('fwd_bwd_tflops', ''), 0):>9}"
+        )
+    print("\n== decode: one token, cache = window + sinks (ours) or the whole context (SDPA) ==")
+    print(f"{'context':>8} {'ours ms':>9} {'ours graph ms':>14} {'sdpa full ms':>13}")
+    for row in report["decode"]:
+        print(
+            f"{row['context']:>8} {fmt(row.get('ours_ms', row.get('ours_error')), 4):>9} "
+            f"{fmt(row.get('ours_graph_ms', ''), 4):>14} {fmt(row.get('sdpa_full_cache_ms', ''), 4):>13}"
+        )
+    decode = [row["ours_graph_ms"] for row in report["decode"] if isinstance(row.get("ours_graph_ms"), float)]
+    if decode:
+        print(f"decode spread (graph, max/min - 1): {max(decode) / min(decode) - 1:.1%}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--sweep", action="store_true", help="also time candidate tiles of each kernel at T=32k")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    import triton
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "tiles": {kind: {str(k): v for k, v in tiles.items()} for kind, tiles in ops.GPU_TILES.items()},
+        "correctness": [],
+        "prefill": [],
+        "decode": [],
+    }
+    print(f"{report['device']}, torch {report['torch']}, triton {report['triton']}", flush=True)
+    start = time.time()
+    for name, run in (("correctness", run_correctness), ("prefill", run_prefill), ("decode", run_decode)):
+        attempt(run, report[name])
+        print(f"{name} done at {time.time() - start:.0f} s", flush=True)
+    if args.sweep:
+        report["sweep"] = []
+        run_sweep(report["sweep"])
+    print_tables(report)
+    path = args.output_dir / "sliding_window_gpu.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {path} ({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

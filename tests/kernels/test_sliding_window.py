@@ -1,0 +1,254 @@
+"""The Triton sliding-window attention against the fp64 naive op (output and every gradient), the decode kernel
+against the same, and the `sliding` mixer on the kernels against the mixer on the torch reference.
+
+On a machine without a GPU these run through Triton's interpreter, so the shapes are small; the interpreter's tiles
+(`CPU_TILES`: 32 x 16 forward, 16 x 32 for dk/dv) make these lengths and windows cross every phase of the kernels.
+`scripts/sliding_window_gpu.py` checks full sizes against FlexAttention on a GPU.
+"""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from hf_effattn import EffAttnForCausalLM, mixer_sliding
+from hf_effattn.mixer_sliding import SlidingWindowAttention
+from hf_effattn.ops_reference import sliding_window_attention as reference_op
+
+kernels = pytest.importorskip("hf_effattn.kernels")
+ops = pytest.importorskip("hf_effattn.kernels.sliding_window")
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter computes fp32 dots exactly; GPUs run them in tf32; 16-bit inputs round p and ds to 16 bits
+TOLERANCE = {torch.float32: (1e-4, 1e-4) if DEVICE == "cpu" else (5e-3, 1e-2), torch.bfloat16: (5e-3, 1e-2)}
+
+
+def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-300)).item()
+
+
+def attention_inputs(batch, seq_len, heads, kv_heads, head_dim, dtype, sink_logits, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seq_len, heads, head_dim, generator=gen)
+    k = torch.randn(batch, seq_len, kv_heads, head_dim, generator=gen)
+    v = torch.randn(batch, seq_len, kv_heads, head_dim, generator=gen)
+    z = torch.randn(heads, generator=gen) if sink_logits else None
+    do = torch.randn(batch, seq_len, heads, head_dim, generator=gen)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    return [None if x is None else x.to(DEVICE) for x in (q, k, v, z, do)]
+
+
+# (B, T, H, HKV, D, window, sink tokens, sink logits, dtype, cu_seqlens, key_bounds)
+CASES = [
+    ("T1", (2, 1, 2, 1, 16, 4, 2, True, torch.float32, None, None)),
+    ("T63-GQA", (2, 63, 4, 2, 16, 20, 0, False, torch.float32, None, None)),
+    ("T130-sinks-logits", (1, 130, 2, 1, 32, 37, 4, True, torch.float32, None, None)),
+    ("window>T", (1, 63, 2, 2, 16, 100, 2, False, torch.float32, None, None)),
+    ("window<tile-D24", (1, 40, 2, 1, 24, 5, 3, True, torch.float32, None, None)),
+    ("varlen-1-64-1-64", (1, 130, 2, 1, 16, 17, 2, True, torch.float32, [0, 1, 65, 66, 130], None)),
+    ("padding-left-right", (2, 70, 2, 1, 16, 19, 3, True, torch.float32, None, [[5, 70], [0, 50]])),
+    ("T100-bf16", (1, 100, 2, 1, 32, 33, 2, True, torch.bfloat16, None, None)),
+]
+
+
+def check_against_naive(
+    batch, seq_len, heads, kv_heads, head_dim, window, num_sinks, sink_logits, dtype, cu_seqlens, key_bounds
+):
+    q, k, v, z, do = attention_inputs(batch, seq_len, heads, kv_heads, head_dim, dtype, sink_logits)
+    cu_seqlens = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=DEVICE)
+    key_bounds = None if key_bounds is None else torch.tensor(key_bounds, device=DEVICE)
+    tri = [None if x is None else x.clone().requires_grad_() for x in (q, k, v, z)]
+    ref = [None if x is None else x.detach().double().requires_grad_() for x in (q, k, v, z)]
+    o = kernels.sliding_window_attention(
+        *tri[:3], window, num_sinks, tri[3], cu_seqlens=cu_seqlens, key_bounds=key_bounds
+    )
+    o_ref = ops.naive_sliding_window_attention(
+        *ref[:3], window, num_sinks, ref[3], cu_seqlens=cu_seqlens, key_bounds=key_bounds
+    )
+    assert o.dtype == dtype and o.shape == q.shape
+    (o.float() * do).sum().backward()
+    (o_ref * do.double()).sum().backward()
+    errors = {"o": rel_rms(o, o_ref)}
+    for name, a, b in zip(("dq", "dk", "dv", "dsink"), tri, ref, strict=True):
+        if a is not None:
+            assert a.grad is not None and a.grad.dtype == a.dtype, name
+            errors[name] = rel_rms(a.grad, b.grad)
+    output_tol, grad_tol = TOLERANCE[dtype]
+    bad = {name: e for name, e in errors.items() if not e <= (output_tol if name == "o" else grad_tol)}
+    assert not bad, f"{bad} (all errors: {errors})"
+
+
+@pytest.mark.parametrize(
+    "batch, seq_len, heads, kv_heads, head_dim, window, num_sinks, sink_logits, dtype, cu_seqlens, key_bounds",
+    [pytest.param(*case, id=name) for name, case in CASES],
+)
+def test_matches_naive(
+    batch, seq_len, heads, kv_heads, head_dim, window, num_sinks, sink_logits, dtype, cu_seqlens, key_bounds
+):
+    check_against_naive(
+        batch, seq_len, heads, kv_heads, head_dim, window, num_sinks, sink_logits, dtype, cu_seqlens, key_bounds
+    )
+
+
+@pytest.mark.gpu
+def test_matches_naive_full_size():
+    check_against_naive(2, 1000, 8, 2, 128, 256, 4, True, torch.bfloat16, None, None)
+    check_against_naive(1, 1000, 4, 1, 64, 100, 4, True, torch.bfloat16, [0, 1, 15, 100, 300, 301, 1000], None)
+
+
+def test_naive_matches_the_mixer_reference():
+    """The naive op and `ops_reference.sliding_window_attention` (what the mixer runs) share one definition:
+    padding as the key validity, sinks as the first real tokens."""
+    q, k, v, z, _ = attention_inputs(2, 45, 4, 2, 16, torch.float64, sink_logits=True)
+    window, num_sinks = 11, 3
+    key_bounds = torch.tensor([[4, 45], [0, 45]], device=DEVICE)
+    index = torch.arange(45, device=DEVICE)
+    sink_index = key_bounds[:, :1] + torch.arange(num_sinks, device=DEVICE)
+    gather = sink_index[..., None, None].expand(-1, -1, 2, 16)
+    expected = reference_op(
+        q,
+        k,
+        v,
+        window,
+        key_valid=index >= key_bounds[:, :1],
+        sink_k=k.gather(1, gather),
+        sink_v=v.gather(1, gather),
+        sink_index=sink_index,
+        sink_logits=z,
+        naive=True,
+    )
+    actual = ops.naive_sliding_window_attention(q, k, v, window, num_sinks, z, key_bounds=key_bounds)
+    assert rel_rms(actual, expected) < 1e-6
+
+
+@pytest.mark.parametrize("num_queries, first_index", [(1, None), (3, [0, 6])], ids=["one-token", "three-left-padded"])
+def test_decode_matches_naive(num_queries, first_index):
+    """Queries at the end of a long sequence against a cache of the last `window` keys (in the transformers cache
+    layout) plus the sinks: the same as attending over the whole sequence."""
+    seq_len, window, num_sinks = 90, 24, 3
+    q, k, v, z, _ = attention_inputs(2, seq_len, 4, 2, 16, torch.float32, sink_logits=True)
+    first = torch.tensor(first_index or [0, 0], device=DEVICE)
+    key_bounds = torch.stack([first, torch.full_like(first, seq_len)], dim=-1)
+    keep = window - 1 + num_queries
+    # [B, HKV, keep, D], read through a transposed view
+    cache_k = k[:, -keep:].transpose(1, 2).contiguous().transpose(1, 2)
+    cache_v = v[:, -keep:].transpose(1, 2).contiguous().transpose(1, 2)
+    sink_index = first[:, None] + torch.arange(num_sinks, device=DEVICE)
+    gather = sink_index[..., None, None].expand(-1, -1, 2, 16)
+    with torch.no_grad():
+        o = kernels.sliding_window_decode(
+            q[:, -num_queries:],
+            cache_k,
+            cache_v,
+            window,
+            seq_len - num_queries,
+            k.gather(1, gather),
+            v.gather(1, gather),
+            sink_index,
+            z,
+            first_index=None if first_index is None else first,
+        )
+    o_ref = ops.naive_sliding_window_attention(
+        q.double(), k.double(), v.double(), window, num_sinks, z.double(), key_bounds=key_bounds
+    )
+    assert rel_rms(o, o_ref[:, -num_queries:]) < TOLERANCE[torch.float32][0]
+
+
+def test_rejects_bad_inputs():
+    q, k, v, z, _ = attention_inputs(2, 8, 4, 2, 16, torch.float32, sink_logits=True)
+    with pytest.raises(ValueError, match="HKV"):
+        kernels.sliding_window_attention(q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1), 4)
+    with pytest.raises(ValueError, match="sink_logits"):
+        kernels.sliding_window_attention(q, k, v, 4, sink_logits=z[:2])
+    with pytest.raises(ValueError, match="batch size is expected to be 1"):
+        kernels.sliding_window_attention(q, k, v, 4, cu_seqlens=torch.tensor([0, 3, 8], device=DEVICE))
+    packed = [x[:1] for x in (q, k, v)]
+    for bounds in ([1, 9], [0, 5, 3, 8], [0, 7]):
+        with pytest.raises(ValueError, match="must rise from 0"):
+            kernels.sliding_window_attention(*packed, 4, cu_seqlens=torch.tensor(bounds, device=DEVICE))
+    with pytest.raises(ValueError, match="window"):
+        kernels.sliding_window_attention(q, k, v, 0)
+    with pytest.raises(RuntimeError, match="no backward"):
+        kernels.sliding_window_decode(q.requires_grad_(), k, v, 4, 0)
+
+
+class CountingOps:
+    """Wraps the mixer's (prefill, decode) kernel ops and counts their calls."""
+
+    def __init__(self):
+        self.calls = {"prefill": 0, "decode": 0}
+        prefill_op, decode_op = mixer_sliding.triton_sliding_ops()
+        self.ops = (self.counted("prefill", prefill_op), self.counted("decode", decode_op))
+
+    def counted(self, name, op):
+        def call(*args, **kwargs):
+            self.calls[name] += 1
+            return op(*args, **kwargs)
+
+        return call
+
+
+def build_model(tiny_config):
+    torch.manual_seed(0)
+    options = {"sliding": {"window": 8, "sink_tokens": 2, "sink_logits": True}}
+    model = EffAttnForCausalLM(tiny_config(["sliding", "full", "sliding"], options)).to(DEVICE)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SlidingWindowAttention):
+                module.sinks.normal_(0.0, 1.0)
+    return model
+
+
+def run_with(ops_kind, monkeypatch, fn):
+    monkeypatch.setattr(mixer_sliding, "SLIDING_OPS_OVERRIDE", ops_kind)
+    counter = CountingOps()
+    monkeypatch.setattr(mixer_sliding, "triton_sliding_ops", lambda: counter.ops)
+    return fn(), counter.calls
+
+
+def test_mixer_forward_and_gradients_match_the_reference(tiny_config, monkeypatch):
+    model = build_model(tiny_config).train()
+    ids = torch.randint(1, 97, (2, 21), device=DEVICE)
+    # left padding on one row: the kernel takes it as per-row key bounds
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+
+    def loss_and_grads():
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask).logits
+        logits.float().pow(2).mean().backward()
+        return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    (ref_logits, ref_grads), _ = run_with("reference", monkeypatch, loss_and_grads)
+    (logits, grads), calls = run_with("triton", monkeypatch, loss_and_grads)
+    assert calls == {"prefill": 2, "decode": 0}
+    assert rel_rms(logits, ref_logits) < 1e-4
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert rel_rms(grad, ref_grads[name]) < 1e-3, name
+
+
+def test_mixer_cached_decode_matches_the_reference(tiny_config, monkeypatch):
+    model = build_model(tiny_config).eval()
+    ids = torch.randint(1, 97, (2, 27), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+
+    @torch.no_grad()
+    def decode():
+        cache = DynamicCache(config=model.config)
+        # a prefill, a 4-token chunk, then token-by-token steps past the window (8) and the sinks
+        logits, start = [], 0
+        for size in [12, 4] + [1] * 11:
+            stop = start + size
+            out = model(ids[:, start:stop], attention_mask=mask[:, :stop], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+            start = stop
+        return torch.cat(logits, dim=1)
+
+    expected, _ = run_with("reference", monkeypatch, decode)
+    actual, calls = run_with("triton", monkeypatch, decode)
+    assert calls == {"prefill": 2, "decode": 2 * 12}
+    assert rel_rms(actual, expected) < 1e-4
