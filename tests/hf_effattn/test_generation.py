@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from hf_effattn import MIXER_KINDS, EffAttnForCausalLM
 from hf_effattn.mixer_sliding import SlidingWindowAttention
+from tests.numerics import max_rel_diff, rel_rms
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -28,16 +29,6 @@ def build_model(tiny_config, mixer_types, mixer_options=None, seed=1234, **backb
             if isinstance(module, SlidingWindowAttention) and module.sinks is not None:
                 module.sinks.normal_(0.0, 1.0)
     return model
-
-
-def max_rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max|a - b| / max|b|."""
-    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()).item()
 
 
 def random_ids(batch, length, seed=0):

@@ -15,21 +15,13 @@ from hf_effattn import EffAttnConfig, EffAttnForCausalLM
 from hf_effattn.checkpoint import REMOTE_CODE_FILES, save_checkpoint
 from hf_effattn.conversion.weight_map import effattn_from_teacher
 from hf_effattn.ops_reference import block_topk_attention, block_topk_cached_attention, block_topk_select
+from tests.numerics import max_rel_diff, rel_rms
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 # small blocks so that short inputs have many blocks and a real choice among them
 OPTIONS = {"block_topk": {"block_size": 16, "top_k": 2}}
 DECODE_TOL = 2e-3
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-300)).item()
-
-
-def max_rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
 
 
 def qkv(batch, seq_len, heads=4, kv_heads=2, head_dim=8, seed=0):

@@ -11,16 +11,11 @@ from hf_effattn.ops_reference import (
     recurrent_linear_attention,
     sliding_window_attention,
 )
+from tests.numerics import rel_rms
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 TOL = 1e-5
-
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    """rms(a - b) / rms(b), in fp64."""
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-300)).item()
 
 
 def assert_close(actual, expected, what: str, tol: float = TOL):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_effattn import EffAttnForCausalLM, mixer_block_topk, ops_reference
+from tests.numerics import rel_rms
 
 kernels = pytest.importorskip("hf_effattn.kernels.block_topk")
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -23,11 +24,6 @@ CASES = [
     pytest.param(1, 130, 4, 2, 16, 16, 2, True, torch.float32, [0, 1, 17, 50, 50, 130], id="varlen-short"),
     pytest.param(1, 100, 4, 2, 32, 32, 2, True, torch.bfloat16, None, id="T100-bf16-block32"),
 ]
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-300)).item()
 
 
 def inputs(batch, seq_len, heads, kv_heads, head_dim, dtype, seed=0):

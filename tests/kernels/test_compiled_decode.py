@@ -6,17 +6,13 @@ import torch
 
 from hf_effattn import EffAttnForCausalLM, mixer_linear
 from hf_effattn.ops_reference import recurrent_linear_attention
+from tests.numerics import rel_rms
 
 ops = pytest.importorskip("hf_effattn.kernels.linear_attn_ops")
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 5e-3 if DEVICE == "cuda" else 1e-4
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()).item()
 
 
 def inputs(gate: str, batch=2, heads=2, value_heads=4, dim=16):

@@ -6,6 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from hf_effattn import EffAttnForCausalLM, mixer_linear
+from tests.numerics import rel_rms
 
 pytest.importorskip("hf_effattn.kernels")
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -16,11 +17,6 @@ OUTPUT_TOL, GRAD_TOL = (5e-3, 2e-2) if DEVICE == "cuda" else (1e-4, 1e-3)
 # one mixer per kernel gate type (per head, per channel without and with the delta rule); deltanet is gdn without a
 # gate, which the op tests cover
 KINDS = ["gdn", "gla", "kda"]
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()).item()
 
 
 def run(model, ops, monkeypatch, fn):

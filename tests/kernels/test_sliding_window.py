@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from hf_effattn import EffAttnForCausalLM, mixer_sliding
 from hf_effattn.mixer_sliding import SlidingWindowAttention
 from hf_effattn.ops_reference import sliding_window_attention as reference_op
+from tests.numerics import rel_rms
 
 kernels = pytest.importorskip("hf_effattn.kernels")
 ops = pytest.importorskip("hf_effattn.kernels.sliding_window")
@@ -22,11 +23,6 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter computes fp32 dots exactly; GPUs run them in tf32; 16-bit inputs round p and ds to 16 bits
 TOLERANCE = {torch.float32: (1e-4, 1e-4) if DEVICE == "cpu" else (5e-3, 1e-2), torch.bfloat16: (5e-3, 1e-2)}
-
-
-def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-300)).item()
 
 
 def attention_inputs(batch, seq_len, heads, kv_heads, head_dim, dtype, sink_logits, seed=0):
