@@ -10,18 +10,27 @@ arguments as `hf_effattn.ops_reference.recurrent_linear_attention` plus `cu_seql
 Layout `[B, T, H, K]`; values may have more heads than queries and keys (`HV % H == 0`); states `[N, HV, K, V]` in
 fp32. Chunked ops have a backward; fused-recurrent ops are forward-only kernels for decode and short inputs (when a
 gradient is needed they run the chunked op instead).
+
+Launch configs (V block, warps, pipeline stages) and the segment length of the sequential passes are tuned on a
+CUDA device at the first call of each shape class: every candidate runs once, is checked against the first
+candidate's results and timed, and the fastest is kept (`tuned_configs()` lists the choices). `TUNE = False` keeps
+the first candidates.
 """
 
 import itertools
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from .linear_attn_kernels import (
+    chunk_combine_kernel,
     chunk_cumsum_kernel,
     chunk_grad_kernel,
-    chunk_out_kernel,
     chunk_pairwise_bwd_kernel,
     chunk_pairwise_fwd_kernel,
+    chunk_segment_fwd_kernel,
     chunk_state_bwd_kernel,
     chunk_state_fwd_kernel,
     chunk_wy_fwd_kernel,
@@ -33,9 +42,25 @@ CHUNK_SIZE = 64
 # sub-block of the per-channel pairwise kernels
 SUB_CHUNK = 16
 MAX_HEAD_DIM = 256
-# launch options of the two sequential (state) passes; their loads of the next chunk do not depend on the state,
-# so a second pipeline stage hides their latency
-STATE_PASS_OPTIONS = {"num_warps": 4, "num_stages": 2}
+# u = Ai (beta v) and the pseudo-values vn = u - w h are stored in fp32: vn cancels when the state predicts v well
+# (u, w and vn in bf16 put the GDN output 0.014 off the fp64 reference, fp32 0.0018). w = Ai (beta k exp(b)) is
+# stored in this dtype, or (None) in the input dtype when there is a decay and in fp32 when there is none (without
+# decay its rounding accumulates in the state: DeltaNet's final state 1.2e-3 off at T = 640 in bf16, 4e-6 in fp32);
+# w h is formed from two bf16 halves of h (`_dot_split`).
+W_DTYPE: torch.dtype | None = None
+
+# tune launch configs on CUDA devices (the first candidate of each list is used otherwise)
+TUNE = True
+# do_bench budget of one candidate (ms): a first call of a new shape class costs about this per candidate
+TUNE_WARMUP_MS, TUNE_REP_MS = 3, 15
+# relative RMS difference from the first candidate's results above which a candidate is rejected as miscompiled
+TUNE_REJECT_DIFF = 1e-2
+# testing overrides: {kernel name: index of the candidate to launch}, and the segment length (chunks) of the
+# sequential passes (0: whole sequences)
+CONFIG_OVERRIDE: dict[str, int] = {}
+SEGMENT_CHUNKS: int | None = None
+
+_CHOICES: dict[tuple, dict] = {}
 
 
 def _stages(dtype: torch.dtype, stages: int) -> int:
@@ -55,12 +80,135 @@ def _num_sms(device) -> int:
 
 
 def _state_block_v(value_dim: int, programs: int, device) -> int:
-    """V block of the sequential passes: the largest of 64/32/16 that still gives every SM a program, so that a
-    few long sequences (B = 1, T = 128k) run on more than B * HV programs."""
+    """V block of a sequential pass: the largest of 64/32/16 that still gives every SM a program, so that a few
+    long sequences (B = 1, T = 128k) run on more than B * HV programs."""
     block = _block(value_dim, 64)
     while block > 16 and programs * triton.cdiv(value_dim, block) < _num_sms(device):
         block //= 2
     return block
+
+
+def _size_class(n: int) -> int:
+    """Tuning keys hold sizes rounded to powers of two, so that a new length rarely triggers a new tuning."""
+    return max(int(n), 1).bit_length()
+
+
+def _configs(dtype: torch.dtype, dim: int, candidates) -> list[dict]:
+    """Launch configs from (V block, warps, stages) triples: V blocks capped at the padded dim, one stage for fp32
+    inputs, duplicates dropped (order kept: the first is the untuned default)."""
+    configs = []
+    for block, warps, stages in candidates:
+        config = {"BV": _block(dim, block), "num_warps": warps, "num_stages": _stages(dtype, stages)}
+        if config not in configs:
+            configs.append(config)
+    return configs
+
+
+def _label(config: dict) -> str:
+    return " ".join(f"{key}={value}" for key, value in config.items())
+
+
+def _tuning(device) -> bool:
+    return TUNE and device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+def _difference(results, reference) -> float:
+    """Largest relative RMS difference between two lists of tensors (inf where one is non-finite and the other
+    is not)."""
+    worst = 0.0
+    for a, b in zip(results, reference, strict=True):
+        a, b = a.double(), b.double()
+        finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
+        if not torch.equal(finite_a, finite_b):
+            return float("inf")
+        a, b = a[finite_b], b[finite_b]
+        scale = b.pow(2).mean().sqrt().clamp_min(1e-30) if b.numel() else 1.0
+        worst = max(worst, float((a - b).pow(2).mean().sqrt() / scale) if b.numel() else 0.0)
+    return worst
+
+
+def _pick(name: str, key: tuple, options: list, run, outputs, device):
+    """The option to use for `name` at `key`: the first, or when tuning the fastest of those whose results (the
+    tensors `outputs()` returns after `run(option)`) match the first's."""
+    if len(options) == 1 or not _tuning(device):
+        return options[0]
+    full_key = (name, *key)
+    if full_key in _CHOICES:
+        return _CHOICES[full_key]["choice"]
+    reference, timings, best, best_ms = None, {}, None, float("inf")
+    start = time.perf_counter()
+    for option in options:
+        label = option if isinstance(option, str) else (_label(option) if isinstance(option, dict) else str(option))
+        try:
+            # NaN first: a candidate that leaves part of an output unwritten differs from the reference there
+            for x in outputs():
+                if x.is_floating_point():
+                    x.fill_(float("nan"))
+            run(option)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except Exception as error:  # noqa: BLE001 (compile failures, e.g. too much shared memory, rule out a candidate)
+            timings[label] = f"failed: {type(error).__name__}: {str(error)[:200]}"
+            continue
+        results = [x.clone() for x in outputs()]
+        if reference is None:
+            reference = results
+        else:
+            difference = _difference(results, reference)
+            if not difference <= TUNE_REJECT_DIFF:
+                timings[label] = f"rejected: results differ from the first candidate's by {difference:.1e}"
+                continue
+        ms = triton.testing.do_bench(lambda option=option: run(option), warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS)
+        timings[label] = ms
+        if ms < best_ms:
+            best, best_ms = option, ms
+    if best is None:
+        # every candidate failed: launch the first, which raises its error
+        best = options[0]
+    seconds = time.perf_counter() - start
+    _CHOICES[full_key] = {"kernel": name, "key": key, "choice": best, "timings": timings, "seconds": seconds}
+    return best
+
+
+def _precompile(kernel, grid, configs, args, kwargs):
+    """Compiles the candidate configs in parallel threads (Triton's asynchronous compile mode), so that tuning
+    waits for the slowest compile rather than their sum; on any failure the launches compile them instead."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return
+    try:
+        workers = min(len(configs), os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+            for config in configs:
+                kernel.warmup(*args, grid=grid(config), **kwargs, **config)
+    except Exception:  # noqa: BLE001, S110 (the launches compile serially instead)
+        pass
+
+
+def _launch(kernel, grid, configs: list[dict], key: tuple, args: tuple, kwargs: dict, outputs: tuple, device):
+    """kernel[grid(config)](*args, **kwargs, **config), config one of `configs` (see `_pick`); the tuning key adds
+    the constexpr arguments and the tensor dtypes to `key`. Kernels tuned this way only write their outputs."""
+    name = kernel.fn.__name__
+    if name in CONFIG_OVERRIDE:
+        config = configs[min(CONFIG_OVERRIDE[name], len(configs) - 1)]
+    else:
+        dtypes = tuple(str(x.dtype) for x in args if isinstance(x, torch.Tensor))
+        full_key = (*key, tuple(sorted(kwargs.items())), dtypes)
+        if len(configs) > 1 and _tuning(device) and (name, *full_key) not in _CHOICES:
+            _precompile(kernel, grid, configs, args, kwargs)
+
+        def run(config):
+            kernel[grid(config)](*args, **kwargs, **config)
+
+        config = _pick(name, full_key, configs, run, lambda: [x for x in outputs if x is not None], device)
+    kernel[grid(config)](*args, **kwargs, **config)
+
+
+def tuned_configs() -> list[dict]:
+    """The tuning choices made so far: kernel (or pass) name, key, choice, the timing (ms) or fate of every candidate,
+    and the seconds its runs took (a segment-length choice includes the tunings of the kernels it ran first)."""
+    return [dict(entry) for entry in _CHOICES.values()]
 
 
 class _Chunks:
@@ -68,23 +216,69 @@ class _Chunks:
 
     def __init__(self, batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, device):
         self.is_varlen = cu_seqlens is not None
+        self.cu_seqlens = cu_seqlens
+        self.device = device
         if cu_seqlens is None:
             self.num_seqs = batch
             self.per_row = triton.cdiv(seq_len, CHUNK_SIZE)
             self.total = batch * self.per_row
+            self.counts = [self.per_row] * batch
             self.indices = self.offsets = None
             return
         bounds = cu_seqlens.tolist()
-        counts = [triton.cdiv(hi - lo, CHUNK_SIZE) for lo, hi in itertools.pairwise(bounds)]
-        pairs = [(n, c) for n, count in enumerate(counts) for c in range(count)]
+        self.counts = [triton.cdiv(hi - lo, CHUNK_SIZE) for lo, hi in itertools.pairwise(bounds)]
+        pairs = [(n, c) for n, count in enumerate(self.counts) for c in range(count)]
         starts = [0]
-        for count in counts[:-1]:
+        for count in self.counts[:-1]:
             starts.append(starts[-1] + count)
-        self.num_seqs = len(counts)
+        self.num_seqs = len(self.counts)
         self.per_row = len(pairs)
         self.total = len(pairs)
         self.indices = torch.tensor(pairs or [(0, 0)], dtype=torch.int32, device=device)
         self.offsets = torch.tensor(starts, dtype=torch.int64, device=device)
+
+
+class _Segments:
+    """The units of the sequential passes: whole sequences, or runs of `length` chunks of them (split), which
+    `chunk_segment_fwd_kernel` and `chunk_combine_kernel` join."""
+
+    def __init__(self, chunks: _Chunks, length: int | None):
+        longest = max(chunks.counts, default=0)
+        self.split = bool(length) and length < longest
+        self.length = length if self.split else max(longest, 1)
+        self.table = self.offsets = None
+        if not chunks.is_varlen:
+            self.per_seq = triton.cdiv(chunks.per_row, self.length) if self.split else 1
+            self.total = chunks.num_seqs * self.per_seq
+            return
+        self.per_seq = 1
+        if self.split:
+            starts = [[(n, c) for c in range(0, count, self.length)] for n, count in enumerate(chunks.counts)]
+        else:
+            # one segment per sequence, empty ones included: their final state is their initial state
+            starts = [[(n, 0)] for n in range(chunks.num_seqs)]
+        table = [pair for pairs in starts for pair in pairs]
+        self.total = len(table)
+        self.table = torch.tensor(table or [(0, 0)], dtype=torch.int32, device=chunks.device)
+        self.offsets = torch.tensor(
+            [0, *itertools.accumulate(len(pairs) for pairs in starts)], dtype=torch.int64, device=chunks.device
+        )
+
+
+def _segment_options(chunks: _Chunks, num_v_heads: int, value_dim: int, device) -> list[int]:
+    """Segment lengths (chunks; 0 = whole sequences) to try for the sequential passes, the untuned choice first.
+    Sequences are split when they give fewer than four programs per SM at V blocks of 64, into segments that give
+    about four; below one program per SM whole sequences are not tried."""
+    if SEGMENT_CHUNKS is not None:
+        return [SEGMENT_CHUNKS]
+    longest = max(chunks.counts, default=0)
+    programs = chunks.num_seqs * num_v_heads * triton.cdiv(value_dim, 64)
+    sms = _num_sms(device)
+    if programs >= 4 * sms or longest < 32:
+        return [0]
+    length = max(16, triton.next_power_of_2(triton.cdiv(longest * programs, 4 * sms)))
+    options = [length, length // 2, 2 * length] if programs < sms else [0, length, 2 * length]
+    return [x for x in options if x == 0 or 16 <= x <= longest // 2] or [0]
 
 
 def _chunk_cumsum(x, cu_seqlens, chunks, reverse, out_dtype):
@@ -93,123 +287,416 @@ def _chunk_cumsum(x, cu_seqlens, chunks, reverse, out_dtype):
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     grid = (chunks.per_row, batch * num_v_heads)
     chunk_cumsum_kernel[grid](
-        x, y, cu_seqlens, chunks.indices, seq_len, HV=num_v_heads, G=width, BG=triton.next_power_of_2(width),
-        BT=CHUNK_SIZE, REVERSE=reverse, IS_VARLEN=chunks.is_varlen,
+        x,
+        y,
+        cu_seqlens,
+        chunks.indices,
+        seq_len,
+        HV=num_v_heads,
+        G=width,
+        BG=triton.next_power_of_2(width),
+        BT=CHUNK_SIZE,
+        REVERSE=reverse,
+        IS_VARLEN=chunks.is_varlen,
     )
     return y
 
 
-def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunks):
-    batch, seq_len, num_heads, key_dim = q.shape
+def _shape(q, v, chunks) -> dict:
+    """The constexpr shape arguments shared by the chunk kernels."""
+    return {
+        "H": q.shape[2],
+        "HV": v.shape[2],
+        "K": q.shape[3],
+        "BT": CHUNK_SIZE,
+        "BK": _block(q.shape[3], MAX_HEAD_DIM),
+        "IS_VARLEN": chunks.is_varlen,
+    }
+
+
+def _join_segments(
+    k, w, y, b, initial_state, final_state, segments, chunks, shape, value_dim, gate, delta, reverse, maps=None
+):
+    """The state (reverse: state gradient) at every segment boundary: the map M S + C across each segment, then a
+    sequential pass over the segments. y: the segments' C (reverse) or the writes (u or v) to compute it from.
+    Returns (hs `[NS, HV, K, V]`, M)."""
+    seq_len, num_v_heads, key_dim = k.shape[1], shape["HV"], shape["K"]
+    device = k.device
+    common = (chunks.cu_seqlens, chunks.offsets, segments.table, seq_len, segments.per_seq, segments.length)
+    key = (_size_class(segments.total * num_v_heads), _size_class(segments.length))
+    if maps is None:
+        maps = k.new_empty(segments.total, num_v_heads, key_dim, key_dim, dtype=torch.float32)
+        # reverse: M only (the columns past K are not launched)
+        ct = maps if reverse else k.new_empty(segments.total, num_v_heads, key_dim, value_dim, dtype=torch.float32)
+        kwargs = {"V": value_dim, "GATE": gate, "DELTA": delta, **shape}
+        _launch(
+            chunk_segment_fwd_kernel,
+            lambda c: (
+                triton.cdiv(key_dim, c["BV"]) + (0 if reverse else triton.cdiv(value_dim, c["BV"])),
+                segments.total * num_v_heads,
+            ),
+            _configs(k.dtype, max(key_dim, value_dim), ((64, 4, 2), (32, 4, 2), (64, 8, 2))),
+            (*key, reverse),
+            (k, w, y, b, maps, ct, *common),
+            kwargs,
+            (maps, ct),
+            device,
+        )
+        if not reverse:
+            y = ct
+    hs = k.new_empty(segments.total, num_v_heads, key_dim, value_dim, dtype=torch.float32)
+    num_seqs = chunks.num_seqs
+    _launch(
+        chunk_combine_kernel,
+        lambda c: (triton.cdiv(value_dim, c["BV"]), num_seqs * num_v_heads),
+        _configs(torch.float32, value_dim, ((32, 8, 1), (16, 8, 1), (32, 8, 2), (64, 8, 1))),
+        (_size_class(num_seqs * num_v_heads), _size_class(segments.per_seq)),
+        (maps, y, initial_state, hs, final_state, segments.offsets, segments.per_seq),
+        {
+            "HV": num_v_heads,
+            "K": key_dim,
+            "V": value_dim,
+            "BK": shape["BK"],
+            "REVERSE": reverse,
+            "USE_INITIAL_STATE": initial_state is not None,
+            "STORE_FINAL_STATE": final_state is not None,
+            "IS_VARLEN": chunks.is_varlen,
+        },
+        (hs, final_state),
+        device,
+    )
+    return hs, maps
+
+
+def _state_pass_configs(dtype, value_dim, programs, device):
+    """(V block, warps, stages) candidates of the sequential passes; the first keeps every SM busy."""
+    default = (_state_block_v(value_dim, programs, device), 4, 2)
+    return _configs(dtype, value_dim, (default, (16, 4, 2), (32, 4, 2), (64, 4, 2), (64, 8, 2), (32, 4, 1), (64, 4, 1)))
+
+
+def _state_fwd(q, k, v, w, u, b, aqk, o, h, vn, initial_state, final_state, scale, chunks, shape, gate, delta):
+    """The forward sequential pass: o, and h and vn when given (for the backward); final_state when given."""
+    seq_len, num_v_heads, key_dim, value_dim = q.shape[1], v.shape[2], q.shape[3], v.shape[3]
+    device = q.device
+
+    def run(length):
+        segments = _Segments(chunks, length)
+        if segments.split:
+            h0, _ = _join_segments(
+                k,
+                w,
+                u if delta else v,
+                b,
+                initial_state,
+                final_state,
+                segments,
+                chunks,
+                shape,
+                value_dim,
+                gate,
+                delta,
+                reverse=False,
+            )
+            init = 2
+        else:
+            h0, init = initial_state, 0 if initial_state is None else 1
+        programs = segments.total * num_v_heads
+        _launch(
+            chunk_state_fwd_kernel,
+            lambda c: (triton.cdiv(value_dim, c["BV"]), programs),
+            _state_pass_configs(q.dtype, value_dim, programs, device),
+            (_size_class(programs), _size_class(segments.length)),
+            (
+                q,
+                k,
+                v,
+                w,
+                u,
+                b,
+                aqk,
+                o,
+                h,
+                vn,
+                h0,
+                final_state,
+                chunks.cu_seqlens,
+                chunks.offsets,
+                segments.table,
+                scale,
+                seq_len,
+                segments.per_seq,
+                segments.length,
+            ),
+            {
+                "V": value_dim,
+                "GATE": gate,
+                "DELTA": delta,
+                "INIT": init,
+                "STORE_FINAL_STATE": final_state is not None and not segments.split,
+                "STORE_STATES": h is not None,
+                **shape,
+            },
+            # the final state comes from the combine kernel when split
+            (o, h, vn, None if segments.split else final_state),
+            device,
+        )
+
+    options = _segment_options(chunks, num_v_heads, value_dim, device)
+    key = (
+        _size_class(chunks.num_seqs * num_v_heads),
+        _size_class(max(chunks.counts, default=0)),
+        q.dtype,
+        gate,
+        delta,
+        key_dim,
+        value_dim,
+        h is not None,
+        initial_state is not None,
+        final_state is not None,
+    )
+    run(
+        _pick(
+            "state_fwd segment length",
+            key,
+            options,
+            run,
+            lambda: [x for x in (o, final_state) if x is not None],
+            device,
+        )
+    )
+
+
+def _state_bwd(q, k, w, b, aqk, do, dh, dvn, dht, dh0, scale, chunks, shape, gate, delta):
+    """The backward sequential pass: dh, dvn, and dh0 when given."""
+    seq_len, num_v_heads, key_dim, value_dim = q.shape[1], do.shape[2], q.shape[3], do.shape[3]
+    device = q.device
+
+    def launch(segments, init, final, store, state_in, state_out):
+        programs = segments.total * num_v_heads
+        _launch(
+            chunk_state_bwd_kernel,
+            lambda c: (triton.cdiv(value_dim, c["BV"]), programs),
+            _state_pass_configs(q.dtype, value_dim, programs, device),
+            (_size_class(programs), _size_class(segments.length)),
+            (
+                q,
+                k,
+                w,
+                b,
+                aqk,
+                do,
+                dh,
+                dvn,
+                state_in,
+                state_out,
+                chunks.cu_seqlens,
+                chunks.offsets,
+                segments.table,
+                scale,
+                seq_len,
+                segments.per_seq,
+                segments.length,
+            ),
+            {
+                "V": value_dim,
+                "GATE": gate,
+                "DELTA": delta,
+                "INIT": init,
+                "FINAL": final,
+                "STORE_STATES": store,
+                **shape,
+            },
+            (dh, dvn, state_out) if store else (state_out,),
+            device,
+        )
+
+    def run(length):
+        segments = _Segments(chunks, length)
+        if not segments.split:
+            launch(segments, 0 if dht is None else 1, 0 if dh0 is None else 1, True, dht, dh0)
+            return
+        # per segment, the gradient of its entering state from its own chunks (C of the reverse map)
+        local = k.new_empty(segments.total, num_v_heads, key_dim, value_dim, dtype=torch.float32)
+        launch(segments, 0, 2, False, None, local)
+        dhs, _ = _join_segments(k, w, local, b, dht, dh0, segments, chunks, shape, value_dim, gate, delta, reverse=True)
+        launch(segments, 2, 0, True, dhs, None)
+
+    options = _segment_options(chunks, num_v_heads, value_dim, device)
+    key = (
+        _size_class(chunks.num_seqs * num_v_heads),
+        _size_class(max(chunks.counts, default=0)),
+        q.dtype,
+        gate,
+        delta,
+        key_dim,
+        value_dim,
+        dht is not None,
+        dh0 is not None,
+    )
+    run(
+        _pick(
+            "state_bwd segment length", key, options, run, lambda: [x for x in (dh, dvn, dh0) if x is not None], device
+        )
+    )
+
+
+def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunks, needs_grad):
+    batch, seq_len, _, key_dim = q.shape
     num_v_heads, value_dim = v.shape[2], v.shape[3]
     gate = 0 if g is None else (1 if g.dim() == 3 else 2)
     delta = beta is not None
-    bk = _block(key_dim, MAX_HEAD_DIM)
-    shape = {"T": seq_len, "H": num_heads, "HV": num_v_heads, "K": key_dim, "BT": CHUNK_SIZE, "BK": bk,
-             "IS_VARLEN": chunks.is_varlen}
-    grid_chunks = (chunks.per_row, batch * num_v_heads)
+    shape = _shape(q, v, chunks)
     pair_shape = (batch, seq_len, num_v_heads, CHUNK_SIZE)
+    device = q.device
 
     b = None if g is None else _chunk_cumsum(g, cu_seqlens, chunks, False, torch.float32)
     aqk = akk = None
     if gate == 2:
-        aqk = q.new_zeros(pair_shape, dtype=torch.float32)
-        akk = q.new_zeros(pair_shape, dtype=torch.float32)
+        # the kernels write the zero blocks above the diagonal too
+        aqk = q.new_empty(pair_shape, dtype=torch.float32)
+        akk = q.new_empty(pair_shape, dtype=torch.float32) if delta else None
         chunk_pairwise_fwd_kernel[(chunks.per_row, CHUNK_SIZE // SUB_CHUNK, batch * num_v_heads)](
-            q, k, b, aqk, akk, cu_seqlens, chunks.indices, scale, BC=SUB_CHUNK, **shape,
+            q,
+            k,
+            b,
+            aqk,
+            akk,
+            cu_seqlens,
+            chunks.indices,
+            scale,
+            seq_len,
+            BC=SUB_CHUNK,
+            DELTA=delta,
+            **shape,
         )
     ai = w = u = None
     if delta:
-        ai = q.new_zeros(pair_shape, dtype=torch.float32)
-        # the pseudo-values vn = u - w h cancel when the state predicts v well: w, u and vn stay in fp32
-        w = k.new_empty(batch, seq_len, num_v_heads, key_dim, dtype=torch.float32)
+        ai = q.new_empty(pair_shape, dtype=torch.float32) if needs_grad else None
+        w_dtype = W_DTYPE or (k.dtype if gate else torch.float32)
+        w = k.new_empty(batch, seq_len, num_v_heads, key_dim, dtype=w_dtype)
         u = torch.empty_like(v, dtype=torch.float32)
-        chunk_wy_fwd_kernel[grid_chunks](
-            k, v, b, beta, akk, ai, w, u, cu_seqlens, chunks.indices, V=value_dim, BV=_block(value_dim, 64),
-            GATE=gate, num_warps=4, **shape,
+        _launch(
+            chunk_wy_fwd_kernel,
+            lambda c: (chunks.per_row, batch * num_v_heads),
+            _configs(q.dtype, value_dim, ((64, 4, 3), (128, 8, 3))),
+            (_size_class(chunks.total * num_v_heads),),
+            (k, v, b, beta, akk, ai, w, u, cu_seqlens, chunks.indices, seq_len),
+            {"V": value_dim, "GATE": gate, "STORE_AI": needs_grad, **shape},
+            (w, u, ai),
+            device,
         )
 
-    h = k.new_empty(chunks.total, num_v_heads, key_dim, value_dim)
-    vn = torch.empty_like(v, dtype=torch.float32) if delta else None
-    ht = q.new_empty(chunks.num_seqs, num_v_heads, key_dim, value_dim, dtype=torch.float32) if output_final_state else None
-    bv = _state_block_v(value_dim, chunks.num_seqs * num_v_heads, q.device)
-    options = {**STATE_PASS_OPTIONS, "num_stages": _stages(q.dtype, STATE_PASS_OPTIONS["num_stages"])}
-    chunk_state_fwd_kernel[(triton.cdiv(value_dim, bv), chunks.num_seqs * num_v_heads)](
-        k, v, w, u, b, h, vn, initial_state, ht, cu_seqlens, chunks.offsets, V=value_dim, BV=bv, GATE=gate,
-        DELTA=delta, USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        **options, **shape,
-    )
     o = torch.empty_like(v)
-    bv = _block(value_dim, 64)
-    chunk_out_kernel[(triton.cdiv(value_dim, bv), chunks.per_row, batch * num_v_heads)](
-        q, k, b, aqk, h, vn if delta else v, o, cu_seqlens, chunks.indices, scale, V=value_dim, BV=bv, GATE=gate,
-        TRANSPOSED=False, num_warps=4, **shape,
+    h = k.new_empty(chunks.total, num_v_heads, key_dim, value_dim) if needs_grad else None
+    vn = torch.empty_like(v, dtype=torch.float32) if needs_grad and delta else None
+    ht = (
+        q.new_empty(chunks.num_seqs, num_v_heads, key_dim, value_dim, dtype=torch.float32)
+        if output_final_state
+        else None
     )
+    _state_fwd(q, k, v, w, u, b, aqk, o, h, vn, initial_state, ht, scale, chunks, shape, gate, delta)
     return o, ht, (b, aqk, akk, ai, w, u, h, vn)
 
 
-def _chunk_bwd(q, k, v, beta, g_dtype, scale, initial_state, cu_seqlens, chunks, saved, do, dht):
+def _chunk_bwd(q, k, v, beta, g_dtype, scale, initial_state, chunks, saved, do, dht):
     b, aqk, akk, ai, w, u, h, vn = saved
     batch, seq_len, num_heads, key_dim = q.shape
     num_v_heads, value_dim = v.shape[2], v.shape[3]
     gate = 0 if b is None else (1 if b.dim() == 3 else 2)
     delta = beta is not None
-    bk = _block(key_dim, MAX_HEAD_DIM)
-    shape = {"T": seq_len, "H": num_heads, "HV": num_v_heads, "K": key_dim, "V": value_dim, "BT": CHUNK_SIZE,
-             "BK": bk, "IS_VARLEN": chunks.is_varlen}
-    bv = _block(value_dim, 64)
+    shape = _shape(q, v, chunks)
+    device = q.device
 
-    dv_local = v.new_empty(v.shape, dtype=torch.float32)
-    chunk_out_kernel[(triton.cdiv(value_dim, bv), chunks.per_row, batch * num_v_heads)](
-        q, k, b, aqk, None, do, dv_local, cu_seqlens, chunks.indices, scale, BV=bv, GATE=gate, TRANSPOSED=True,
-        num_warps=4, **shape,
-    )
     dh = h.new_empty(h.shape)
-    dvn = torch.empty_like(dv_local)
+    dvn = v.new_empty(v.shape, dtype=torch.float32)
     dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
-    bv_state = _state_block_v(value_dim, chunks.num_seqs * num_v_heads, q.device)
-    options = {**STATE_PASS_OPTIONS, "num_stages": _stages(q.dtype, STATE_PASS_OPTIONS["num_stages"])}
-    chunk_state_bwd_kernel[(triton.cdiv(value_dim, bv_state), chunks.num_seqs * num_v_heads)](
-        q, k, w, b, do, dv_local, dh, dvn, dht, dh0, cu_seqlens, chunks.offsets, scale, BV=bv_state, GATE=gate,
-        DELTA=delta, USE_FINAL_STATE_GRADIENT=dht is not None, USE_INITIAL_STATE=initial_state is not None,
-        **options, **shape,
-    )
+    _state_bwd(q, k, w, b, aqk, do, dh, dvn, dht, dh0, scale, chunks, shape, gate, delta)
 
+    groups = num_v_heads // num_heads
+    # without GVA and pairwise corrections the gradients of q and k are final here
+    direct = groups == 1 and gate != 2
     per_value_head = (batch, seq_len, num_v_heads, key_dim)
-    dq = q.new_empty(per_value_head, dtype=torch.float32)
-    dk = q.new_empty(per_value_head, dtype=torch.float32)
+    dq = q.new_empty(per_value_head, dtype=q.dtype if direct else torch.float32)
+    dk = q.new_empty(per_value_head, dtype=k.dtype if direct else torch.float32)
     dv = torch.empty_like(v)
     dbeta = beta.new_empty(beta.shape, dtype=torch.float32) if delta else None
     db = b.new_empty(b.shape) if b is not None else None
     daqk = dakk = None
     if gate == 2:
         daqk = q.new_empty(aqk.shape, dtype=torch.float32)
-        dakk = q.new_empty(aqk.shape, dtype=torch.float32)
-    chunk_grad_kernel[(chunks.per_row, batch * num_v_heads)](
-        q, k, v, b, beta, akk, ai, w, u, vn, h, dh, do, dvn, dq, dk, dv, dbeta, db, daqk, dakk, cu_seqlens,
-        chunks.indices, scale, BV=_block(value_dim, 32), GATE=gate, DELTA=delta, num_warps=8 if bk >= 64 else 4,
-        num_stages=_stages(q.dtype, 3), **shape,
+        dakk = q.new_empty(aqk.shape, dtype=torch.float32) if delta else None
+    wide = shape["BK"] >= 64
+    _launch(
+        chunk_grad_kernel,
+        lambda c: (chunks.per_row, batch * num_v_heads),
+        _configs(q.dtype, value_dim, ((32, 8 if wide else 4, 3), (32, 8, 2), (64, 8, 2), (16, 8, 2))),
+        (_size_class(chunks.total * num_v_heads),),
+        (
+            q,
+            k,
+            v,
+            b,
+            beta,
+            akk,
+            ai,
+            w,
+            u,
+            vn,
+            h,
+            dh,
+            do,
+            dvn,
+            dq,
+            dk,
+            dv,
+            dbeta,
+            db,
+            daqk,
+            dakk,
+            chunks.cu_seqlens,
+            chunks.indices,
+            scale,
+            seq_len,
+        ),
+        {"V": value_dim, "GATE": gate, "DELTA": delta, **shape},
+        (dq, dk, dv, dbeta, db, daqk, dakk),
+        device,
     )
     if gate == 2:
-        shape.pop("V")
         chunk_pairwise_bwd_kernel[(chunks.per_row, CHUNK_SIZE // SUB_CHUNK, batch * num_v_heads)](
-            q, k, b, daqk, dakk, dq, dk, db, cu_seqlens, chunks.indices, BC=SUB_CHUNK, DELTA=delta, num_warps=4,
+            q,
+            k,
+            b,
+            daqk,
+            dakk,
+            dq,
+            dk,
+            db,
+            chunks.cu_seqlens,
+            chunks.indices,
+            seq_len,
+            BC=SUB_CHUNK,
+            DELTA=delta,
+            num_warps=4,
             **shape,
         )
-    dg = None if b is None else _chunk_cumsum(db, cu_seqlens, chunks, True, g_dtype)
-    groups = num_v_heads // num_heads
-    # value heads of one group share their query/key head: sum their gradients
-    dq = dq.view(batch, seq_len, num_heads, groups, key_dim).sum(3).to(q.dtype)
-    dk = dk.view(batch, seq_len, num_heads, groups, key_dim).sum(3).to(k.dtype)
+    dg = None if b is None else _chunk_cumsum(db, chunks.cu_seqlens, chunks, True, g_dtype)
+    if not direct:
+        # value heads of one group share their query/key head: sum their gradients
+        dq = dq.view(batch, seq_len, num_heads, groups, key_dim).sum(3).to(q.dtype)
+        dk = dk.view(batch, seq_len, num_heads, groups, key_dim).sum(3).to(k.dtype)
     return dq, dk, dv, dg, dbeta, dh0
 
 
 class ChunkLinearAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, needs_grad):
         chunks = _Chunks(q.shape[0], q.shape[1], cu_seqlens, q.device)
-        o, ht, saved = _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunks)
-        ctx.save_for_backward(q, k, v, beta, initial_state, cu_seqlens, *saved)
+        o, ht, saved = _chunk_fwd(
+            q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunks, needs_grad
+        )
+        if needs_grad:
+            ctx.save_for_backward(q, k, v, beta, initial_state, *saved)
         ctx.chunks = chunks
         ctx.scale = scale
         ctx.g_dtype = None if g is None else g.dtype
@@ -218,16 +705,25 @@ class ChunkLinearAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, initial_state, cu_seqlens, *saved = ctx.saved_tensors
+        q, k, v, beta, initial_state, *saved = ctx.saved_tensors
         dq, dk, dv, dg, dbeta, dh0 = _chunk_bwd(
-            q, k, v, beta, ctx.g_dtype, ctx.scale, initial_state, cu_seqlens, ctx.chunks, saved, do.contiguous(),
+            q,
+            k,
+            v,
+            beta,
+            ctx.g_dtype,
+            ctx.scale,
+            initial_state,
+            ctx.chunks,
+            saved,
+            do.contiguous(),
             None if dht is None else dht.contiguous(),
         )
         if dbeta is not None:
             dbeta = dbeta.to(ctx.beta_dtype)
         if dh0 is not None:
             dh0 = dh0.to(initial_state.dtype)
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -308,7 +804,11 @@ def chunk_linear_attention(
     q, k, v, g, beta, scale, initial_state, cu_seqlens = _prepare(
         q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel
     )
-    return ChunkLinearAttentionFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+    tensors = (q, k, v, g, beta, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+    return ChunkLinearAttentionFunction.apply(
+        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, needs_grad
+    )
 
 
 @torch.compiler.disable
@@ -347,27 +847,68 @@ def fused_recurrent_linear_attention(
     ht = q.new_empty(num_seqs, num_v_heads, key_dim, value_dim, dtype=torch.float32) if output_final_state else None
     bv = _state_block_v(value_dim, num_seqs * num_v_heads, q.device)
     fused_recurrent_fwd_kernel[(triton.cdiv(value_dim, bv), num_seqs * num_v_heads)](
-        q, k, v, g, beta, o, initial_state, ht, cu_seqlens, scale, seq_len, H=num_heads, HV=num_v_heads, K=key_dim,
-        V=value_dim, BK=_block(key_dim, MAX_HEAD_DIM), BV=bv, GATE=0 if g is None else (1 if g.dim() == 3 else 2),
-        DELTA=beta is not None, L2NORM=use_qk_l2norm_in_kernel, USE_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=output_final_state, IS_VARLEN=cu_seqlens is not None, num_warps=4,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        o,
+        initial_state,
+        ht,
+        cu_seqlens,
+        scale,
+        seq_len,
+        H=num_heads,
+        HV=num_v_heads,
+        K=key_dim,
+        V=value_dim,
+        BK=_block(key_dim, MAX_HEAD_DIM),
+        BV=bv,
+        GATE=0 if g is None else (1 if g.dim() == 3 else 2),
+        DELTA=beta is not None,
+        L2NORM=use_qk_l2norm_in_kernel,
+        USE_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=output_final_state,
+        IS_VARLEN=cu_seqlens is not None,
+        num_warps=4,
     )
     return o, ht
 
 
 def chunk_gated_delta_rule(
-    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
-    cu_seqlens=None, **kwargs,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    cu_seqlens=None,
+    **kwargs,
 ):
     """Gated DeltaNet (chunked): g `[B, T, HV]` log decay per head, beta `[B, T, HV]`. See `chunk_linear_attention`."""
     _no_extra_options(kwargs)
-    return chunk_linear_attention(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                  use_qk_l2norm_in_kernel)
+    return chunk_linear_attention(
+        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel
+    )
 
 
 def fused_recurrent_gated_delta_rule(
-    q, k, v, g=None, gk=None, gv=None, beta=None, scale=None, initial_state=None, output_final_state=False,
-    use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs,
+    q,
+    k,
+    v,
+    g=None,
+    gk=None,
+    gv=None,
+    beta=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    cu_seqlens=None,
+    **kwargs,
 ):
     """Gated DeltaNet (token by token): g `[B, T, HV]` per head, or gk `[B, T, HV, K]` per key channel."""
     _no_extra_options(kwargs)
@@ -377,33 +918,68 @@ def fused_recurrent_gated_delta_rule(
         raise ValueError("pass either g (per head) or gk (per key channel), not both")
     if beta is None:
         beta = torch.ones(v.shape[:3], dtype=q.dtype, device=q.device)
-    return fused_recurrent_linear_attention(q, k, v, gk if g is None else g, beta, scale, initial_state,
-                                            output_final_state, cu_seqlens, use_qk_l2norm_in_kernel)
+    return fused_recurrent_linear_attention(
+        q,
+        k,
+        v,
+        gk if g is None else g,
+        beta,
+        scale,
+        initial_state,
+        output_final_state,
+        cu_seqlens,
+        use_qk_l2norm_in_kernel,
+    )
 
 
 def chunk_delta_rule(
-    q, k, v, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
-    cu_seqlens=None, **kwargs,
+    q,
+    k,
+    v,
+    beta,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    cu_seqlens=None,
+    **kwargs,
 ):
     """DeltaNet (chunked): delta rule without decay, beta `[B, T, HV]`."""
     _no_extra_options(kwargs)
-    return chunk_linear_attention(q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                  use_qk_l2norm_in_kernel)
+    return chunk_linear_attention(
+        q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel
+    )
 
 
 def fused_recurrent_delta_rule(
-    q, k, v, beta=None, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
+    q,
+    k,
+    v,
+    beta=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
     cu_seqlens=None,
 ):
     """DeltaNet (token by token); beta defaults to ones."""
     if beta is None:
         beta = torch.ones(v.shape[:3], dtype=q.dtype, device=q.device)
-    return fused_recurrent_linear_attention(q, k, v, None, beta, scale, initial_state, output_final_state,
-                                            cu_seqlens, use_qk_l2norm_in_kernel)
+    return fused_recurrent_linear_attention(
+        q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel
+    )
 
 
 def chunk_gla(
-    q, k, v, g, scale=None, initial_state=None, output_final_state=False, state_v_first=False, cu_seqlens=None,
+    q,
+    k,
+    v,
+    g,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    state_v_first=False,
+    cu_seqlens=None,
     **kwargs,
 ):
     """GLA (chunked): g `[B, T, HV, K]` log decay per key channel, additive write."""
@@ -412,8 +988,18 @@ def chunk_gla(
 
 
 def fused_recurrent_gla(
-    q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False, reverse=False,
-    state_v_first=False, cu_seqlens=None, **kwargs,
+    q,
+    k,
+    v,
+    gk=None,
+    gv=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    reverse=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    **kwargs,
 ):
     """GLA (token by token): gk `[B, T, HV, K]` log decay per key channel."""
     _no_extra_options(dict(kwargs, state_v_first=state_v_first))
@@ -423,23 +1009,45 @@ def fused_recurrent_gla(
 
 
 def chunk_kda(
-    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
-    cu_seqlens=None, **kwargs,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    cu_seqlens=None,
+    **kwargs,
 ):
     """Kimi Delta Attention (chunked): delta rule with g `[B, T, HV, K]` log decay per key channel."""
     _no_extra_options(kwargs)
-    return chunk_linear_attention(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                  use_qk_l2norm_in_kernel)
+    return chunk_linear_attention(
+        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel
+    )
 
 
 def fused_recurrent_kda(
-    q, k, v, g, beta, A_log=None, dt_bias=None, scale=None, initial_state=None, output_final_state=False,
-    use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    A_log=None,
+    dt_bias=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    cu_seqlens=None,
+    **kwargs,
 ):
     """Kimi Delta Attention (token by token); the in-kernel gate (A_log, dt_bias) is not supported."""
     _no_extra_options(dict(kwargs, A_log=A_log, dt_bias=dt_bias))
-    return fused_recurrent_linear_attention(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                            use_qk_l2norm_in_kernel)
+    return fused_recurrent_linear_attention(
+        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm_in_kernel
+    )
 
 
 # fla options that change the maths are refused rather than silently ignored; the rest are accepted
@@ -447,8 +1055,11 @@ _IGNORED_OPTIONS = {"cu_seqlens_cpu", "chunk_indices", "state_v_first"}
 
 
 def _no_extra_options(kwargs):
-    unknown = {key: True for key, value in kwargs.items() if key not in _IGNORED_OPTIONS and value is not None
-               and value is not False}
+    unknown = {
+        key: True
+        for key, value in kwargs.items()
+        if key not in _IGNORED_OPTIONS and value is not None and value is not False
+    }
     if kwargs.get("state_v_first"):
         unknown["state_v_first"] = True
     if unknown:

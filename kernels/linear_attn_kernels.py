@@ -9,12 +9,17 @@ Per chunk of BT = 64 tokens, with b the in-chunk cumulative log decay and S the 
       w = Ai (beta k exp(b)), u = Ai (beta v), vn = u - w S;  plain write: vn = v;
   o = scale (q exp(b)) S + P vn with P[t, s] = scale sum_k q_t k_s exp(b_t - b_s) (s <= t);
   S' = exp(b_last) S + (k exp(b_last - b))^T vn.
-Only the state pass is sequential over chunks; it runs one program per (sequence, value head, V block).
+Only the state passes are sequential over chunks. They run one program per (segment, value head, V block) and
+compute the output (forward) or the in-chunk value gradient (backward) on the fly, so neither goes through memory.
+A segment is a whole sequence, or, when there are too few sequences to fill the GPU, a run of chunks: the affine map
+S -> M S + C across each segment is computed in parallel (`chunk_segment_fwd_kernel`), a short sequential pass over
+the segments joins them (`chunk_combine_kernel`), and the state passes then run per segment from the joined states.
 Per-channel decays never form exp(+b): pairwise terms are evaluated in 16-token sub-blocks against a reference
 row inside the chunk, so strong decays underflow to zero instead of overflowing.
 
 Layouts: q, k `[B, T, H, K]`; v, o `[B, T, HV, V]`; beta `[B, T, HV]`; b `[B, T, HV, G]` (G = 1 or K);
-pairwise buffers `[B, T, HV, BT]`; states `[NT, HV, K, V]`. Varlen batches have B = 1 and chunk lists.
+pairwise buffers `[B, T, HV, BT]`; per-chunk states `[NT, HV, K, V]`; per-segment maps `[NS, HV, K, K or V]`.
+Varlen batches have B = 1 and chunk and segment lists.
 """
 
 try:
@@ -49,17 +54,163 @@ def _locate_chunk(i_t, i_b, T, cu_seqlens, chunk_indices, BT: tl.constexpr, IS_V
 
 
 @triton.jit
-def _locate_sequence(i_n, T, cu_seqlens, chunk_offsets, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(first token, length, first chunk index in state buffers) of sequence `i_n`."""
+def _locate_segment(i_seg, T, NS, SEG, cu_seqlens, chunk_offsets, segments, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(sequence, first token, length, first chunk of the sequence in state buffers, chunk range [c0, c1) inside
+    the sequence) of segment `i_seg`: SEG chunks (fewer at the end) of one sequence, NS segments per sequence without
+    packing, a (sequence, first chunk) list with packing."""
     if IS_VARLEN:
+        i_n = tl.load(segments + i_seg * 2).to(tl.int64)
+        c0 = tl.load(segments + i_seg * 2 + 1)
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
         first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
     else:
-        bos = i_n.to(tl.int64) * T
+        i_n = (i_seg // NS).to(tl.int64)
+        c0 = (i_seg % NS) * SEG
+        bos = i_n * T
         seq_len = T.to(tl.int64)
-        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, BT)
-    return bos, seq_len, first_chunk
+        first_chunk = i_n * tl.cdiv(T, BT)
+    c1 = tl.minimum(c0 + SEG, tl.cdiv(seq_len, BT).to(tl.int32))
+    return i_n, bos, seq_len, first_chunk, c0, c1
+
+
+@triton.jit
+def _tile_mask(o_t, seq_len, o_d, D: tl.constexpr):
+    return (o_t < seq_len)[:, None] & (o_d < D)[None, :]
+
+
+@triton.jit
+def _tile_offsets(bos, o_t, i_head, NHEAD: tl.constexpr, D: tl.constexpr, o_d):
+    """Offsets of x[bos + o_t, i_head, o_d] in a token-major x `[.., NHEAD, D]`: [len(o_t), len(o_d)]."""
+    return ((bos + o_t) * NHEAD + i_head)[:, None] * D + o_d[None, :]
+
+
+@triton.jit
+def _load_tile(x, bos, seq_len, o_t, i_head, NHEAD: tl.constexpr, D: tl.constexpr, o_d):
+    """x[bos + o_t, i_head, o_d], zero outside the sequence and D: [len(o_t), len(o_d)] in x's dtype."""
+    return tl.load(x + _tile_offsets(bos, o_t, i_head, NHEAD, D, o_d), mask=_tile_mask(o_t, seq_len, o_d, D), other=0.0)
+
+
+@triton.jit
+def _store_tile(x, value, bos, seq_len, o_t, i_head, NHEAD: tl.constexpr, D: tl.constexpr, o_d):
+    tl.store(
+        x + _tile_offsets(bos, o_t, i_head, NHEAD, D, o_d),
+        value.to(x.dtype.element_ty),
+        mask=_tile_mask(o_t, seq_len, o_d, D),
+    )
+
+
+@triton.jit
+def _load_tokens(x, bos, seq_len, o_t, i_head, NHEAD: tl.constexpr):
+    """x[bos + o_t, i_head] of a per-token, per-head x `[.., NHEAD]` (beta, per-head decays): [len(o_t)], fp32."""
+    return tl.load(x + (bos + o_t) * NHEAD + i_head, mask=o_t < seq_len, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _state_offsets(i_state, i_hv, HV: tl.constexpr, K: tl.constexpr, D: tl.constexpr, o_k, o_d):
+    """Offsets of block (o_k, o_d) of state `i_state` of value head `i_hv` in a `[.., HV, K, D]` buffer."""
+    return (i_state * HV + i_hv).to(tl.int64) * K * D + o_k[:, None] * D + o_d[None, :]
+
+
+@triton.jit
+def _load_state(x, i_state, i_hv, HV: tl.constexpr, K: tl.constexpr, D: tl.constexpr, o_k, o_d):
+    m = (o_k < K)[:, None] & (o_d < D)[None, :]
+    return tl.load(x + _state_offsets(i_state, i_hv, HV, K, D, o_k, o_d), mask=m, other=0.0)
+
+
+@triton.jit
+def _store_state(x, value, i_state, i_hv, HV: tl.constexpr, K: tl.constexpr, D: tl.constexpr, o_k, o_d):
+    m = (o_k < K)[:, None] & (o_d < D)[None, :]
+    tl.store(x + _state_offsets(i_state, i_hv, HV, K, D, o_k, o_d), value.to(x.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _load_gate_rows(
+    b,
+    bos,
+    seq_len,
+    o_t,
+    i_hv,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    GATE: tl.constexpr,
+):
+    """Cumulative log decays of rows o_t: [BT, 1] (per head) or [BT, BK] (per channel); zeros without a gate."""
+    if GATE == 2:
+        return _load_tile(b, bos, seq_len, o_t, i_hv, HV, K, tl.arange(0, BK))
+    elif GATE == 1:
+        return _load_tokens(b, bos, seq_len, o_t, i_hv, HV)[:, None]
+    else:
+        return tl.zeros([BT, 1], dtype=tl.float32)
+
+
+@triton.jit
+def _load_gate_last(
+    b,
+    bos,
+    seq_len,
+    i_c,
+    i_hv,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    GATE: tl.constexpr,
+):
+    """Cumulative log decay at the chunk's last token: [1, 1] or [1, BK]."""
+    last = tl.minimum(i_c * BT + BT, seq_len) - 1
+    if GATE == 2:
+        o_k = tl.arange(0, BK)
+        return tl.load(b + ((bos + last) * HV + i_hv) * K + o_k, mask=o_k < K, other=0.0)[None, :]
+    elif GATE == 1:
+        return tl.full([1, 1], 0.0, tl.float32) + tl.load(b + (bos + last) * HV + i_hv)
+    else:
+        return tl.zeros([1, 1], dtype=tl.float32)
+
+
+@triton.jit
+def _qk_scores(
+    b_q, b_k, b_g, aqk, bos, seq_len, o_t, i_hv, scale, HV: tl.constexpr, BT: tl.constexpr, GATE: tl.constexpr
+):
+    """P[t, s] = scale sum_k q_t k_s exp(b_t - b_s) for s <= t, zero elsewhere: [BT, BT], fp32 (per-channel
+    decays: precomputed in aqk)."""
+    m_t = o_t < seq_len
+    o_i = tl.arange(0, BT)
+    m_a = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    if GATE == 2:
+        b_a = tl.load(aqk + _tile_offsets(bos, o_t, i_hv, HV, BT, o_i), mask=m_a, other=0.0)
+    else:
+        b_a = tl.dot(b_q, tl.trans(b_k)) * scale
+        if GATE == 1:
+            b_gt = tl.sum(b_g, axis=1)
+            b_a = b_a * tl.exp(tl.where(m_a, b_gt[:, None] - b_gt[None, :], 0.0))
+        b_a = tl.where(m_a, b_a, 0.0)
+    return b_a
+
+
+@triton.jit
+def _dot_split(a, b, acc):
+    """acc + a @ b for an a exact in its dtype and an fp32 b. bf16 a: b is split into two bf16 halves, which keeps
+    about 16 bits of b (a tf32 dot keeps 11) for two bf16 MMAs; used where the result accumulates or cancels."""
+    if a.dtype == tl.bfloat16:
+        b_hi = b.to(tl.bfloat16)
+        acc = tl.dot(a, b_hi, acc)
+        return tl.dot(a, (b - b_hi.to(tl.float32)).to(tl.bfloat16), acc)
+    else:
+        return tl.dot(a.to(tl.float32), b, acc)
+
+
+@triton.jit
+def _decay_state(b_h, b_k, b_g, b_gl, b_x, m_t, GATE: tl.constexpr):
+    """exp(b_last) S + (k exp(b_last - b))^T x for a state block S [BK, BV] and chunk values x [BT, BV] (fp32). A
+    per-head decay scales the rows of x, so that k enters the MMA exactly."""
+    if GATE == 2:
+        b_kd = (b_k.to(tl.float32) * _masked_exp(b_gl - b_g, m_t[:, None])).to(b_k.dtype)
+        return _dot_split(tl.trans(b_kd), b_x, b_h * tl.trans(tl.exp(b_gl)))
+    else:
+        return _dot_split(tl.trans(b_k), b_x * _masked_exp(b_gl - b_g, m_t[:, None]), b_h * tl.exp(b_gl))
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -82,14 +233,12 @@ def chunk_cumsum_kernel(
     bos, seq_len, i_c, _ = _locate_chunk(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     o_t = i_c * BT + tl.arange(0, BT)
     o_g = tl.arange(0, BG)
-    m_x = (o_t < seq_len)[:, None] & (o_g < G)[None, :]
-    p_x = ((bos + o_t) * HV + i_hv)[:, None] * G + o_g[None, :]
     # [BT, BG]
-    b_x = tl.load(x + p_x, mask=m_x, other=0.0).to(tl.float32)
+    b_x = _load_tile(x, bos, seq_len, o_t, i_hv, HV, G, o_g).to(tl.float32)
     b_y = tl.cumsum(b_x, axis=0)
     if REVERSE:
         b_y = tl.sum(b_x, axis=0)[None, :] - b_y + b_x
-    tl.store(y + p_x, b_y.to(y.dtype.element_ty), mask=m_x)
+    _store_tile(y, b_y, bos, seq_len, o_t, i_hv, HV, G, o_g)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -109,9 +258,10 @@ def chunk_pairwise_fwd_kernel(
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
+    DELTA: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """Per-channel decays: P[t, s] = scale sum_k q_t k_s exp(b_t - b_s) (s <= t) and
+    """Per-channel decays: P[t, s] = scale sum_k q_t k_s exp(b_t - b_s) (s <= t) and (delta rule)
     KK[t, s] = sum_k k_t k_s exp(b_t - b_s) (s < t) for the rows of one BC-row sub-block of a chunk."""
     i_t, i_i, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_hv = i_bh // HV, i_bh % HV
@@ -126,44 +276,49 @@ def chunk_pairwise_fwd_kernel(
     o_r = row0 + o_i
     m_r = o_r < seq_len
     m_rk = m_r[:, None] & m_k[None, :]
-    p_qk = ((bos + o_r) * H + i_h)[:, None] * K + o_k[None, :]
-    p_b = ((bos + o_r) * HV + i_hv)[:, None] * K + o_k[None, :]
     # [BC, BK]
-    b_q = tl.load(q + p_qk, mask=m_rk, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32)
-    b_b = tl.load(b + p_b, mask=m_rk, other=0.0)
+    b_q = _load_tile(q, bos, seq_len, o_r, i_h, H, K, o_k).to(tl.float32)
+    b_k = _load_tile(k, bos, seq_len, o_r, i_h, H, K, o_k).to(tl.float32)
+    b_b = _load_tile(b, bos, seq_len, o_r, i_hv, HV, K, o_k)
     # reference: the sub-block's first row, so that both factors below decay (exponents <= 0)
     b_ref = tl.load(b + ((bos + row0) * HV + i_hv) * K + o_k, mask=m_k, other=0.0)
     b_e = _masked_exp(b_b - b_ref[None, :], m_rk)
     b_qg = b_q * b_e
     b_kg = b_k * b_e
-    p_out = ((bos + o_r) * HV + i_hv)[:, None] * BT + o_i[None, :]
+    p_out = _tile_offsets(bos, o_r, i_hv, HV, BT, o_i)
     for j in range(i_i):
+        # earlier sub-blocks lie inside the sequence
         o_s = i_c * BT + j * BC + o_i
-        p_ks = ((bos + o_s) * H + i_h)[:, None] * K + o_k[None, :]
-        p_bs = ((bos + o_s) * HV + i_hv)[:, None] * K + o_k[None, :]
-        b_ks = tl.load(k + p_ks, mask=m_k[None, :], other=0.0).to(tl.float32)
-        b_bs = tl.load(b + p_bs, mask=m_k[None, :], other=0.0)
+        b_ks = _load_tile(k, bos, seq_len, o_s, i_h, H, K, o_k).to(tl.float32)
+        b_bs = _load_tile(b, bos, seq_len, o_s, i_hv, HV, K, o_k)
         b_ks = b_ks * tl.exp(b_ref[None, :] - b_bs)
         tl.store(aqk + p_out + j * BC, tl.dot(b_qg, tl.trans(b_ks)) * scale, mask=m_r[:, None])
-        tl.store(akk + p_out + j * BC, tl.dot(b_kg, tl.trans(b_ks)), mask=m_r[:, None])
+        if DELTA:
+            tl.store(akk + p_out + j * BC, tl.dot(b_kg, tl.trans(b_ks)), mask=m_r[:, None])
     # diagonal sub-block, one key column at a time
     b_aq = tl.zeros([BC, BC], dtype=tl.float32)
     b_ak = tl.zeros([BC, BC], dtype=tl.float32)
     for s in range(BC):
         # tensors, not a scalar: newer Triton interpreters reject the mask that scalar & tensor gives
-        m_sk = (o_k * 0 + row0 + s) < seq_len
+        m_sk = ((o_k * 0 + row0 + s) < seq_len) & m_k
         p_s = (bos + row0 + s) * H * K + i_h * K + o_k
-        b_ks = tl.load(k + p_s, mask=m_k & m_sk, other=0.0).to(tl.float32)
-        b_bs = tl.load(b + (bos + row0 + s) * HV * K + i_hv * K + o_k, mask=m_k & m_sk, other=0.0)
+        b_ks = tl.load(k + p_s, mask=m_sk, other=0.0).to(tl.float32)
+        b_bs = tl.load(b + (bos + row0 + s) * HV * K + i_hv * K + o_k, mask=m_sk, other=0.0)
         m_ts = (o_i >= s) & m_r
         b_e = _masked_exp(b_b - b_bs[None, :], m_ts[:, None] & m_k[None, :])
         b_col_q = tl.sum(b_q * b_ks[None, :] * b_e, axis=1)
-        b_col_k = tl.where(o_i > s, tl.sum(b_k * b_ks[None, :] * b_e, axis=1), 0.0)
         b_aq = tl.where(o_i[None, :] == s, b_col_q[:, None], b_aq)
-        b_ak = tl.where(o_i[None, :] == s, b_col_k[:, None], b_ak)
+        if DELTA:
+            b_col_k = tl.where(o_i > s, tl.sum(b_k * b_ks[None, :] * b_e, axis=1), 0.0)
+            b_ak = tl.where(o_i[None, :] == s, b_col_k[:, None], b_ak)
     tl.store(aqk + p_out + i_i * BC, b_aq * scale, mask=m_r[:, None])
-    tl.store(akk + p_out + i_i * BC, b_ak, mask=m_r[:, None])
+    if DELTA:
+        tl.store(akk + p_out + i_i * BC, b_ak, mask=m_r[:, None])
+    # the zero blocks right of the diagonal: the buffers are not cleared beforehand
+    for j in range(i_i + 1, BT // BC):
+        tl.store(aqk + p_out + j * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_r[:, None])
+        if DELTA:
+            tl.store(akk + p_out + j * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_r[:, None])
 
 
 @triton.jit
@@ -184,63 +339,85 @@ def _dot_ieee(a, b):
 
 
 @triton.jit
-def _load_akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, I: tl.constexpr, J: tl.constexpr,
-                    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                    BK: tl.constexpr, GATE: tl.constexpr):
+def _akk_block(
+    k,
+    b,
+    beta,
+    akk,
+    bos,
+    seq_len,
+    i_h,
+    i_hv,
+    i_c,
+    I: tl.constexpr,
+    J: tl.constexpr,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    GATE: tl.constexpr,
+):
     """Block (I, J) of A = beta_s sum_k k_s k_r exp(b_s - b_r), r < s: [BC, BC], fp32."""
     o_i = tl.arange(0, BC)
     o_k = tl.arange(0, BK)
     o_r = i_c * BT + I * BC + o_i
     o_s = i_c * BT + J * BC + o_i
-    m_r = o_r < seq_len
-    m_s = o_s < seq_len
-    m_a = m_r[:, None] & m_s[None, :]
+    m_a = (o_r < seq_len)[:, None] & (o_s < seq_len)[None, :]
     if I == J:
         m_a = m_a & (o_i[:, None] > o_i[None, :])
-    b_beta = tl.load(beta + (bos + o_r) * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
+    b_beta = _load_tokens(beta, bos, seq_len, o_r, i_hv, HV)
     if GATE == 2:
-        p_a = ((bos + o_r) * HV + i_hv)[:, None] * BT + (J * BC + o_i)[None, :]
-        b_a = tl.load(akk + p_a, mask=m_a, other=0.0)
+        b_a = tl.load(akk + _tile_offsets(bos, o_r, i_hv, HV, BT, J * BC + o_i), mask=m_a, other=0.0)
     else:
-        m_k = o_k < K
-        b_kr = tl.load(k + ((bos + o_r) * H + i_h)[:, None] * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :],
-                       other=0.0)
-        b_ks = tl.load(k + ((bos + o_s) * H + i_h)[:, None] * K + o_k[None, :], mask=m_s[:, None] & m_k[None, :],
-                       other=0.0)
+        b_kr = _load_tile(k, bos, seq_len, o_r, i_h, H, K, o_k)
+        b_ks = _load_tile(k, bos, seq_len, o_s, i_h, H, K, o_k)
         b_a = tl.dot(b_kr, tl.trans(b_ks))
         if GATE == 1:
-            b_br = tl.load(b + (bos + o_r) * HV + i_hv, mask=m_r, other=0.0)
-            b_bs = tl.load(b + (bos + o_s) * HV + i_hv, mask=m_s, other=0.0)
+            b_br = _load_tokens(b, bos, seq_len, o_r, i_hv, HV)
+            b_bs = _load_tokens(b, bos, seq_len, o_s, i_hv, HV)
             b_a = b_a * tl.exp(tl.where(m_a, b_br[:, None] - b_bs[None, :], 0.0))
     return tl.where(m_a, b_a * b_beta[:, None], 0.0)
 
 
 @triton.jit
-def _load_rows(x, bos, seq_len, row0, i_head, NHEAD: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
-               BD: tl.constexpr, col0):
-    """Rows row0 .. row0 + BC of head i_head of x `[.., NHEAD, D]`, columns col0 .. col0 + BD: [BC, BD], fp32."""
+def _wy_keys(
+    k,
+    b,
+    bos,
+    seq_len,
+    row0,
+    i_h,
+    i_hv,
+    b_beta,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    GATE: tl.constexpr,
+):
+    """beta k exp(b) for rows row0 .. row0 + BC: [BC, BK], fp32."""
     o_r = row0 + tl.arange(0, BC)
-    o_d = col0 + tl.arange(0, BD)
-    m = (o_r < seq_len)[:, None] & (o_d < D)[None, :]
-    return tl.load(x + ((bos + o_r) * NHEAD + i_head)[:, None] * D + o_d[None, :], mask=m, other=0.0).to(tl.float32)
+    b_y = _load_tile(k, bos, seq_len, o_r, i_h, H, K, tl.arange(0, BK)).to(tl.float32)
+    if GATE == 1:
+        b_y *= tl.exp(_load_tokens(b, bos, seq_len, o_r, i_hv, HV))[:, None]
+    if GATE == 2:
+        b_y *= tl.exp(_load_tile(b, bos, seq_len, o_r, i_hv, HV, K, tl.arange(0, BK)))
+    return b_y * b_beta[:, None]
 
 
 @triton.jit
-def _store_rows(x, value, bos, seq_len, row0, i_head, NHEAD: tl.constexpr, D: tl.constexpr, BC: tl.constexpr,
-                BD: tl.constexpr, col0):
-    o_r = row0 + tl.arange(0, BC)
-    o_d = col0 + tl.arange(0, BD)
-    m = (o_r < seq_len)[:, None] & (o_d < D)[None, :]
-    tl.store(x + ((bos + o_r) * NHEAD + i_head)[:, None] * D + o_d[None, :], value.to(x.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _wy_rows(b_t0, b_t1, b_t2, b_t3, b_y0, b_y1, b_y2, b_y3, dtype: tl.constexpr):
-    """sum_j T_j Y_j over the sub-blocks j of one row of the block-triangular inverse."""
-    b_x = tl.dot(b_t0.to(dtype), b_y0.to(dtype))
-    b_x += tl.dot(b_t1.to(dtype), b_y1.to(dtype))
-    b_x += tl.dot(b_t2.to(dtype), b_y2.to(dtype))
-    b_x += tl.dot(b_t3.to(dtype), b_y3.to(dtype))
+def _wy_row(t0, t1, t2, t3, y0, y1, y2, y3, N: tl.constexpr):
+    """sum_{j < N} T_j Y_j over the sub-blocks of one row of the block-triangular inverse (fp32 dots)."""
+    b_x = tl.dot(t0, y0)
+    if N > 1:
+        b_x += tl.dot(t1, y1)
+    if N > 2:
+        b_x += tl.dot(t2, y2)
+    if N > 3:
+        b_x += tl.dot(t3, y3)
     return b_x
 
 
@@ -265,9 +442,11 @@ def chunk_wy_fwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     GATE: tl.constexpr,
+    STORE_AI: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """Delta rule, per chunk: Ai = (I + A)^-1 (stored, fp32), w = Ai (beta k exp(b)), u = Ai (beta v).
+    """Delta rule, per chunk: w = Ai (beta k exp(b)), u = Ai (beta v) with Ai = (I + A)^-1 (stored in fp32 for the
+    backward when STORE_AI).
 
     The 64 x 64 inverse is built from four 16 x 16 diagonal inverses (forward substitution) and block products.
     """
@@ -276,16 +455,16 @@ def chunk_wy_fwd_kernel(
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
     bos, seq_len, i_c, _ = _locate_chunk(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
-    a00 = _load_akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 0, 0, H, HV, K, BT, BC, BK, GATE)
-    a10 = _load_akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 1, 0, H, HV, K, BT, BC, BK, GATE)
-    a11 = _load_akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 1, 1, H, HV, K, BT, BC, BK, GATE)
-    a20 = _load_akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 2, 0, H, HV, K, BT, BC, BK, GATE)
-    a21 = _load_akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 2, 1, H, HV, K, BT, BC, BK, GATE)
-    a22 = _load_akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 2, 2, H, HV, K, BT, BC, BK, GATE)
-    a30 = _load_akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 3, 0, H, HV, K, BT, BC, BK, GATE)
-    a31 = _load_akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 3, 1, H, HV, K, BT, BC, BK, GATE)
-    a32 = _load_akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 3, 2, H, HV, K, BT, BC, BK, GATE)
-    a33 = _load_akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 3, 3, H, HV, K, BT, BC, BK, GATE)
+    a00 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 0, 0, H, HV, K, BT, BC, BK, GATE)
+    a10 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 1, 0, H, HV, K, BT, BC, BK, GATE)
+    a11 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 1, 1, H, HV, K, BT, BC, BK, GATE)
+    a20 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 2, 0, H, HV, K, BT, BC, BK, GATE)
+    a21 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 2, 1, H, HV, K, BT, BC, BK, GATE)
+    a22 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 2, 2, H, HV, K, BT, BC, BK, GATE)
+    a30 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 3, 0, H, HV, K, BT, BC, BK, GATE)
+    a31 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 3, 1, H, HV, K, BT, BC, BK, GATE)
+    a32 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 3, 2, H, HV, K, BT, BC, BK, GATE)
+    a33 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 3, 3, H, HV, K, BT, BC, BK, GATE)
     t00 = _invert_unit_lower(a00, BC)
     t11 = _invert_unit_lower(a11, BC)
     t22 = _invert_unit_lower(a22, BC)
@@ -297,135 +476,193 @@ def chunk_wy_fwd_kernel(
     t20 = -_dot_ieee(t22, _dot_ieee(a20, t00) + _dot_ieee(a21, t10))
     t31 = -_dot_ieee(t33, _dot_ieee(a31, t11) + _dot_ieee(a32, t21))
     t30 = -_dot_ieee(t33, _dot_ieee(a30, t00) + _dot_ieee(a31, t10) + _dot_ieee(a32, t20))
-    zero = tl.zeros([BC, BC], dtype=tl.float32)
 
-    row0 = i_c * BT
-    _store_rows(ai, t00, bos, seq_len, row0, i_hv, HV, BT, BC, BC, 0)
-    _store_rows(ai, t10, bos, seq_len, row0 + BC, i_hv, HV, BT, BC, BC, 0)
-    _store_rows(ai, t11, bos, seq_len, row0 + BC, i_hv, HV, BT, BC, BC, BC)
-    _store_rows(ai, t20, bos, seq_len, row0 + 2 * BC, i_hv, HV, BT, BC, BC, 0)
-    _store_rows(ai, t21, bos, seq_len, row0 + 2 * BC, i_hv, HV, BT, BC, BC, BC)
-    _store_rows(ai, t22, bos, seq_len, row0 + 2 * BC, i_hv, HV, BT, BC, BC, 2 * BC)
-    _store_rows(ai, t30, bos, seq_len, row0 + 3 * BC, i_hv, HV, BT, BC, BC, 0)
-    _store_rows(ai, t31, bos, seq_len, row0 + 3 * BC, i_hv, HV, BT, BC, BC, BC)
-    _store_rows(ai, t32, bos, seq_len, row0 + 3 * BC, i_hv, HV, BT, BC, BC, 2 * BC)
-    _store_rows(ai, t33, bos, seq_len, row0 + 3 * BC, i_hv, HV, BT, BC, BC, 3 * BC)
-
-    # w = Ai (beta k exp(b)), [BC, BK] per sub-block
     o_i = tl.arange(0, BC)
-    dtype = w.dtype.element_ty
-    y0 = _load_rows(k, bos, seq_len, row0, i_h, H, K, BC, BK, 0)
-    y1 = _load_rows(k, bos, seq_len, row0 + BC, i_h, H, K, BC, BK, 0)
-    y2 = _load_rows(k, bos, seq_len, row0 + 2 * BC, i_h, H, K, BC, BK, 0)
-    y3 = _load_rows(k, bos, seq_len, row0 + 3 * BC, i_h, H, K, BC, BK, 0)
-    m_0 = row0 + o_i < seq_len
-    m_1 = row0 + BC + o_i < seq_len
-    m_2 = row0 + 2 * BC + o_i < seq_len
-    m_3 = row0 + 3 * BC + o_i < seq_len
-    beta0 = tl.load(beta + (bos + row0 + o_i) * HV + i_hv, mask=m_0, other=0.0).to(tl.float32)
-    beta1 = tl.load(beta + (bos + row0 + BC + o_i) * HV + i_hv, mask=m_1, other=0.0).to(tl.float32)
-    beta2 = tl.load(beta + (bos + row0 + 2 * BC + o_i) * HV + i_hv, mask=m_2, other=0.0).to(tl.float32)
-    beta3 = tl.load(beta + (bos + row0 + 3 * BC + o_i) * HV + i_hv, mask=m_3, other=0.0).to(tl.float32)
-    if GATE == 1:
-        y0 *= tl.exp(tl.load(b + (bos + row0 + o_i) * HV + i_hv, mask=m_0, other=0.0))[:, None]
-        y1 *= tl.exp(tl.load(b + (bos + row0 + BC + o_i) * HV + i_hv, mask=m_1, other=0.0))[:, None]
-        y2 *= tl.exp(tl.load(b + (bos + row0 + 2 * BC + o_i) * HV + i_hv, mask=m_2, other=0.0))[:, None]
-        y3 *= tl.exp(tl.load(b + (bos + row0 + 3 * BC + o_i) * HV + i_hv, mask=m_3, other=0.0))[:, None]
-    if GATE == 2:
-        y0 *= tl.exp(_load_rows(b, bos, seq_len, row0, i_hv, HV, K, BC, BK, 0))
-        y1 *= tl.exp(_load_rows(b, bos, seq_len, row0 + BC, i_hv, HV, K, BC, BK, 0))
-        y2 *= tl.exp(_load_rows(b, bos, seq_len, row0 + 2 * BC, i_hv, HV, K, BC, BK, 0))
-        y3 *= tl.exp(_load_rows(b, bos, seq_len, row0 + 3 * BC, i_hv, HV, K, BC, BK, 0))
-    y0 *= beta0[:, None]
-    y1 *= beta1[:, None]
-    y2 *= beta2[:, None]
-    y3 *= beta3[:, None]
-    _store_rows(w, _wy_rows(t00, zero, zero, zero, y0, y1, y2, y3, dtype), bos, seq_len, row0, i_hv, HV, K, BC, BK, 0)
-    _store_rows(w, _wy_rows(t10, t11, zero, zero, y0, y1, y2, y3, dtype), bos, seq_len, row0 + BC, i_hv, HV, K, BC,
-                BK, 0)
-    _store_rows(w, _wy_rows(t20, t21, t22, zero, y0, y1, y2, y3, dtype), bos, seq_len, row0 + 2 * BC, i_hv, HV, K,
-                BC, BK, 0)
-    _store_rows(w, _wy_rows(t30, t31, t32, t33, y0, y1, y2, y3, dtype), bos, seq_len, row0 + 3 * BC, i_hv, HV, K,
-                BC, BK, 0)
+    o_0 = i_c * BT + o_i
+    o_1 = o_0 + BC
+    o_2 = o_0 + 2 * BC
+    o_3 = o_0 + 3 * BC
+    if STORE_AI:
+        _store_tile(ai, t00, bos, seq_len, o_0, i_hv, HV, BT, o_i)
+        _store_tile(ai, t10, bos, seq_len, o_1, i_hv, HV, BT, o_i)
+        _store_tile(ai, t11, bos, seq_len, o_1, i_hv, HV, BT, BC + o_i)
+        _store_tile(ai, t20, bos, seq_len, o_2, i_hv, HV, BT, o_i)
+        _store_tile(ai, t21, bos, seq_len, o_2, i_hv, HV, BT, BC + o_i)
+        _store_tile(ai, t22, bos, seq_len, o_2, i_hv, HV, BT, 2 * BC + o_i)
+        _store_tile(ai, t30, bos, seq_len, o_3, i_hv, HV, BT, o_i)
+        _store_tile(ai, t31, bos, seq_len, o_3, i_hv, HV, BT, BC + o_i)
+        _store_tile(ai, t32, bos, seq_len, o_3, i_hv, HV, BT, 2 * BC + o_i)
+        _store_tile(ai, t33, bos, seq_len, o_3, i_hv, HV, BT, 3 * BC + o_i)
+        # the zero blocks above the diagonal: the buffer is not cleared beforehand
+        zero = tl.zeros([BC, BC], dtype=tl.float32)
+        _store_tile(ai, zero, bos, seq_len, o_0, i_hv, HV, BT, BC + o_i)
+        _store_tile(ai, zero, bos, seq_len, o_0, i_hv, HV, BT, 2 * BC + o_i)
+        _store_tile(ai, zero, bos, seq_len, o_0, i_hv, HV, BT, 3 * BC + o_i)
+        _store_tile(ai, zero, bos, seq_len, o_1, i_hv, HV, BT, 2 * BC + o_i)
+        _store_tile(ai, zero, bos, seq_len, o_1, i_hv, HV, BT, 3 * BC + o_i)
+        _store_tile(ai, zero, bos, seq_len, o_2, i_hv, HV, BT, 3 * BC + o_i)
+
+    beta0 = _load_tokens(beta, bos, seq_len, o_0, i_hv, HV)
+    beta1 = _load_tokens(beta, bos, seq_len, o_1, i_hv, HV)
+    beta2 = _load_tokens(beta, bos, seq_len, o_2, i_hv, HV)
+    beta3 = _load_tokens(beta, bos, seq_len, o_3, i_hv, HV)
+    # w = Ai (beta k exp(b)), [BC, BK] per sub-block
+    o_k = tl.arange(0, BK)
+    y0 = _wy_keys(k, b, bos, seq_len, i_c * BT, i_h, i_hv, beta0, H, HV, K, BC, BK, GATE)
+    y1 = _wy_keys(k, b, bos, seq_len, i_c * BT + BC, i_h, i_hv, beta1, H, HV, K, BC, BK, GATE)
+    y2 = _wy_keys(k, b, bos, seq_len, i_c * BT + 2 * BC, i_h, i_hv, beta2, H, HV, K, BC, BK, GATE)
+    y3 = _wy_keys(k, b, bos, seq_len, i_c * BT + 3 * BC, i_h, i_hv, beta3, H, HV, K, BC, BK, GATE)
+    _store_tile(w, _wy_row(t00, t00, t00, t00, y0, y1, y2, y3, 1), bos, seq_len, o_0, i_hv, HV, K, o_k)
+    _store_tile(w, _wy_row(t10, t11, t11, t11, y0, y1, y2, y3, 2), bos, seq_len, o_1, i_hv, HV, K, o_k)
+    _store_tile(w, _wy_row(t20, t21, t22, t22, y0, y1, y2, y3, 3), bos, seq_len, o_2, i_hv, HV, K, o_k)
+    _store_tile(w, _wy_row(t30, t31, t32, t33, y0, y1, y2, y3, 4), bos, seq_len, o_3, i_hv, HV, K, o_k)
     # u = Ai (beta v), V in blocks of BV
     for i_v in range(tl.cdiv(V, BV)):
-        col0 = i_v * BV
-        x0 = _load_rows(v, bos, seq_len, row0, i_hv, HV, V, BC, BV, col0) * beta0[:, None]
-        x1 = _load_rows(v, bos, seq_len, row0 + BC, i_hv, HV, V, BC, BV, col0) * beta1[:, None]
-        x2 = _load_rows(v, bos, seq_len, row0 + 2 * BC, i_hv, HV, V, BC, BV, col0) * beta2[:, None]
-        x3 = _load_rows(v, bos, seq_len, row0 + 3 * BC, i_hv, HV, V, BC, BV, col0) * beta3[:, None]
-        _store_rows(u, _wy_rows(t00, zero, zero, zero, x0, x1, x2, x3, dtype), bos, seq_len, row0, i_hv, HV, V, BC,
-                    BV, col0)
-        _store_rows(u, _wy_rows(t10, t11, zero, zero, x0, x1, x2, x3, dtype), bos, seq_len, row0 + BC, i_hv, HV, V,
-                    BC, BV, col0)
-        _store_rows(u, _wy_rows(t20, t21, t22, zero, x0, x1, x2, x3, dtype), bos, seq_len, row0 + 2 * BC, i_hv, HV,
-                    V, BC, BV, col0)
-        _store_rows(u, _wy_rows(t30, t31, t32, t33, x0, x1, x2, x3, dtype), bos, seq_len, row0 + 3 * BC, i_hv, HV,
-                    V, BC, BV, col0)
+        o_v = i_v * BV + tl.arange(0, BV)
+        x0 = _load_tile(v, bos, seq_len, o_0, i_hv, HV, V, o_v).to(tl.float32) * beta0[:, None]
+        x1 = _load_tile(v, bos, seq_len, o_1, i_hv, HV, V, o_v).to(tl.float32) * beta1[:, None]
+        x2 = _load_tile(v, bos, seq_len, o_2, i_hv, HV, V, o_v).to(tl.float32) * beta2[:, None]
+        x3 = _load_tile(v, bos, seq_len, o_3, i_hv, HV, V, o_v).to(tl.float32) * beta3[:, None]
+        _store_tile(u, _wy_row(t00, t00, t00, t00, x0, x1, x2, x3, 1), bos, seq_len, o_0, i_hv, HV, V, o_v)
+        _store_tile(u, _wy_row(t10, t11, t11, t11, x0, x1, x2, x3, 2), bos, seq_len, o_1, i_hv, HV, V, o_v)
+        _store_tile(u, _wy_row(t20, t21, t22, t22, x0, x1, x2, x3, 3), bos, seq_len, o_2, i_hv, HV, V, o_v)
+        _store_tile(u, _wy_row(t30, t31, t32, t33, x0, x1, x2, x3, 4), bos, seq_len, o_3, i_hv, HV, V, o_v)
 
 
-@triton.jit
-def _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                    BK: tl.constexpr, GATE: tl.constexpr):
-    """Cumulative log decays of rows o_t: [BT, 1] (per head) or [BT, BK] (per channel); zeros without a gate."""
-    m_t = o_t < seq_len
-    if GATE == 2:
-        o_k = tl.arange(0, BK)
-        p = ((bos + o_t) * HV + i_hv)[:, None] * K + o_k[None, :]
-        return tl.load(b + p, mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
-    elif GATE == 1:
-        return tl.load(b + (bos + o_t) * HV + i_hv, mask=m_t, other=0.0)[:, None]
+@triton.jit(do_not_specialize=["T", "NS", "SEG"])
+def chunk_segment_fwd_kernel(
+    k,
+    w,
+    y,
+    b,
+    mt,
+    ct,
+    cu_seqlens,
+    chunk_offsets,
+    segments,
+    T,
+    NS,
+    SEG,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GATE: tl.constexpr,
+    DELTA: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The map S -> M S + C of the state across one segment, in fp32: program column blocks below cdiv(K, BV) run
+    the state recurrence on the identity without writes (M `[K, K]`, into mt), the others on a zero state with the
+    writes y (u, or v for additive writes; C `[K, V]`, into ct)."""
+    NKB: tl.constexpr = (K + BV - 1) // BV
+    i_col, i_s = tl.program_id(0), tl.program_id(1)
+    i_seg, i_hv = i_s // HV, i_s % HV
+    i_h = i_hv // (HV // H)
+    _, bos, seq_len, _, c0, c1 = _locate_segment(i_seg, T, NS, SEG, cu_seqlens, chunk_offsets, segments, BT, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    # columns of M (o_c < K) or of C (o_c - NKB * BV < V)
+    o_c = i_col * BV + tl.arange(0, BV)
+    o_y = o_c - NKB * BV
+    m_y = (o_y >= 0) & (o_y < V)
+    if i_col < NKB:
+        b_x = ((o_k[:, None] == o_c[None, :]) & (o_c < K)[None, :]).to(tl.float32)
     else:
-        return tl.zeros([BT, 1], dtype=tl.float32)
-
-
-@triton.jit
-def _load_gate_last(b, bos, seq_len, i_c, i_hv, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                    BK: tl.constexpr, GATE: tl.constexpr):
-    """Cumulative log decay at the chunk's last token: [1, 1] or [1, BK]."""
-    last = tl.minimum(i_c * BT + BT, seq_len) - 1
-    if GATE == 2:
-        o_k = tl.arange(0, BK)
-        return tl.load(b + ((bos + last) * HV + i_hv) * K + o_k, mask=o_k < K, other=0.0)[None, :]
-    elif GATE == 1:
-        return tl.full([1, 1], 0.0, tl.float32) + tl.load(b + (bos + last) * HV + i_hv)
+        b_x = tl.zeros([BK, BV], dtype=tl.float32)
+    for i_c in range(c0, c1):
+        o_t = i_c * BT + tl.arange(0, BT)
+        m_t = o_t < seq_len
+        b_y = tl.load(y + _tile_offsets(bos, o_t, i_hv, HV, V, o_y), mask=m_t[:, None] & m_y[None, :], other=0.0).to(
+            tl.float32
+        )
+        if DELTA:
+            b_y = -_dot_split(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k), b_x, -b_y)
+        b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
+        b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
+        b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
+        b_x = _decay_state(b_x, b_k, b_g, b_gl, b_y, m_t, GATE)
+    if i_col < NKB:
+        _store_state(mt, b_x, i_seg, i_hv, HV, K, K, o_k, o_c)
     else:
-        return tl.zeros([1, 1], dtype=tl.float32)
+        _store_state(ct, b_x, i_seg, i_hv, HV, K, V, o_k, o_y)
 
 
-@triton.jit
-def _qk_scores(b_q, b_k, b_g, aqk, bos, seq_len, o_t, i_hv, scale, HV: tl.constexpr, BT: tl.constexpr,
-               GATE: tl.constexpr):
-    """P[t, s] = scale sum_k q_t k_s exp(b_t - b_s) for s <= t, zero elsewhere: [BT, BT], fp32."""
-    m_t = o_t < seq_len
-    o_i = tl.arange(0, BT)
-    m_a = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
-    if GATE == 2:
-        p = ((bos + o_t) * HV + i_hv)[:, None] * BT + o_i[None, :]
-        b_a = tl.load(aqk + p, mask=m_a, other=0.0)
+@triton.jit(do_not_specialize=["NS"])
+def chunk_combine_kernel(
+    mt,
+    ct,
+    s0,
+    hs,
+    st,
+    seg_offsets,
+    NS,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    REVERSE: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Sequential over the segments of one sequence. Forward: hs[s] = the state entering segment s, then
+    S <- M_s S + C_s, from s0 (the initial state) to st (the final state). REVERSE (gradients, last segment first):
+    hs[s] = the gradient of the state leaving segment s, then dS <- M_s^T dS + C_s, from s0 (the gradient of the
+    final state) to st (that of the initial state)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    if IS_VARLEN:
+        first = tl.load(seg_offsets + i_n).to(tl.int32)
+        count = tl.load(seg_offsets + i_n + 1).to(tl.int32) - first
     else:
-        b_a = tl.dot(b_q, tl.trans(b_k)) * scale
-        if GATE == 1:
-            b_gt = tl.sum(b_g, axis=1)
-            b_a = b_a * tl.exp(tl.where(m_a, b_gt[:, None] - b_gt[None, :], 0.0))
-        b_a = tl.where(m_a, b_a, 0.0)
-    return b_a
+        first = i_n * NS
+        count = NS
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_j = tl.arange(0, BK)
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_s += _load_state(s0, i_n, i_hv, HV, K, V, o_k, o_v)
+    for j in range(count):
+        i_seg = first + j
+        if REVERSE:
+            i_seg = first + count - 1 - j
+        _store_state(hs, b_s, i_seg, i_hv, HV, K, V, o_k, o_v)
+        if REVERSE:
+            # [BK, BK]: M^T
+            b_m = tl.trans(_load_state(mt, i_seg, i_hv, HV, K, K, o_j, o_k))
+        else:
+            b_m = _load_state(mt, i_seg, i_hv, HV, K, K, o_k, o_j)
+        # the joined states feed every chunk of the next segments: near-fp32 products (three tf32 passes)
+        b_s = tl.dot(b_m, b_s, input_precision="tf32x3") + _load_state(ct, i_seg, i_hv, HV, K, V, o_k, o_v)
+    if STORE_FINAL_STATE:
+        _store_state(st, b_s, i_n, i_hv, HV, K, V, o_k, o_v)
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "NS", "SEG"])
 def chunk_state_fwd_kernel(
+    q,
     k,
     v,
     w,
     u,
     b,
+    aqk,
+    o,
     h,
     vn,
     h0,
     ht,
     cu_seqlens,
     chunk_offsets,
+    segments,
+    scale,
     T,
+    NS,
+    SEG,
     H: tl.constexpr,
     HV: tl.constexpr,
     K: tl.constexpr,
@@ -435,121 +672,81 @@ def chunk_state_fwd_kernel(
     BV: tl.constexpr,
     GATE: tl.constexpr,
     DELTA: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr,
+    INIT: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
+    STORE_STATES: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """The sequential pass: stores each chunk's entering state h and (delta rule) its pseudo-values vn."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_hv = i_nh // HV, i_nh % HV
+    """The forward sequential pass over the chunks of one segment, a [BK, BV] block of the state in registers
+    (fp32). Per chunk: the output o = scale (q exp(b)) S + P vn, and (STORE_STATES, for the backward) the entering
+    state h and the pseudo-values vn = u - w S. INIT: the entering state is zero (0), h0[sequence] (1) or
+    h0[segment] (2); STORE_FINAL_STATE: the leaving state goes to ht[sequence] (unsplit sequences)."""
+    i_v, i_s = tl.program_id(0), tl.program_id(1)
+    i_seg, i_hv = i_s // HV, i_s % HV
     i_h = i_hv // (HV // H)
-    bos, seq_len, first_chunk = _locate_sequence(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
+    i_n, bos, seq_len, first_chunk, c0, c1 = _locate_segment(
+        i_seg, T, NS, SEG, cu_seqlens, chunk_offsets, segments, BT, IS_VARLEN
+    )
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
-    m_h = m_k[:, None] & m_v[None, :]
-    p_h = o_k[:, None] * V + o_v[None, :]
     # [BK, BV]
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + (i_nh * K * V).to(tl.int64) + p_h, mask=m_h, other=0.0).to(tl.float32)
-    for i_c in range(tl.cdiv(seq_len, BT)):
-        tl.store(h + ((first_chunk + i_c) * HV + i_hv) * K * V + p_h, b_h.to(h.dtype.element_ty), mask=m_h)
+    if INIT == 1:
+        b_h += _load_state(h0, i_n, i_hv, HV, K, V, o_k, o_v)
+    if INIT == 2:
+        b_h += _load_state(h0, i_seg, i_hv, HV, K, V, o_k, o_v)
+    for i_c in range(c0, c1):
         o_t = i_c * BT + tl.arange(0, BT)
         m_t = o_t < seq_len
-        p_v = ((bos + o_t) * HV + i_hv)[:, None] * V + o_v[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
+        if STORE_STATES:
+            _store_state(h, b_h, first_chunk + i_c, i_hv, HV, K, V, o_k, o_v)
+        # [BT, BK]
+        b_q = _load_tile(q, bos, seq_len, o_t, i_h, H, K, o_k)
+        b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
+        b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
+        b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
+        # [BT, BV]
         if DELTA:
-            p_w = ((bos + o_t) * HV + i_hv)[:, None] * K + o_k[None, :]
-            b_w = tl.load(w + p_w, mask=m_t[:, None] & m_k[None, :], other=0.0)
-            b_v = tl.load(u + p_v, mask=m_tv, other=0.0) - tl.dot(b_w, b_h)
-            tl.store(vn + p_v, b_v.to(vn.dtype.element_ty), mask=m_tv)
+            b_u = _load_tile(u, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32)
+            b_vn = -_dot_split(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k), b_h, -b_u)
+            if STORE_STATES:
+                _store_tile(vn, b_vn, bos, seq_len, o_t, i_hv, HV, V, o_v)
         else:
-            b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        # [BK, BT]
-        p_kt = ((bos + o_t) * H + i_h)[None, :] * K + o_k[:, None]
-        b_kt = tl.load(k + p_kt, mask=m_k[:, None] & m_t[None, :], other=0.0).to(tl.float32)
-        if GATE != 0:
-            b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
-            b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
-            b_kt = b_kt * tl.trans(_masked_exp(b_gl - b_g, m_t[:, None]))
-            b_h *= tl.trans(tl.exp(b_gl))
-        b_h += tl.dot(b_kt, b_v)
+            b_vn = _load_tile(v, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32)
+        # the output does not feed the recurrence: it overlaps with the state update
+        dtype = b_q.dtype
+        b_p = _qk_scores(b_q, b_k, b_g, aqk, bos, seq_len, o_t, i_hv, scale, HV, BT, GATE)
+        if GATE == 2:
+            b_o = tl.dot((b_q.to(tl.float32) * tl.exp(b_g) * scale).to(dtype), b_h.to(dtype))
+        else:
+            b_o = tl.dot(b_q, b_h.to(dtype)) * (tl.exp(b_g) * scale)
+        # in fp32 (tf32): bf16 P and vn add 1e-3 to the output's error
+        b_o = tl.dot(b_p, b_vn, b_o)
+        _store_tile(o, b_o, bos, seq_len, o_t, i_hv, HV, V, o_v)
+        b_h = _decay_state(b_h, b_k, b_g, b_gl, b_vn, m_t, GATE)
     if STORE_FINAL_STATE:
-        tl.store(ht + (i_nh * K * V).to(tl.int64) + p_h, b_h, mask=m_h)
+        _store_state(ht, b_h, i_n, i_hv, HV, K, V, o_k, o_v)
 
 
-@triton.jit(do_not_specialize=["T"])
-def chunk_out_kernel(
-    q,
-    k,
-    b,
-    aqk,
-    h,
-    x,
-    y,
-    cu_seqlens,
-    chunk_indices,
-    scale,
-    T,
-    H: tl.constexpr,
-    HV: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    GATE: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    """For one chunk and one V block: the output o = scale (q exp(b)) h + P vn (x = vn, or v for additive writes),
-    or, TRANSPOSED, the in-chunk part of the gradient of vn, P^T do (x = do, fp32)."""
-    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_hv = i_bh // HV, i_bh % HV
-    i_h = i_hv // (HV // H)
-    bos, seq_len, i_c, i_tg = _locate_chunk(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
-    o_t = i_c * BT + tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_t = o_t < seq_len
-    m_k = o_k < K
-    m_v = o_v < V
-    p_qk = ((bos + o_t) * H + i_h)[:, None] * K + o_k[None, :]
-    b_q = tl.load(q + p_qk, mask=m_t[:, None] & m_k[None, :], other=0.0)
-    b_k = tl.load(k + p_qk, mask=m_t[:, None] & m_k[None, :], other=0.0)
-    b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
-    b_a = _qk_scores(b_q, b_k, b_g, aqk, bos, seq_len, o_t, i_hv, scale, HV, BT, GATE)
-    p_v = ((bos + o_t) * HV + i_hv)[:, None] * V + o_v[None, :]
-    m_tv = m_t[:, None] & m_v[None, :]
-    b_x = tl.load(x + p_v, mask=m_tv, other=0.0)
-    if TRANSPOSED:
-        b_y = tl.dot(tl.trans(b_a).to(b_x.dtype), b_x)
-    else:
-        b_h = tl.load(h + (i_tg * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :],
-                      mask=m_k[:, None] & m_v[None, :], other=0.0)
-        b_qg = (b_q * tl.exp(b_g)).to(b_h.dtype)
-        b_y = tl.dot(b_qg, b_h) * scale + tl.dot(b_a, b_x.to(tl.float32))
-    tl.store(y + p_v, b_y.to(y.dtype.element_ty), mask=m_tv)
-
-
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "NS", "SEG"])
 def chunk_state_bwd_kernel(
     q,
     k,
     w,
     b,
+    aqk,
     do,
-    dv_local,
     dh,
     dvn,
     dht,
     dh0,
     cu_seqlens,
     chunk_offsets,
+    segments,
     scale,
     T,
+    NS,
+    SEG,
     H: tl.constexpr,
     HV: tl.constexpr,
     K: tl.constexpr,
@@ -559,52 +756,61 @@ def chunk_state_bwd_kernel(
     BV: tl.constexpr,
     GATE: tl.constexpr,
     DELTA: tl.constexpr,
-    USE_FINAL_STATE_GRADIENT: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr,
+    INIT: tl.constexpr,
+    FINAL: tl.constexpr,
+    STORE_STATES: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """The sequential backward pass, last chunk first: stores the gradient of each chunk's leaving state and the
-    full d(vn) = P^T do + (k exp(b_last - b)) dh (fp32)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_hv = i_nh // HV, i_nh % HV
+    """The backward sequential pass over the chunks of one segment, last chunk first. Per chunk (STORE_STATES): the
+    gradient dh of the state leaving it and dvn = P^T do + (k exp(b_last - b)) dh, the full gradient of its
+    pseudo-values (fp32). INIT: the gradient of the segment's leaving state is zero (0), dht[sequence] (1) or
+    dht[segment] (2); FINAL: that of its entering state goes to dh0[sequence] (1) or dh0[segment] (2)."""
+    i_v, i_s = tl.program_id(0), tl.program_id(1)
+    i_seg, i_hv = i_s // HV, i_s % HV
     i_h = i_hv // (HV // H)
-    bos, seq_len, first_chunk = _locate_sequence(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
+    i_n, bos, seq_len, first_chunk, c0, c1 = _locate_segment(
+        i_seg, T, NS, SEG, cu_seqlens, chunk_offsets, segments, BT, IS_VARLEN
+    )
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
-    m_h = m_k[:, None] & m_v[None, :]
-    p_h = o_k[:, None] * V + o_v[None, :]
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_FINAL_STATE_GRADIENT:
-        b_dh += tl.load(dht + (i_nh * K * V).to(tl.int64) + p_h, mask=m_h, other=0.0).to(tl.float32)
-    num_chunks = tl.cdiv(seq_len, BT)
-    for i_r in range(num_chunks):
-        i_c = num_chunks - 1 - i_r
-        tl.store(dh + ((first_chunk + i_c) * HV + i_hv) * K * V + p_h, b_dh.to(dh.dtype.element_ty), mask=m_h)
+    if INIT == 1:
+        b_dh += _load_state(dht, i_n, i_hv, HV, K, V, o_k, o_v)
+    if INIT == 2:
+        b_dh += _load_state(dht, i_seg, i_hv, HV, K, V, o_k, o_v)
+    for i_r in range(c1 - c0):
+        i_c = c1 - 1 - i_r
         o_t = i_c * BT + tl.arange(0, BT)
         m_t = o_t < seq_len
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        p_qk = ((bos + o_t) * H + i_h)[:, None] * K + o_k[None, :]
-        p_v = ((bos + o_t) * HV + i_hv)[:, None] * V + o_v[None, :]
-        b_q = tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32)
-        b_k = tl.load(k + p_qk, mask=m_tk, other=0.0).to(tl.float32)
+        if STORE_STATES:
+            _store_state(dh, b_dh, first_chunk + i_c, i_hv, HV, K, V, o_k, o_v)
+        b_q = _load_tile(q, bos, seq_len, o_t, i_h, H, K, o_k)
+        b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
         b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
         b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
-        b_kd = b_k * _masked_exp(b_gl - b_g, m_t[:, None])
-        b_qd = b_q * tl.exp(b_g) * scale
-        b_dv = tl.load(dv_local + p_v, mask=m_tv, other=0.0) + tl.dot(b_kd, b_dh)
-        tl.store(dvn + p_v, b_dv, mask=m_tv)
-        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_dh *= tl.trans(tl.exp(b_gl))
-        b_dh += tl.dot(tl.trans(b_qd), b_do)
+        b_do = _load_tile(do, bos, seq_len, o_t, i_hv, HV, V, o_v)
+        dtype = b_do.dtype
+        b_p = _qk_scores(b_q, b_k, b_g, aqk, bos, seq_len, o_t, i_hv, scale, HV, BT, GATE)
+        # per-head decays scale rows after the MMA, so that k and q enter it exactly
+        if GATE == 2:
+            b_kd = (b_k.to(tl.float32) * _masked_exp(b_gl - b_g, m_t[:, None])).to(dtype)
+            b_dv = _dot_split(b_kd, b_dh, tl.zeros([BT, BV], dtype=tl.float32))
+        else:
+            b_dv = _dot_split(b_k, b_dh, tl.zeros([BT, BV], dtype=tl.float32)) * _masked_exp(b_gl - b_g, m_t[:, None])
+        b_dv = tl.dot(tl.trans(b_p).to(dtype), b_do, b_dv)
+        if STORE_STATES:
+            _store_tile(dvn, b_dv, bos, seq_len, o_t, i_hv, HV, V, o_v)
+        if GATE == 2:
+            b_qd = (b_q.to(tl.float32) * tl.exp(b_g) * scale).to(dtype)
+            b_dh = tl.dot(tl.trans(b_qd), b_do, b_dh * tl.trans(tl.exp(b_gl)))
+        else:
+            b_dh = _dot_split(tl.trans(b_q), b_do.to(tl.float32) * (tl.exp(b_g) * scale), b_dh * tl.exp(b_gl))
         if DELTA:
-            p_w = ((bos + o_t) * HV + i_hv)[:, None] * K + o_k[None, :]
-            b_w = tl.load(w + p_w, mask=m_tk, other=0.0)
-            b_dh -= tl.dot(tl.trans(b_w), b_dv)
-    if USE_INITIAL_STATE:
-        tl.store(dh0 + (i_nh * K * V).to(tl.int64) + p_h, b_dh, mask=m_h)
+            b_dh = _dot_split(tl.trans(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k)), -b_dv, b_dh)
+    if FINAL == 1:
+        _store_state(dh0, b_dh, i_n, i_hv, HV, K, V, o_k, o_v)
+    if FINAL == 2:
+        _store_state(dh0, b_dh, i_seg, i_hv, HV, K, V, o_k, o_v)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -645,9 +851,10 @@ def chunk_grad_kernel(
     DELTA: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """Per chunk, all of K at once: dq, dk (per value head, fp32), dv, dbeta and the gradient of the cumulative
-    log decay db (fp32). With per-channel decays the pairwise terms are left to `chunk_pairwise_bwd_kernel`:
-    this kernel then stores their gradients dP and beta dA instead."""
+    """Per chunk, all of K at once: dq, dk (per value head), dv, dbeta and the gradient of the cumulative log decay
+    db (fp32). With per-channel decays the pairwise terms are left to `chunk_pairwise_bwd_kernel`: this kernel then
+    stores their gradients dP and beta dA instead. Four passes over the V blocks (the later ones read from L2), each
+    with at most one [BT, BK] accumulator, keep the registers in bounds."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
@@ -656,116 +863,132 @@ def chunk_grad_kernel(
     o_t = i_c * BT + o_i
     o_k = tl.arange(0, BK)
     m_t = o_t < seq_len
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_qk = ((bos + o_t) * H + i_h)[:, None] * K + o_k[None, :]
-    p_hk = ((bos + o_t) * HV + i_hv)[:, None] * K + o_k[None, :]
-    p_a = ((bos + o_t) * HV + i_hv)[:, None] * BT + o_i[None, :]
-    b_q = tl.load(q + p_qk, mask=m_tk, other=0.0)
-    b_k = tl.load(k + p_qk, mask=m_tk, other=0.0)
+    b_q = _load_tile(q, bos, seq_len, o_t, i_h, H, K, o_k)
+    b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
     b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
     b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
     m_causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
     m_strict = (o_i[:, None] > o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    dtype = b_q.dtype
 
-    b_dqs = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dks = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    # values: dP = do vn^T, and through u = Ai (beta v): dv, dbeta and dA; b_last through the state: sum_v h dh
     b_dp = tl.zeros([BT, BT], dtype=tl.float32)
     b_da = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_dgl = tl.zeros([BK], dtype=tl.float32)
     if DELTA:
-        b_beta = tl.load(beta + (bos + o_t) * HV + i_hv, mask=m_t, other=0.0).to(tl.float32)
-        b_ai = tl.load(ai + p_a, mask=m_t[:, None], other=0.0)
+        b_beta = _load_tokens(beta, bos, seq_len, o_t, i_hv, HV)
+        b_ai = _load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, o_i)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_tv = m_t[:, None] & m_v[None, :]
-        m_h = m_k[:, None] & m_v[None, :]
-        p_v = ((bos + o_t) * HV + i_hv)[:, None] * V + o_v[None, :]
-        p_h = (i_tg * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_h = tl.load(h + p_h, mask=m_h, other=0.0)
-        b_dh = tl.load(dh + p_h, mask=m_h, other=0.0)
-        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
-        b_dvn = tl.load(dvn + p_v, mask=m_tv, other=0.0)
+        b_do = _load_tile(do, bos, seq_len, o_t, i_hv, HV, V, o_v)
+        b_dvn = _load_tile(dvn, bos, seq_len, o_t, i_hv, HV, V, o_v)
         if DELTA:
-            b_vn = tl.load(vn + p_v, mask=m_tv, other=0.0)
+            b_vn = _load_tile(vn, bos, seq_len, o_t, i_hv, HV, V, o_v)
         else:
-            b_vn = tl.load(v + p_v, mask=m_tv, other=0.0)
-        dtype = b_h.dtype
-        b_dqs += tl.dot(b_do.to(dtype), tl.trans(b_h))
-        b_dp += tl.dot(b_do.to(b_vn.dtype), tl.trans(b_vn))
-        b_dks += tl.dot(b_vn, tl.trans(b_dh).to(b_vn.dtype))
-        b_dgl += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
+            b_vn = _load_tile(v, bos, seq_len, o_t, i_hv, HV, V, o_v)
+        b_dp = tl.dot(b_do.to(b_vn.dtype), tl.trans(b_vn), b_dp)
+        if GATE != 0:
+            b_h = _load_state(h, i_tg, i_hv, HV, K, V, o_k, o_v).to(tl.float32)
+            b_dh = _load_state(dh, i_tg, i_hv, HV, K, V, o_k, o_v).to(tl.float32)
+            b_dgl += tl.sum(b_h * b_dh, axis=1)
         if DELTA:
-            b_dw -= tl.dot(b_dvn.to(dtype), tl.trans(b_h))
             # gradient of beta v through u = Ai (beta v)
             b_dyu = tl.dot(tl.trans(b_ai), b_dvn)
-            b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
-            tl.store(dv + p_v, (b_dyu * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+            _store_tile(dv, b_dyu * b_beta[:, None], bos, seq_len, o_t, i_hv, HV, V, o_v)
+            b_v = _load_tile(v, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32)
             b_dbeta += tl.sum(b_v * b_dyu, axis=1)
-            b_u = tl.load(u + p_v, mask=m_tv, other=0.0)
-            b_da -= tl.dot(b_dyu.to(b_u.dtype), tl.trans(b_u))
+            b_u = _load_tile(u, bos, seq_len, o_t, i_hv, HV, V, o_v)
+            b_da = tl.dot((-b_dyu).to(b_u.dtype), tl.trans(b_u), b_da)
         else:
-            tl.store(dv + p_v, b_dvn.to(dv.dtype.element_ty), mask=m_tv)
+            _store_tile(dv, b_dvn, bos, seq_len, o_t, i_hv, HV, V, o_v)
 
-    b_qf = b_q.to(tl.float32)
-    b_kf = b_k.to(tl.float32)
+    # dq: through o = scale (q exp(b)) h (decays with +b) and through P
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        b_h = _load_state(h, i_tg, i_hv, HV, K, V, o_k, o_v)
+        b_do = _load_tile(do, bos, seq_len, o_t, i_hv, HV, V, o_v)
+        b_dq = tl.dot(b_do.to(b_h.dtype), tl.trans(b_h), b_dq)
     b_eg = tl.exp(b_g)
-    # through o = scale (q exp(b)) h: decays with +b
-    b_dq = b_dqs * scale * b_eg
-    # through S' = ... + (k exp(b_last - b))^T vn: decays with -b (and +b_last)
-    b_dk_state = b_dks * _masked_exp(b_gl - b_g, m_t[:, None])
-    b_dk_pos = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk_neg = b_dk_state
+    b_dq *= scale * b_eg
     b_dp = tl.where(m_causal, b_dp * scale, 0.0)
     if GATE == 2:
-        tl.store(daqk + p_a, b_dp, mask=m_t[:, None])
+        _store_tile(daqk, b_dp, bos, seq_len, o_t, i_hv, HV, BT, o_i)
     else:
         b_decay = tl.zeros([BT, BT], dtype=tl.float32) + 1.0
         if GATE == 1:
             b_gt = tl.sum(b_g, axis=1)
             b_decay = tl.exp(tl.where(m_causal, b_gt[:, None] - b_gt[None, :], 0.0))
-        b_mp = (b_dp * b_decay).to(b_k.dtype)
-        b_dq += tl.dot(b_mp, b_k)
-        b_dk_neg += tl.dot(tl.trans(b_mp), b_q)
+        b_mp = (b_dp * b_decay).to(dtype)
+        b_dq = tl.dot(b_mp, b_k, b_dq)
+    _store_tile(dq, b_dq, bos, seq_len, o_t, i_hv, HV, K, o_k)
+    # factors q exp(b) and k exp(b) pass d/db = q dq, k dk; factors k exp(-b) pass -k dk
+    b_db = b_q.to(tl.float32) * b_dq
+    if GATE != 2:
+        b_db = tl.sum(b_db, axis=1)[:, None]
+
+    # dk through w = Ai (beta k exp(b)) and A (decays with +b), dbeta and dA
+    b_dkp = tl.zeros([BT, BK], dtype=tl.float32)
     if DELTA:
+        b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            b_h = _load_state(h, i_tg, i_hv, HV, K, V, o_k, o_v)
+            b_dvn = _load_tile(dvn, bos, seq_len, o_t, i_hv, HV, V, o_v)
+            b_dw = tl.dot((-b_dvn).to(b_h.dtype), tl.trans(b_h), b_dw)
         # gradient of beta k exp(b) through w = Ai (beta k exp(b))
         b_dyw = tl.dot(tl.trans(b_ai), b_dw)
-        b_keg = b_kf * b_eg
-        b_dk_pos += b_dyw * b_eg * b_beta[:, None]
-        b_dbeta += tl.sum(b_keg * b_dyw, axis=1)
-        b_w = tl.load(w + p_hk, mask=m_tk, other=0.0)
-        b_da -= tl.dot(b_dyw.to(b_w.dtype), tl.trans(b_w))
+        b_dkp = b_dyw * b_eg * b_beta[:, None]
+        b_dbeta += tl.sum(b_k.to(tl.float32) * b_eg * b_dyw, axis=1)
+        b_w = _load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k).to(tl.float32)
+        b_da = tl.dot(-b_dyw, tl.trans(b_w), b_da)
         b_da = tl.where(m_strict, b_da, 0.0)
         if GATE == 2:
-            b_kk = tl.load(akk + p_a, mask=m_t[:, None], other=0.0)
+            b_kk = tl.where(m_strict, _load_tile(akk, bos, seq_len, o_t, i_hv, HV, BT, o_i), 0.0)
             b_dbeta += tl.sum(b_da * b_kk, axis=1)
-            tl.store(dakk + p_a, b_da * b_beta[:, None], mask=m_t[:, None])
+            _store_tile(dakk, b_da * b_beta[:, None], bos, seq_len, o_t, i_hv, HV, BT, o_i)
         else:
             b_kk = tl.dot(b_k, tl.trans(b_k))
-            if GATE == 1:
-                b_kk = b_kk * b_decay
-            b_kk = tl.where(m_strict, b_kk, 0.0)
+            b_kk = tl.where(m_strict, b_kk * b_decay, 0.0)
             b_dbeta += tl.sum(b_da * b_kk, axis=1)
-            b_mk = (b_da * b_decay * b_beta[:, None]).to(b_k.dtype)
-            b_dk_pos += tl.dot(b_mk, b_k)
-            b_dk_neg += tl.dot(tl.trans(b_mk), b_k)
+            b_mk = (b_da * b_decay * b_beta[:, None]).to(dtype)
+            b_dkp = tl.dot(b_mk, b_k, b_dkp)
         tl.store(dbeta + (bos + o_t) * HV + i_hv, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
-    tl.store(dq + p_hk, b_dq, mask=m_tk)
-    tl.store(dk + p_hk, b_dk_pos + b_dk_neg, mask=m_tk)
+    if GATE == 2:
+        b_db += b_k.to(tl.float32) * b_dkp
+    elif GATE == 1:
+        b_db += tl.sum(b_k.to(tl.float32) * b_dkp, axis=1)[:, None]
+
+    # dk through S' = ... + (k exp(b_last - b))^T vn (decays with -b and +b_last) and through P and A (with -b)
+    b_dks = tl.zeros([BT, BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        b_dh = _load_state(dh, i_tg, i_hv, HV, K, V, o_k, o_v)
+        if DELTA:
+            b_vn = _load_tile(vn, bos, seq_len, o_t, i_hv, HV, V, o_v)
+        else:
+            b_vn = _load_tile(v, bos, seq_len, o_t, i_hv, HV, V, o_v)
+        b_dks = tl.dot(b_vn, tl.trans(b_dh).to(b_vn.dtype), b_dks)
+    b_dk_state = b_dks * _masked_exp(b_gl - b_g, m_t[:, None])
+    b_dkn = b_dk_state
+    if GATE != 2:
+        b_dkn = tl.dot(tl.trans(b_mp), b_q, b_dkn)
+        if DELTA:
+            b_dkn = tl.dot(tl.trans(b_mk), b_k, b_dkn)
+    _store_tile(dk, b_dkp + b_dkn, bos, seq_len, o_t, i_hv, HV, K, o_k)
     if GATE != 0:
-        # factors q exp(b) and k exp(b) pass d/db = q dq, k dk; factors k exp(-b) pass -k dk
-        b_db = b_qf * b_dq + b_kf * b_dk_pos - b_kf * b_dk_neg
+        b_kf = b_k.to(tl.float32)
         # S' = exp(b_last) S + ...: d/db_last = sum_v exp(b_last) S dS'
         b_dbl = b_dgl * tl.sum(tl.exp(b_gl), axis=0) + tl.sum(b_kf * b_dk_state, axis=0)
         last = tl.minimum(i_c * BT + BT, seq_len) - 1
         if GATE == 2:
+            b_db -= b_kf * b_dkn
             b_db += tl.where((o_t == last)[:, None], b_dbl[None, :], 0.0)
-            tl.store(db + p_hk, b_db, mask=m_tk)
+            _store_tile(db, b_db, bos, seq_len, o_t, i_hv, HV, K, o_k)
         else:
-            b_dbt = tl.sum(b_db, axis=1) + tl.where(o_t == last, tl.sum(b_dbl, axis=0), 0.0)
+            b_dbt = tl.sum(b_db, axis=1) - tl.sum(b_kf * b_dkn, axis=1)
+            b_dbt += tl.where(o_t == last, tl.sum(b_dbl, axis=0), 0.0)
             tl.store(db + (bos + o_t) * HV + i_hv, b_dbt, mask=m_t)
 
 
@@ -808,11 +1031,9 @@ def chunk_pairwise_bwd_kernel(
     o_r = row0 + o_i
     m_r = o_r < seq_len
     m_rk = m_r[:, None] & m_k[None, :]
-    p_qk = ((bos + o_r) * H + i_h)[:, None] * K + o_k[None, :]
-    p_hk = ((bos + o_r) * HV + i_hv)[:, None] * K + o_k[None, :]
-    b_q = tl.load(q + p_qk, mask=m_rk, other=0.0).to(tl.float32)
-    b_k = tl.load(k + p_qk, mask=m_rk, other=0.0).to(tl.float32)
-    b_b = tl.load(b + p_hk, mask=m_rk, other=0.0)
+    b_q = _load_tile(q, bos, seq_len, o_r, i_h, H, K, o_k).to(tl.float32)
+    b_k = _load_tile(k, bos, seq_len, o_r, i_h, H, K, o_k).to(tl.float32)
+    b_b = _load_tile(b, bos, seq_len, o_r, i_hv, HV, K, o_k)
     row_last = tl.minimum(row0 + BC, seq_len) - 1
     b_first = tl.load(b + ((bos + row0) * HV + i_hv) * K + o_k, mask=m_k, other=0.0)
     b_last = tl.load(b + ((bos + row_last) * HV + i_hv) * K + o_k, mask=m_k, other=0.0)
@@ -820,12 +1041,11 @@ def chunk_pairwise_bwd_kernel(
     # row side (this block's queries/keys against earlier sub-blocks), reference: the block's first row
     b_dq = tl.zeros([BC, BK], dtype=tl.float32)
     b_dkr = tl.zeros([BC, BK], dtype=tl.float32)
-    p_a = ((bos + o_r) * HV + i_hv)[:, None] * BT + o_i[None, :]
+    p_a = _tile_offsets(bos, o_r, i_hv, HV, BT, o_i)
     for j in range(i_i):
         o_s = i_c * BT + j * BC + o_i
-        p_s = ((bos + o_s) * H + i_h)[:, None] * K + o_k[None, :]
-        b_ks = tl.load(k + p_s, mask=m_k[None, :], other=0.0).to(tl.float32)
-        b_bs = tl.load(b + ((bos + o_s) * HV + i_hv)[:, None] * K + o_k[None, :], mask=m_k[None, :], other=0.0)
+        b_ks = _load_tile(k, bos, seq_len, o_s, i_h, H, K, o_k).to(tl.float32)
+        b_bs = _load_tile(b, bos, seq_len, o_s, i_hv, HV, K, o_k)
         b_ks = b_ks * tl.exp(b_first[None, :] - b_bs)
         b_dq += tl.dot(tl.load(daqk + p_a + j * BC, mask=m_r[:, None], other=0.0), b_ks)
         if DELTA:
@@ -840,11 +1060,9 @@ def chunk_pairwise_bwd_kernel(
         o_s = i_c * BT + m * BC + o_i
         m_s = o_s < seq_len
         m_sk = m_s[:, None] & m_k[None, :]
-        p_s = ((bos + o_s) * H + i_h)[:, None] * K + o_k[None, :]
-        b_bs = tl.load(b + ((bos + o_s) * HV + i_hv)[:, None] * K + o_k[None, :], mask=m_sk, other=0.0)
-        b_es = _masked_exp(b_bs - b_last[None, :], m_sk)
-        b_qs = tl.load(q + p_s, mask=m_sk, other=0.0).to(tl.float32) * b_es
-        b_ks = tl.load(k + p_s, mask=m_sk, other=0.0).to(tl.float32) * b_es
+        b_es = _masked_exp(_load_tile(b, bos, seq_len, o_s, i_hv, HV, K, o_k) - b_last[None, :], m_sk)
+        b_qs = _load_tile(q, bos, seq_len, o_s, i_h, H, K, o_k).to(tl.float32) * b_es
+        b_ks = _load_tile(k, bos, seq_len, o_s, i_h, H, K, o_k).to(tl.float32) * b_es
         # blocks (m, i) of daqk and dakk, transposed: [BC (rows of block i), BC (rows of block m)]
         p_at = ((bos + o_s) * HV + i_hv)[None, :] * BT + (i_i * BC + o_i)[:, None]
         b_dkc += tl.dot(tl.load(daqk + p_at, mask=m_s[None, :], other=0.0), b_qs)
@@ -855,12 +1073,12 @@ def chunk_pairwise_bwd_kernel(
     # diagonal sub-block, one token at a time
     for s in range(BC):
         # tensors, not a scalar: newer Triton interpreters reject the mask that scalar & tensor gives
-        m_sk = (o_k * 0 + row0 + s) < seq_len
+        m_sk = ((o_k * 0 + row0 + s) < seq_len) & m_k
         m_sr = (o_i * 0 + row0 + s) < seq_len
         p_s = (bos + row0 + s) * H * K + i_h * K + o_k
-        b_qs = tl.load(q + p_s, mask=m_k & m_sk, other=0.0).to(tl.float32)
-        b_ks = tl.load(k + p_s, mask=m_k & m_sk, other=0.0).to(tl.float32)
-        b_bs = tl.load(b + (bos + row0 + s) * HV * K + i_hv * K + o_k, mask=m_k & m_sk, other=0.0)
+        b_qs = tl.load(q + p_s, mask=m_sk, other=0.0).to(tl.float32)
+        b_ks = tl.load(k + p_s, mask=m_sk, other=0.0).to(tl.float32)
+        b_bs = tl.load(b + (bos + row0 + s) * HV * K + i_hv * K + o_k, mask=m_sk, other=0.0)
         # token s as a key: rows t >= s of this block
         p_col = ((bos + o_r) * HV + i_hv) * BT + i_i * BC + s
         b_e = _masked_exp(b_b - b_bs[None, :], ((o_i >= s) & m_r)[:, None] & m_k[None, :])
@@ -879,6 +1097,7 @@ def chunk_pairwise_bwd_kernel(
             b_dkc += b_rk[:, None] * b_ks[None, :] * b_e
 
     b_db = b_q * b_dq + b_k * b_dkr - b_k * b_dkc
+    p_hk = _tile_offsets(bos, o_r, i_hv, HV, K, o_k)
     tl.store(dq + p_hk, tl.load(dq + p_hk, mask=m_rk, other=0.0) + b_dq, mask=m_rk)
     tl.store(dk + p_hk, tl.load(dk + p_hk, mask=m_rk, other=0.0) + b_dkr + b_dkc, mask=m_rk)
     tl.store(db + p_hk, tl.load(db + p_hk, mask=m_rk, other=0.0) + b_db, mask=m_rk)
@@ -924,11 +1143,9 @@ def fused_recurrent_fwd_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
     m_v = o_v < V
-    m_h = m_k[:, None] & m_v[None, :]
-    p_h = o_k[:, None] * V + o_v[None, :]
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + (i_nh * K * V).to(tl.int64) + p_h, mask=m_h, other=0.0).to(tl.float32)
+        b_h += _load_state(h0, i_nh, 0, 1, K, V, o_k, o_v)
     for t in range(seq_len):
         p_qk = ((bos + t) * H + i_h) * K + o_k
         p_v = ((bos + t) * HV + i_hv) * V + o_v
@@ -950,4 +1167,4 @@ def fused_recurrent_fwd_kernel(
         b_o = tl.sum(b_h * b_q[:, None], axis=0) * scale
         tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_v)
     if STORE_FINAL_STATE:
-        tl.store(ht + (i_nh * K * V).to(tl.int64) + p_h, b_h, mask=m_h)
+        _store_state(ht, b_h, i_nh, 0, 1, K, V, o_k, o_v)

@@ -27,8 +27,20 @@ def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-300)).item()
 
 
-def linear_inputs(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, device, strong_decay=False,
-                  num_states=None, seed=0):
+def linear_inputs(
+    variant,
+    batch,
+    seq_len,
+    heads,
+    v_heads,
+    key_dim,
+    value_dim,
+    dtype,
+    device,
+    strong_decay=False,
+    num_states=None,
+    seed=0,
+):
     """[q, k, v, g, beta, initial_state]: q, k `[B, T, H, K]` and v `[B, T, HV, V]` in `dtype`; g (`[B, T, HV]`
     for gdn, `[B, T, HV, K]` for gla/kda) and beta `[B, T, HV]` in fp32 where the variant uses them; an fp32
     initial state `[N, HV, K, V]` (N = `num_states` or B)."""
@@ -75,26 +87,47 @@ def naive_reference(q, k, v, g, beta, initial_state, cu_seqlens=None):
         return op(q, k, v, g=g, beta=beta, initial_state=initial_state, output_final_state=True)
     outputs, states = [], []
     for n, (lo, hi) in enumerate(itertools.pairwise(cu_seqlens.tolist())):
+
         def piece(x, lo=lo, hi=hi):
             return None if x is None else x[:, lo:hi]
 
         op = _reference_op(piece(q), piece(v), beta)
-        o, s = op(piece(q), piece(k), piece(v), g=piece(g), beta=piece(beta), initial_state=initial_state[n : n + 1],
-                  output_final_state=True)
+        o, s = op(
+            piece(q),
+            piece(k),
+            piece(v),
+            g=piece(g),
+            beta=piece(beta),
+            initial_state=initial_state[n : n + 1],
+            output_final_state=True,
+        )
         outputs.append(o)
         states.append(s)
     return torch.cat(outputs, dim=1), torch.cat(states)
 
 
-def check_chunk(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, device, strong_decay=False,
-                cu_seqlens=None, seed=0):
+def check_chunk(
+    variant,
+    batch,
+    seq_len,
+    heads,
+    v_heads,
+    key_dim,
+    value_dim,
+    dtype,
+    device,
+    strong_decay=False,
+    cu_seqlens=None,
+    seed=0,
+):
     """Forward and backward of `chunk_linear_attention` (initial state in, final state out, random output and
     final-state gradients) against the fp64 reference: {name: relative RMS error}."""
     if cu_seqlens is not None:
         cu_seqlens = torch.tensor(cu_seqlens, device=device)
     num_states = None if cu_seqlens is None else len(cu_seqlens) - 1
-    inputs = linear_inputs(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, device, strong_decay,
-                           num_states, seed)
+    inputs = linear_inputs(
+        variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, device, strong_decay, num_states, seed
+    )
     tri = [None if x is None else x.clone().requires_grad_() for x in inputs]
     ref = [None if x is None else x.detach().double().requires_grad_() for x in inputs]
     o, state = chunk_linear_attention(*tri[:5], initial_state=tri[5], output_final_state=True, cu_seqlens=cu_seqlens)
@@ -116,17 +149,37 @@ def check_chunk(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dty
     return errors
 
 
-def check_fused_recurrent(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, device,
-                          cu_seqlens=None, use_qk_l2norm_in_kernel=False, seed=0):
+def check_fused_recurrent(
+    variant,
+    batch,
+    seq_len,
+    heads,
+    v_heads,
+    key_dim,
+    value_dim,
+    dtype,
+    device,
+    cu_seqlens=None,
+    use_qk_l2norm_in_kernel=False,
+    seed=0,
+):
     """`fused_recurrent_linear_attention` against the fp64 reference: {"o": error, "state": error}."""
     if cu_seqlens is not None:
         cu_seqlens = torch.tensor(cu_seqlens, device=device)
     num_states = None if cu_seqlens is None else len(cu_seqlens) - 1
-    q, k, v, g, beta, initial_state = linear_inputs(variant, batch, seq_len, heads, v_heads, key_dim, value_dim,
-                                                    dtype, device, num_states=num_states, seed=seed)
+    q, k, v, g, beta, initial_state = linear_inputs(
+        variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, device, num_states=num_states, seed=seed
+    )
     with torch.no_grad():
         o, state = fused_recurrent_linear_attention(
-            q, k, v, g, beta, initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens,
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=initial_state,
+            output_final_state=True,
+            cu_seqlens=cu_seqlens,
             use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
         )
     if use_qk_l2norm_in_kernel:

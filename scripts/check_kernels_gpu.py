@@ -1,10 +1,12 @@
 """Correctness of the Triton linear-attention kernels on a GPU: every op against the fp64 naive recurrence.
 
-    python scripts/check_kernels_gpu.py [--variant gdn] [--output-dir DIR]
+    python scripts/check_kernels_gpu.py [--variant gdn] [--output-dir DIR] [--cases T1000] [--tune]
 
 Checks the chunked ops (output, final state, dq, dk, dv, dg, dbeta, dh0) and the fused-recurrent ops (output, final
 state) for gdn, deltanet, gla and kda over odd lengths, head dims 64/128/100, GVA, packed sequences with length-1
-segments, bf16/fp16/fp32 and strong decays. Prints one row per case and the worst error of each column, writes
+segments, bf16/fp16/fp32 and strong decays; sequences split into segments (the long-sequence path, fixed-length and
+packed); and the other launch-config candidates of the tuned kernels (`-alt` cases). Launch configs are not tuned
+(the first candidates run) unless `--tune`. Prints one row per case and the worst error of each column, writes
 kernel_check[_VARIANT].json to the output folder when given, and exits with status 1 if any case fails. Run one
 process per variant to compile their kernels in parallel.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 import triton
 
-from hf_effattn.kernels import testing
+from hf_effattn.kernels import linear_attn, testing
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 # name: (B, T, H, HV, K, V, dtype, strong decay, cu_seqlens); mostly H=2, HV=4, D=128, so that few kernel
@@ -35,7 +37,23 @@ CHUNK_CASES = {
     "T1000-fp32": (1, 1000, 2, 4, 128, 128, FP32, False, None),
     "T500-strong-decay": (1, 500, 2, 4, 128, 128, BF16, True, None),
     "T4096": (1, 4096, 2, 4, 128, 128, BF16, False, None),
+    "T2048-split": (1, 2048, 2, 4, 128, 128, BF16, False, None),
+    "varlen-split": (1, 2048, 2, 4, 128, 128, BF16, False, [0, 1, 15, 700, 701, 1500, 2048]),
+    "T1000-alt1": (2, 1000, 2, 4, 128, 128, BF16, False, None),
+    "T1000-split-alt2": (2, 1000, 2, 4, 128, 128, BF16, False, None),
+    "T1000-alt3": (2, 1000, 2, 4, 128, 128, BF16, False, None),
+    "T1000-split-alt4": (2, 1000, 2, 4, 128, 128, BF16, False, None),
 }
+# sequences split into segments of this many chunks
+SPLIT_CHUNKS = 8
+TUNED_KERNELS = (
+    "chunk_wy_fwd_kernel",
+    "chunk_segment_fwd_kernel",
+    "chunk_combine_kernel",
+    "chunk_state_fwd_kernel",
+    "chunk_state_bwd_kernel",
+    "chunk_grad_kernel",
+)
 # name: (B, T, H, HV, K, V, dtype, cu_seqlens, in-kernel q/k L2 norm)
 RECURRENT_CASES = {
     "T1-B16": (16, 1, 2, 4, 128, 128, BF16, None, False),
@@ -51,52 +69,61 @@ def row(kind, variant, name, errors, bad, seconds):
     return f"{kind:<9} {variant:<9} {name:<18} " + " ".join(f"{c:>8}" for c in cells) + f" {seconds:6.1f}s {status}"
 
 
-def main(variants=testing.VARIANTS, output_dir: str | None = None, case_filter: str = "") -> int:
+def main(variants=testing.VARIANTS, output_dir: str | None = None, case_filter: str = "", tune: bool = False) -> int:
     device = torch.device("cuda")
+    linear_attn.TUNE = tune
     props = torch.cuda.get_device_properties(device)
     print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"{'op':<9} {'variant':<9} {'case':<18} " + " ".join(f"{c:>8}" for c in COLUMNS) + "   time")
     results, failed = [], []
+    info = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__, "tune": tune}
+    path = None
+    if output_dir:
+        suffix = "" if len(variants) > 1 else f"_{variants[0]}"
+        path = Path(output_dir) / f"kernel_check{suffix}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
 
     def record(kind, variant, name, dtype, check, *args):
         start = time.time()
+        # "-split": segments of SPLIT_CHUNKS chunks; "-altN": candidate N of every tuned kernel's launch configs
+        linear_attn.SEGMENT_CHUNKS = SPLIT_CHUNKS if "-split" in name else None
+        alt = name.rpartition("-alt")[2] if "-alt" in name else None
+        linear_attn.CONFIG_OVERRIDE = dict.fromkeys(TUNED_KERNELS, int(alt)) if alt else {}
         try:
             errors = check(variant, *args)
             bad = testing.failures(errors, dtype)
         except Exception as error:  # noqa: BLE001 (a crash fails its case; the other cases still run)
             errors, bad = {}, [f"{type(error).__name__}: {error}"]
+        finally:
+            linear_attn.SEGMENT_CHUNKS, linear_attn.CONFIG_OVERRIDE = None, {}
         torch.cuda.synchronize()
         seconds = time.time() - start
         print(row(kind, variant, name, errors, bad, seconds), flush=True)
         for line in bad:
             print(f"    {line}", flush=True)
-        results.append({"op": kind, "variant": variant, "case": name, "dtype": str(dtype), "errors": errors,
-                        "failures": bad, "seconds": seconds})
+        entry = {"op": kind, "variant": variant, "case": name, "dtype": str(dtype), "errors": errors}
+        results.append({**entry, "failures": bad, "seconds": seconds})
         if bad:
             failed.append((kind, variant, name))
+        # after every case, so that a run cut short keeps what it checked
+        if path:
+            path.write_text(json.dumps({"environment": info, "results": results}, indent=1))
 
     for variant in variants:
-        for name, (batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, strong, cu) in CHUNK_CASES.items():
+        for name, (*shape, dtype, strong, cu) in CHUNK_CASES.items():
             if (strong and variant == "deltanet") or case_filter not in name:
                 continue
-            record("chunk", variant, name, dtype, testing.check_chunk, batch, seq_len, heads, v_heads, key_dim,
-                   value_dim, dtype, device, strong, cu)
-        for name, (batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, cu, l2) in RECURRENT_CASES.items():
+            record("chunk", variant, name, dtype, testing.check_chunk, *shape, dtype, device, strong, cu)
+        for name, (*shape, dtype, cu, l2) in RECURRENT_CASES.items():
             if case_filter not in name:
                 continue
-            record("recurrent", variant, name, dtype, testing.check_fused_recurrent, batch, seq_len, heads, v_heads,
-                   key_dim, value_dim, dtype, device, cu, l2)
+            record("recurrent", variant, name, dtype, testing.check_fused_recurrent, *shape, dtype, device, cu, l2)
 
-    worst = {c: max((r["errors"].get(c, 0.0) for r in results if r["dtype"] == str(BF16)), default=0.0)
-             for c in COLUMNS}
+    worst = {
+        c: max((r["errors"].get(c, 0.0) for r in results if r["dtype"] == str(BF16)), default=0.0) for c in COLUMNS
+    }
     print("worst bf16 error per column: " + ", ".join(f"{c} {v:.1e}" for c, v in worst.items()))
     print(f"{len(results) - len(failed)}/{len(results)} cases passed")
-    if output_dir:
-        suffix = "" if len(variants) > 1 else f"_{variants[0]}"
-        path = Path(output_dir) / f"kernel_check{suffix}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        info = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__}
-        path.write_text(json.dumps({"environment": info, "results": results}, indent=1))
     return 1 if failed else 0
 
 
@@ -105,5 +132,6 @@ if __name__ == "__main__":
     parser.add_argument("--variant", choices=testing.VARIANTS, help="check one variant (default: all)")
     parser.add_argument("--output-dir", help="folder for the JSON results")
     parser.add_argument("--cases", default="", help="only the cases whose name contains this text")
+    parser.add_argument("--tune", action="store_true", help="tune launch configs as the ops do by default")
     args = parser.parse_args()
-    sys.exit(main((args.variant,) if args.variant else testing.VARIANTS, args.output_dir, args.cases))
+    sys.exit(main((args.variant,) if args.variant else testing.VARIANTS, args.output_dir, args.cases, args.tune))

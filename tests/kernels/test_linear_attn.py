@@ -37,10 +37,12 @@ CPU_CASES = [
     "batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, strong_decay, cu_seqlens",
     [pytest.param(*case, id=name) for name, case in CPU_CASES],
 )
-def test_chunk_matches_naive(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, strong_decay,
-                             cu_seqlens):
-    errors = testing.check_chunk(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, DEVICE,
-                                 strong_decay, cu_seqlens)
+def test_chunk_matches_naive(
+    variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, strong_decay, cu_seqlens
+):
+    errors = testing.check_chunk(
+        variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, DEVICE, strong_decay, cu_seqlens
+    )
     assert_within_tolerance(errors, dtype)
 
 
@@ -49,6 +51,97 @@ def test_chunk_strong_decay_stays_finite(variant):
     """Decays down to ~ -50 per step: per-channel pairwise terms must underflow, never overflow."""
     errors = testing.check_chunk(variant, 1, 80, 1, 1, 16, 16, torch.float32, DEVICE, strong_decay=True)
     assert_within_tolerance(errors, torch.float32)
+
+
+@pytest.mark.parametrize("variant", testing.VARIANTS)
+@pytest.mark.parametrize(
+    "batch, seq_len, cu_seqlens",
+    [pytest.param(2, 130, None, id="T130"), pytest.param(1, 200, [0, 1, 130, 131, 200], id="varlen-1-129-1-69")],
+)
+def test_chunk_split_into_segments_matches_naive(monkeypatch, variant, batch, seq_len, cu_seqlens):
+    """Sequences split into one-chunk segments, joined by the segment maps (the long-sequence path)."""
+    monkeypatch.setattr(kernels.linear_attn, "SEGMENT_CHUNKS", 1)
+    errors = testing.check_chunk(variant, batch, seq_len, 1, 2, 16, 16, torch.float32, DEVICE, cu_seqlens=cu_seqlens)
+    assert_within_tolerance(errors, torch.float32)
+
+
+TUNED_KERNELS = (
+    "chunk_wy_fwd_kernel",
+    "chunk_segment_fwd_kernel",
+    "chunk_combine_kernel",
+    "chunk_state_fwd_kernel",
+    "chunk_state_bwd_kernel",
+    "chunk_grad_kernel",
+)
+
+
+def test_chunk_other_launch_configs_match_naive(monkeypatch):
+    """A tuning candidate other than the default (other V blocks) computes the same, for the per-channel delta rule
+    (gdn and gla: all candidates, through the tuner, below)."""
+    monkeypatch.setattr(kernels.linear_attn, "CONFIG_OVERRIDE", dict.fromkeys(TUNED_KERNELS, 3))
+    monkeypatch.setattr(kernels.linear_attn, "SEGMENT_CHUNKS", 1)
+    errors = testing.check_chunk("kda", 1, 130, 1, 2, 24, 40, torch.float32, DEVICE)
+    assert_within_tolerance(errors, torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["gdn", "gla"])
+def test_chunk_forward_without_gradients(variant):
+    """Inference forward: the tensors kept for the backward are not computed."""
+    q, k, v, g, beta, s0 = testing.linear_inputs(variant, 2, 100, 1, 2, 16, 16, torch.float32, DEVICE)
+    with torch.no_grad():
+        o, s = kernels.chunk_linear_attention(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    o_ref, s_ref = naive_linear_attention(
+        q.double(), k.double(), v.double(), g=g, beta=beta, initial_state=s0, output_final_state=True
+    )
+    assert_within_tolerance({"o": testing.rel_rms(o, o_ref), "state": testing.rel_rms(s, s_ref)}, torch.float32)
+
+
+def test_tuning_keeps_the_fastest_candidate_that_matches_the_first(monkeypatch):
+    linear_attn = kernels.linear_attn
+    monkeypatch.setattr(linear_attn, "_tuning", lambda device: True)
+    monkeypatch.setattr(linear_attn, "_CHOICES", {})
+    times = {"a": 3.0, "b": 1.0, "c": 2.0, "d": 0.5, "e": 0.1}
+    out = torch.zeros(4)
+    current = []
+
+    def run(option):
+        if option == "e":
+            raise RuntimeError("out of resources")
+        current[:] = [option]
+        out.fill_(2.0 if option == "d" else 1.0)
+
+    monkeypatch.setattr(linear_attn.triton.testing, "do_bench", lambda fn, **kwargs: (fn(), times[current[0]])[1])
+    device = torch.device("cpu")
+    choice = linear_attn._pick("kernel", ("key",), list("abcde"), run, lambda: [out], device)
+    # d is faster but computes something else, e fails
+    assert choice == "b"
+    entry = linear_attn.tuned_configs()[0]
+    assert entry["timings"]["a"] == 3.0 and entry["timings"]["d"].startswith("rejected")
+    assert entry["timings"]["e"].startswith("failed")
+    assert linear_attn._pick("kernel", ("key",), list("abcde"), None, None, device) == "b"
+
+
+@pytest.mark.parametrize("variant", ["gdn", "gla"])
+def test_tuned_path_matches_naive_and_rejects_no_candidate(monkeypatch, variant):
+    """The first call of a shape class with tuning on (timing stubbed): every candidate, split and whole sequences
+    alike, runs and matches the first, and the results that follow the tuning are right."""
+    linear_attn = kernels.linear_attn
+    monkeypatch.setattr(linear_attn, "_tuning", lambda device: True)
+    monkeypatch.setattr(linear_attn, "_CHOICES", {})
+    monkeypatch.setattr(linear_attn, "_segment_options", lambda *args: [0, 1])
+    monkeypatch.setattr(linear_attn.triton.testing, "do_bench", lambda fn, **kwargs: (fn(), 1.0)[1])
+    errors = testing.check_chunk(variant, 1, 130, 1, 2, 16, 40, torch.float32, DEVICE)
+    assert_within_tolerance(errors, torch.float32)
+    tuned = linear_attn.tuned_configs()
+    assert {"state_fwd segment length", "state_bwd segment length", "chunk_state_bwd_kernel"} <= {
+        entry["kernel"] for entry in tuned
+    }
+    ruled_out = {
+        entry["kernel"]: entry["timings"]
+        for entry in tuned
+        if not all(isinstance(value, float) for value in entry["timings"].values())
+    }
+    assert not ruled_out
 
 
 @pytest.mark.gpu
@@ -62,26 +155,30 @@ def test_chunk_strong_decay_stays_finite(variant):
     ],
 )
 def test_chunk_matches_naive_full_size(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, cu_seqlens):
-    errors = testing.check_chunk(variant, batch, seq_len, heads, v_heads, key_dim, value_dim, torch.bfloat16,
-                                 DEVICE, cu_seqlens=cu_seqlens)
+    errors = testing.check_chunk(
+        variant, batch, seq_len, heads, v_heads, key_dim, value_dim, torch.bfloat16, DEVICE, cu_seqlens=cu_seqlens
+    )
     assert_within_tolerance(errors, torch.bfloat16)
 
 
 @pytest.mark.parametrize("variant", testing.VARIANTS)
 def test_fused_recurrent_matches_naive(variant):
     """Packed segments (one of length 1), an initial state per segment, GVA, in-kernel q/k L2 norm."""
-    errors = testing.check_fused_recurrent(variant, 1, 21, 1, 2, 16, 16, torch.float32, DEVICE,
-                                           cu_seqlens=[0, 1, 9, 21], use_qk_l2norm_in_kernel=True)
+    errors = testing.check_fused_recurrent(
+        variant, 1, 21, 1, 2, 16, 16, torch.float32, DEVICE, cu_seqlens=[0, 1, 9, 21], use_qk_l2norm_in_kernel=True
+    )
     assert_within_tolerance(errors, torch.float32)
 
 
 def test_fused_recurrent_decode_step_continues_chunked_prefill():
     q, k, v, g, beta, s0 = testing.linear_inputs("gdn", 2, 70, 2, 2, 16, 16, torch.float32, DEVICE)
     with torch.no_grad():
-        _, s1 = kernels.chunk_gated_delta_rule(q[:, :69], k[:, :69], v[:, :69], g[:, :69], beta[:, :69],
-                                               initial_state=s0, output_final_state=True)
-        o, s2 = kernels.fused_recurrent_gated_delta_rule(q[:, 69:], k[:, 69:], v[:, 69:], g=g[:, 69:],
-                                                         beta=beta[:, 69:], initial_state=s1, output_final_state=True)
+        _, s1 = kernels.chunk_gated_delta_rule(
+            q[:, :69], k[:, :69], v[:, :69], g[:, :69], beta[:, :69], initial_state=s0, output_final_state=True
+        )
+        o, s2 = kernels.fused_recurrent_gated_delta_rule(
+            q[:, 69:], k[:, 69:], v[:, 69:], g=g[:, 69:], beta=beta[:, 69:], initial_state=s1, output_final_state=True
+        )
     o_ref, s_ref = naive_linear_attention(q, k, v, g=g, beta=beta, initial_state=s0, output_final_state=True)
     errors = {"o": testing.rel_rms(o, o_ref[:, 69:]), "state": testing.rel_rms(s2, s_ref)}
     assert_within_tolerance(errors, torch.float32)
@@ -96,8 +193,9 @@ def test_named_ops_are_the_generic_op():
         "kda": lambda q, k, v, g, beta: kernels.chunk_kda(q, k, v, g, beta, output_final_state=True),
     }
     recurrent = {
-        "gdn": lambda q, k, v, g, beta: kernels.fused_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta,
-                                                                                 output_final_state=True),
+        "gdn": lambda q, k, v, g, beta: kernels.fused_recurrent_gated_delta_rule(
+            q, k, v, g=g, beta=beta, output_final_state=True
+        ),
         "deltanet": lambda q, k, v, g, beta: kernels.fused_recurrent_delta_rule(q, k, v, beta, output_final_state=True),
         "gla": lambda q, k, v, g, beta: kernels.fused_recurrent_gla(q, k, v, gk=g, output_final_state=True),
         "kda": lambda q, k, v, g, beta: kernels.fused_recurrent_kda(q, k, v, g, beta, output_final_state=True),
