@@ -192,6 +192,13 @@ def _launch(kernel, grid, configs: list[dict], key: tuple, args: tuple, kwargs: 
     name = kernel.fn.__name__
     if name in CONFIG_OVERRIDE:
         config = configs[min(CONFIG_OVERRIDE[name], len(configs) - 1)]
+        _CHOICES[(name, "override", *key)] = {
+            "kernel": name,
+            "key": key,
+            "choice": config,
+            "timings": {},
+            "seconds": 0.0,
+        }
     else:
         dtypes = tuple(str(x.dtype) for x in args if isinstance(x, torch.Tensor))
         full_key = (*key, tuple(sorted(kwargs.items())), dtypes)
@@ -285,13 +292,13 @@ def _chunk_cumsum(x, cu_seqlens, chunks, reverse, out_dtype):
     batch, seq_len, num_v_heads = x.shape[:3]
     width = x.shape[3] if x.dim() == 4 else 1
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    grid = (chunks.per_row, batch * num_v_heads)
-    chunk_cumsum_kernel[grid](
+    chunk_cumsum_kernel[(chunks.per_row * batch * num_v_heads,)](
         x,
         y,
         cu_seqlens,
         chunks.indices,
         seq_len,
+        batch * num_v_heads,
         HV=num_v_heads,
         G=width,
         BG=triton.next_power_of_2(width),
@@ -335,7 +342,7 @@ def _join_segments(
                 triton.cdiv(key_dim, c["BV"]) + (0 if reverse else triton.cdiv(value_dim, c["BV"])),
                 segments.total * num_v_heads,
             ),
-            _configs(k.dtype, max(key_dim, value_dim), ((64, 4, 2), (32, 4, 2), (64, 8, 2))),
+            _configs(k.dtype, max(key_dim, value_dim), ((64, 4, 2), (64, 8, 2))),
             (*key, reverse),
             (k, w, y, b, maps, ct, *common),
             kwargs,
@@ -368,10 +375,16 @@ def _join_segments(
     return hs, maps
 
 
-def _state_pass_configs(dtype, value_dim, programs, device):
-    """(V block, warps, stages) candidates of the sequential passes; the first keeps every SM busy."""
-    default = (_state_block_v(value_dim, programs, device), 4, 2)
-    return _configs(dtype, value_dim, (default, (16, 4, 2), (32, 4, 2), (64, 4, 2), (64, 8, 2), (32, 4, 1), (64, 4, 1)))
+def _state_pass_configs(dtype, value_dim):
+    """(V block, warps, stages) candidates of the sequential passes, all with V blocks of 64 (the segments, not
+    narrower V blocks, give long sequences enough programs).
+
+    Narrower V blocks are left out: on the H100 with Triton 3.6 several of them are miscompiled (V blocks of 16 and
+    32 made illegal memory accesses in DeltaNet's forward pass, whose `w` is fp32; V blocks of 32 with one pipeline
+    stage did in GDN's forward pass, and gave wrong gradients in its backward pass). A tuner cannot survive a
+    candidate that corrupts the CUDA context. `scripts/check_kernels_gpu.py --candidates` checks each candidate
+    alone."""
+    return _configs(dtype, value_dim, ((64, 4, 2), (64, 8, 2), (64, 4, 1)))
 
 
 def _state_fwd(q, k, v, w, u, b, aqk, o, h, vn, initial_state, final_state, scale, chunks, shape, gate, delta):
@@ -404,7 +417,7 @@ def _state_fwd(q, k, v, w, u, b, aqk, o, h, vn, initial_state, final_state, scal
         _launch(
             chunk_state_fwd_kernel,
             lambda c: (triton.cdiv(value_dim, c["BV"]), programs),
-            _state_pass_configs(q.dtype, value_dim, programs, device),
+            _state_pass_configs(q.dtype, value_dim),
             (_size_class(programs), _size_class(segments.length)),
             (
                 q,
@@ -476,7 +489,7 @@ def _state_bwd(q, k, w, b, aqk, do, dh, dvn, dht, dh0, scale, chunks, shape, gat
         _launch(
             chunk_state_bwd_kernel,
             lambda c: (triton.cdiv(value_dim, c["BV"]), programs),
-            _state_pass_configs(q.dtype, value_dim, programs, device),
+            _state_pass_configs(q.dtype, value_dim),
             (_size_class(programs), _size_class(segments.length)),
             (
                 q,
@@ -555,7 +568,7 @@ def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
         # the kernels write the zero blocks above the diagonal too
         aqk = q.new_empty(pair_shape, dtype=torch.float32)
         akk = q.new_empty(pair_shape, dtype=torch.float32) if delta else None
-        chunk_pairwise_fwd_kernel[(chunks.per_row, CHUNK_SIZE // SUB_CHUNK, batch * num_v_heads)](
+        chunk_pairwise_fwd_kernel[(chunks.per_row * (CHUNK_SIZE // SUB_CHUNK) * batch * num_v_heads,)](
             q,
             k,
             b,
@@ -565,6 +578,7 @@ def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
             chunks.indices,
             scale,
             seq_len,
+            batch * num_v_heads,
             BC=SUB_CHUNK,
             DELTA=delta,
             **shape,
@@ -577,10 +591,10 @@ def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
         u = torch.empty_like(v, dtype=torch.float32)
         _launch(
             chunk_wy_fwd_kernel,
-            lambda c: (chunks.per_row, batch * num_v_heads),
+            lambda c: (chunks.per_row * batch * num_v_heads,),
             _configs(q.dtype, value_dim, ((64, 4, 3), (128, 8, 3))),
             (_size_class(chunks.total * num_v_heads),),
-            (k, v, b, beta, akk, ai, w, u, cu_seqlens, chunks.indices, seq_len),
+            (k, v, b, beta, akk, ai, w, u, cu_seqlens, chunks.indices, seq_len, batch * num_v_heads),
             {"V": value_dim, "GATE": gate, "STORE_AI": needs_grad, **shape},
             (w, u, ai),
             device,
@@ -628,7 +642,7 @@ def _chunk_bwd(q, k, v, beta, g_dtype, scale, initial_state, chunks, saved, do, 
     wide = shape["BK"] >= 64
     _launch(
         chunk_grad_kernel,
-        lambda c: (chunks.per_row, batch * num_v_heads),
+        lambda c: (chunks.per_row * batch * num_v_heads,),
         _configs(q.dtype, value_dim, ((32, 8 if wide else 4, 3), (32, 8, 2), (64, 8, 2), (16, 8, 2))),
         (_size_class(chunks.total * num_v_heads),),
         (
@@ -657,13 +671,14 @@ def _chunk_bwd(q, k, v, beta, g_dtype, scale, initial_state, chunks, saved, do, 
             chunks.indices,
             scale,
             seq_len,
+            batch * num_v_heads,
         ),
         {"V": value_dim, "GATE": gate, "DELTA": delta, **shape},
         (dq, dk, dv, dbeta, db, daqk, dakk),
         device,
     )
     if gate == 2:
-        chunk_pairwise_bwd_kernel[(chunks.per_row, CHUNK_SIZE // SUB_CHUNK, batch * num_v_heads)](
+        chunk_pairwise_bwd_kernel[(chunks.per_row * (CHUNK_SIZE // SUB_CHUNK) * batch * num_v_heads,)](
             q,
             k,
             b,
@@ -675,6 +690,7 @@ def _chunk_bwd(q, k, v, beta, g_dtype, scale, initial_state, chunks, saved, do, 
             chunks.cu_seqlens,
             chunks.indices,
             seq_len,
+            batch * num_v_heads,
             BC=SUB_CHUNK,
             DELTA=delta,
             num_warps=4,

@@ -172,6 +172,17 @@ def guarded(run: Run, entry: dict, fn):
     run.add(entry)
 
 
+def warm_up_gpu(seconds: float = 2.0) -> None:
+    """Matrix products for a couple of seconds, so that the first rows do not run at idle clocks (an idle H100 sits
+    at a few hundred MHz, and the first decode row measured 0.3 ms instead of 0.02 ms)."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+
+
 def prefill_rows(run: Run, op: str, seq_lens, with_fla: bool, modes=(False, True)):
     for backward in modes:
         for seq_len in seq_lens:
@@ -413,6 +424,7 @@ def main():
         "tune": linear_attn.TUNE,
     }
     print(json.dumps(environment))
+    warm_up_gpu()
     print(f"{'op':<34} {'mode':<8} {'shape':<15} {'ours ms':>9} {'fla ms':>9} {'ours/fla':>8}")
     run = Run(args.output_dir, args.budget_s, environment)
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
