@@ -7,8 +7,8 @@ GQA group's heads). The previous block is complete when block i starts, so a dec
 forward selects for its position (up to floating-point ties); the selection is parameter-free and not differentiable.
 
 The projections, rope, GQA and optional q/k norm are those of `full`, so a converted layer starts from the teacher's
-attention weights. The cache is a full KV cache; block means (`effattn_block_topk` on the cache layer) let a decode
-step score O(T / block_size) pooled keys and read O((top_k + 2) * block_size) keys.
+attention weights. The cache is a full KV cache whose layer (`BlockTopkCacheLayer`) also keeps the block means, so that
+a decode step scores O(T / block_size) pooled keys and reads O((top_k + 2) * block_size) keys.
 """
 
 import functools
@@ -16,6 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .mixer_common import RMSNorm, kernels_unavailable
@@ -46,40 +47,69 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_block_topk() is not None
 
 
-STATE = "effattn_block_topk"
+class BlockTopkCacheLayer(DynamicLayer):
+    """A full key/value cache layer that also keeps the block means of its keys and queries.
+
+    `block_means` is the state of `block_topk_cached_attention` (`[B, ...]` fp32 tensors), or None before the first
+    token. Batch reorders (beam search), batch selection and repetition, reset and deepcopy act on it and on the
+    keys/values together.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.block_means: dict[str, torch.Tensor] | None = None
+
+    @property
+    def is_croppable(self) -> bool:
+        # the query sum of the block in progress cannot be taken back: the queries are not cached
+        return self.block_means is None
+
+    def _map_means(self, fn) -> None:
+        if self.block_means is not None:
+            self.block_means = {name: fn(x) for name, x in self.block_means.items()}
+
+    def reset(self) -> None:
+        super().reset()
+        self.block_means = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_means(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_means(lambda x: x[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_means(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove and self.block_means is not None:
+            raise RuntimeError(
+                "A block_topk cache layer cannot be cropped: its block means hold the sum of queries that are not "
+                "cached. Rebuild the cache by running the forward over the tokens to keep."
+            )
+        super().crop(tokens_to_remove)
 
 
-def _after(original, layer, make):
-    """`original(arg)`, then the same batch operation on the block means of `layer`."""
-
-    def wrapped(arg):
-        original(arg)
-        state = getattr(layer, STATE, None)
-        if state is not None:
-            setattr(layer, STATE, {key: make(arg)(value) for key, value in state.items()})
-
-    return wrapped
-
-
-def follow_batch_ops(layer) -> None:
-    """Makes the block means on cache layer `layer` follow its batch reorders (beam search) and resets."""
-    if getattr(layer, "effattn_follows_batch", False):
-        return
-    layer.effattn_follows_batch = True
-    layer.reorder_cache = _after(
-        layer.reorder_cache, layer, lambda index: lambda t: t.index_select(0, index.to(t.device))
+def block_topk_cache_layer(past_key_values, layer_idx: int) -> BlockTopkCacheLayer:
+    """The cache layer of `layer_idx`; an empty plain `DynamicLayer` (from a `DynamicCache` built by the caller or by
+    `generate`) is replaced by a `BlockTopkCacheLayer` first."""
+    layer = past_key_values.layers[layer_idx]
+    if type(layer) is DynamicLayer and layer.get_seq_length() == 0:
+        layer = past_key_values.layers[layer_idx] = BlockTopkCacheLayer()
+    if isinstance(layer, BlockTopkCacheLayer) and (layer.block_means is not None or layer.get_seq_length() == 0):
+        return layer
+    if isinstance(layer, DynamicLayer):
+        raise ValueError(
+            f"Layer {layer_idx} (block_topk): the cache holds {layer.get_seq_length()} tokens but not their block "
+            "means; fill the cache with this model's forward (a cache from another model cannot be reused)."
+        )
+    raise ValueError(
+        f"Layer {layer_idx} (block_topk) needs a dynamic cache layer (transformers' DynamicCache), got "
+        f"{type(layer).__name__}; pass a DynamicCache or let the model build its cache."
     )
-    layer.batch_select_indices = _after(layer.batch_select_indices, layer, lambda index: lambda t: t[index])
-    layer.batch_repeat_interleave = _after(
-        layer.batch_repeat_interleave, layer, lambda repeats: lambda t: t.repeat_interleave(repeats, dim=0)
-    )
-    original_reset = layer.reset
-
-    def reset():
-        original_reset()
-        setattr(layer, STATE, None)
-
-    layer.reset = reset
 
 
 class BlockTopkAttention(nn.Module):
@@ -147,8 +177,7 @@ class BlockTopkAttention(nn.Module):
         if past_key_values is None:
             return self.o_proj(self.prefill(q, k, v, attention_mask).flatten(2))
 
-        layer = past_key_values.layers[self.layer_idx]
-        state = getattr(layer, STATE, None)
+        layer = block_topk_cache_layer(past_key_values, self.layer_idx)
         # [B, L, Hkv, D]: the cached keys/values followed by the current ones
         k_all, v_all = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
         k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
@@ -162,11 +191,6 @@ class BlockTopkAttention(nn.Module):
                     "without a cache."
                 )
         first_real = first_real_index(attention_mask, batch, q.device)
-        if state is None and k_all.shape[1] > seq_len:
-            raise ValueError(
-                f"Layer {self.layer_idx} (block_topk): the cache holds {k_all.shape[1] - seq_len} tokens but not their "
-                "block means; fill the cache with this model's forward (a cache from another model cannot be reused)."
-            )
         if k_all.shape[1] == seq_len:
             # an empty cache: the prefill op, then the block means for the steps that follow
             o = self.prefill(q, k, v, attention_mask)
@@ -175,8 +199,7 @@ class BlockTopkAttention(nn.Module):
             )
         else:
             o, state = block_topk_cached_attention(
-                q, k_all, v_all, state, first_real, scale=self.scaling, **self.options
+                q, k_all, v_all, layer.block_means, first_real, scale=self.scaling, **self.options
             )
-        follow_batch_ops(layer)
-        setattr(layer, STATE, state)
+        layer.block_means = state
         return self.o_proj(o.flatten(2))
