@@ -19,8 +19,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .mixer_common import RMSNorm, kernels_unavailable
-from .mixer_sliding import first_real_index
+from .mixer_common import Padding, RMSNorm, kernels_unavailable
 from .ops_reference import block_topk_attention, block_topk_cached_attention
 
 # which op the prefill runs: None = the Triton kernels on CUDA tensors when triton imports, else the torch reference;
@@ -140,14 +139,12 @@ class BlockTopkAttention(nn.Module):
     def options(self) -> dict:
         return {"block_size": self.block_size, "top_k": self.top_k, "keep_first_block": self.keep_first_block}
 
-    def prefill(self, q, k, v, attention_mask):
+    def prefill(self, q, k, v, padding: Padding):
         """Block-sparse attention of a whole sequence; padded rows run as packed sequences of their real tokens."""
         batch, seq_len = q.shape[:2]
         op = triton_block_topk() if use_triton(q) else block_topk_attention
-        mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            mask = attention_mask[:, -seq_len:].bool()
-        if mask is None or bool(mask.all()):
+        mask = padding.current
+        if mask is None:
             return op(q, k, v, scale=self.scaling, **self.options)
         # [N] flat indices of the real tokens, packed row after row
         real = mask.flatten().nonzero().squeeze(1)
@@ -162,9 +159,12 @@ class BlockTopkAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
+        padding: Padding | None = None,
         **kwargs,
     ) -> torch.Tensor:
         batch, seq_len = hidden_states.shape[:2]
+        if padding is None:
+            padding = Padding(attention_mask, batch, seq_len, hidden_states.device)
         hidden_shape = (batch, seq_len, -1, self.head_dim)
         # [B, T, H, D]
         q = self.q_proj(hidden_states).view(hidden_shape)
@@ -175,25 +175,23 @@ class BlockTopkAttention(nn.Module):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
         if past_key_values is None:
-            return self.o_proj(self.prefill(q, k, v, attention_mask).flatten(2))
+            return self.o_proj(self.prefill(q, k, v, padding).flatten(2))
 
         layer = block_topk_cache_layer(past_key_values, self.layer_idx)
         # [B, L, Hkv, D]: the cached keys/values followed by the current ones
         k_all, v_all = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
         k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
-        if attention_mask is not None and attention_mask.dim() == 2:
-            mask = attention_mask.bool()
-            # cached steps count blocks from each row's first real token: only left padding keeps that exact
-            if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
-                raise ValueError(
-                    f"Layer {self.layer_idx} (block_topk): with a cache, the attention mask may only pad on the left "
-                    "(zeros, then ones per row); pad prompts on the left (tokenizer.padding_side = 'left') or run "
-                    "without a cache."
-                )
-        first_real = first_real_index(attention_mask, batch, q.device)
+        # cached steps count blocks from each row's first real token: only left padding keeps that exact
+        if not padding.left_only:
+            raise ValueError(
+                f"Layer {self.layer_idx} (block_topk): with a cache, the attention mask may only pad on the left "
+                "(zeros, then ones per row); pad prompts on the left (tokenizer.padding_side = 'left') or run "
+                "without a cache."
+            )
+        first_real = padding.first_real
         if k_all.shape[1] == seq_len:
             # an empty cache: the prefill op, then the block means for the steps that follow
-            o = self.prefill(q, k, v, attention_mask)
+            o = self.prefill(q, k, v, padding)
             _, state = block_topk_cached_attention(
                 q, k_all, v_all, None, first_real, scale=self.scaling, attend=False, **self.options
             )

@@ -18,14 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .mixer_common import (
-    GatedOutput,
-    RMSNorm,
-    ShortConvolution,
-    current_padding_mask,
-    kernels_unavailable,
-    zero_padding,
-)
+from .mixer_common import GatedOutput, Padding, RMSNorm, ShortConvolution, kernels_unavailable, zero_padding
 from .mixer_sliding import windowed_attention
 from .ops_reference import chunk_linear_attention, recurrent_linear_attention
 
@@ -115,7 +108,7 @@ class LinearMixer(nn.Module):
         """(g, beta): log decay `[B, T, H]` or `[B, T, H, K]` (or None) and write strength `[B, T, H]` (or None)."""
         raise NotImplementedError
 
-    def window_attention(self, q, k, v, position_embeddings, attention_mask, past_key_values, query_start):
+    def window_attention(self, q, k, v, position_embeddings, attention_mask, past_key_values, query_start, padding):
         """Softmax attention of the current tokens over the window (cached + current keys) and the sink tokens."""
         batch, seq_len = q.shape[:2]
         shape = (batch, seq_len, -1, self.head_dim)
@@ -136,6 +129,7 @@ class LinearMixer(nn.Module):
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             query_start=query_start,
+            padding=padding,
         )
 
     def forward(
@@ -145,10 +139,13 @@ class LinearMixer(nn.Module):
         past_key_values=None,
         position_embeddings=None,
         query_start: int = 0,
+        padding: Padding | None = None,
         **kwargs,
     ):
         batch, seq_len, _ = hidden_states.shape
-        mask = current_padding_mask(attention_mask, seq_len)
+        if padding is None:
+            padding = Padding(attention_mask, batch, seq_len, hidden_states.device)
+        mask = padding.current
         q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
         if self.qk_norm:
             q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(2)
@@ -156,7 +153,9 @@ class LinearMixer(nn.Module):
         v = self.v_proj(hidden_states)
         windowed = None
         if self.window:
-            windowed = self.window_attention(q, k, v, position_embeddings, attention_mask, past_key_values, query_start)
+            windowed = self.window_attention(
+                q, k, v, position_embeddings, attention_mask, past_key_values, query_start, padding
+            )
         qkv = zero_padding(torch.cat([q, k, v], dim=-1), mask)
         if self.conv1d is not None:
             qkv = zero_padding(self.conv1d(qkv, past_key_values, self.layer_idx), mask)
