@@ -20,6 +20,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hf_effattn import kernels as ours
+from hf_effattn.kernels.testing import rel_rms
 
 try:
     import fla
@@ -92,8 +93,7 @@ def prefill_rows(seq_lens, ops, backends, results):
                     try:
                         fla_ms, fla_out = time_op(getattr(fla_ops, op), args, backward)
                         entry["fla_ms"] = fla_ms
-                        entry["ours_vs_fla_rel_rms"] = ((out.float() - fla_out.float()).pow(2).mean().sqrt()
-                                                        / fla_out.float().pow(2).mean().sqrt()).item()
+                        entry["ours_vs_fla_rel_rms"] = rel_rms(out, fla_out)
                     except Exception as error:  # noqa: BLE001 (fla refuses some configurations)
                         entry["fla_error"] = f"{type(error).__name__}: {str(error)[:120]}"
                 results.append(entry)
