@@ -11,15 +11,13 @@ attention weights. The cache is a full KV cache whose layer (`BlockTopkCacheLaye
 a decode step scores O(T / block_size) pooled keys and reads O((top_k + 2) * block_size) keys.
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .mixer_common import Padding, RMSNorm, kernels_unavailable
+from .mixer_common import Padding, RMSNorm, TritonOps
 from .ops_reference import block_topk_attention, block_topk_cached_attention
 
 # which op the prefill runs: None = the Triton kernels on CUDA tensors when triton imports, else the torch reference;
@@ -27,23 +25,22 @@ from .ops_reference import block_topk_attention, block_topk_cached_attention
 BLOCK_TOPK_OPS_OVERRIDE = None
 
 
-@functools.cache
-def triton_block_topk():
-    """The Triton prefill op, or None where triton is missing (imported on first use)."""
-    try:
-        from .block_topk import block_topk_attention as op
-    except ImportError as error:
-        kernels_unavailable("block_topk", error)
-        return None
+def _import_block_topk():
+    from .block_topk import block_topk_attention as op
+
     return op
 
 
+BLOCK_TOPK_OPS = TritonOps("block_topk", _import_block_topk)
+
+
+def triton_block_topk():
+    """The Triton prefill op, or None where triton is missing."""
+    return BLOCK_TOPK_OPS.get()
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    if BLOCK_TOPK_OPS_OVERRIDE is not None:
-        return BLOCK_TOPK_OPS_OVERRIDE == "triton"
-    if torch.compiler.is_compiling():
-        return False
-    return x.is_cuda and triton_block_topk() is not None
+    return BLOCK_TOPK_OPS.use(x, BLOCK_TOPK_OPS_OVERRIDE)
 
 
 class BlockTopkCacheLayer(DynamicLayer):
@@ -98,17 +95,19 @@ def block_topk_cache_layer(past_key_values, layer_idx: int) -> BlockTopkCacheLay
     layer = past_key_values.layers[layer_idx]
     if type(layer) is DynamicLayer and layer.get_seq_length() == 0:
         layer = past_key_values.layers[layer_idx] = BlockTopkCacheLayer()
-    if isinstance(layer, BlockTopkCacheLayer) and (layer.block_means is not None or layer.get_seq_length() == 0):
-        return layer
-    if isinstance(layer, DynamicLayer):
+    if type(layer) is DynamicLayer or (
+        isinstance(layer, BlockTopkCacheLayer) and layer.block_means is None and layer.get_seq_length() > 0
+    ):
         raise ValueError(
             f"Layer {layer_idx} (block_topk): the cache holds {layer.get_seq_length()} tokens but not their block "
             "means; fill the cache with this model's forward (a cache from another model cannot be reused)."
         )
-    raise ValueError(
-        f"Layer {layer_idx} (block_topk) needs a dynamic cache layer (transformers' DynamicCache), got "
-        f"{type(layer).__name__}; pass a DynamicCache or let the model build its cache."
-    )
+    if not isinstance(layer, BlockTopkCacheLayer):
+        raise TypeError(
+            f"Layer {layer_idx} (block_topk) needs a dynamic cache layer (transformers' DynamicCache), got "
+            f"{type(layer).__name__}; pass a DynamicCache or let the model build its cache."
+        )
+    return layer
 
 
 class BlockTopkAttention(nn.Module):

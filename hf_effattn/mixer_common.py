@@ -8,13 +8,46 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
-def kernels_unavailable(layers: str, error: ImportError) -> None:
-    """Says once that `layers` run the slower pure-PyTorch reference on a GPU, and how to get the kernels."""
-    logger.warning_once(
-        f"The Triton kernels of the {layers} layers could not be imported ({error}); they run the pure-PyTorch "
-        "reference ops instead, which are slower. Install triton (`pip install hf_effattn[triton]`, or "
-        "`pip install triton`) to use the kernels."
-    )
+class TritonOps:
+    """The Triton ops of one family of mixers, imported on first use, and the choice between them and the torch
+    reference.
+
+    `load()` imports and returns the ops (any value), raising ImportError where triton is missing; it is called once,
+    so that machines without a GPU never import triton through the model. Each mixer module keeps an
+    `*_OPS_OVERRIDE` variable that it passes to `use`: None (the kernels on CUDA tensors when triton imports, else the
+    torch reference), or "triton" / "reference" to force one (tests).
+    """
+
+    def __init__(self, layers: str, load):
+        self.layers = layers
+        self.load = load
+        # what `load` returned (None before the first import or without triton); a plain attribute, so that
+        # torch.compile can read it (it does not trace imports)
+        self.ops = None
+        self._imported = False
+
+    def get(self):
+        """The ops, or None where triton is missing (said once, with how to install it)."""
+        if not self._imported:
+            self._imported = True
+            try:
+                self.ops = self.load()
+            except ImportError as error:
+                logger.warning_once(
+                    f"The Triton kernels of the {self.layers} layers could not be imported ({error}); they run the "
+                    "pure-PyTorch reference ops instead, which are slower. Install triton "
+                    "(`pip install hf_effattn[triton]`, or `pip install triton`) to use the kernels."
+                )
+        return self.ops
+
+    def use(self, x: torch.Tensor, override: str | None) -> bool:
+        """Whether `x` runs on the kernels."""
+        if override is not None:
+            return override == "triton"
+        # inside torch.compile the torch reference is traced; the kernels would break the graph
+        if torch.compiler.is_compiling():
+            return False
+        return x.is_cuda and self.get() is not None
 
 
 class Padding:

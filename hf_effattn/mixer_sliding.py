@@ -8,13 +8,11 @@ training when each row's real tokens form one run (no padding, left or right pad
 against the bounded cache when no gradient is needed. Anything else runs the torch reference.
 """
 
-import functools
-
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .mixer_common import Padding, RMSNorm, kernels_unavailable, key_padding_mask
+from .mixer_common import Padding, RMSNorm, TritonOps, key_padding_mask
 from .ops_reference import sliding_window_attention
 
 # which attention the windowed layers run: None = the Triton kernels on CUDA tensors when triton imports, else the
@@ -22,26 +20,23 @@ from .ops_reference import sliding_window_attention
 SLIDING_OPS_OVERRIDE = None
 
 
-@functools.cache
-def triton_sliding_ops():
-    """(prefill/training op, decode op) Triton kernels, or None where triton is missing. Imported on first use, so
-    that machines without a GPU never import triton through the model."""
-    try:
-        from .sliding_window import sliding_window_attention as prefill_op
-        from .sliding_window import sliding_window_decode as decode_op
-    except ImportError as error:
-        kernels_unavailable("sliding-window", error)
-        return None
+def _import_sliding_ops():
+    from .sliding_window import sliding_window_attention as prefill_op
+    from .sliding_window import sliding_window_decode as decode_op
+
     return prefill_op, decode_op
 
 
+SLIDING_OPS = TritonOps("sliding-window", _import_sliding_ops)
+
+
+def triton_sliding_ops():
+    """(prefill/training op, decode op) Triton kernels, or None where triton is missing."""
+    return SLIDING_OPS.get()
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    if SLIDING_OPS_OVERRIDE is not None:
-        return SLIDING_OPS_OVERRIDE == "triton"
-    # inside torch.compile the torch reference is traced; the kernels would break the graph
-    if torch.compiler.is_compiling():
-        return False
-    return x.is_cuda and triton_sliding_ops() is not None
+    return SLIDING_OPS.use(x, SLIDING_OPS_OVERRIDE)
 
 
 def kernel_attention(q, k_all, v_all, sinks, *, window, num_sinks, scale, padding, query_start, sink_logits):
