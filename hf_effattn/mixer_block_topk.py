@@ -7,19 +7,17 @@ GQA group's heads). The previous block is complete when block i starts, so a dec
 forward selects for its position (up to floating-point ties); the selection is parameter-free and not differentiable.
 
 The projections, rope, GQA and optional q/k norm are those of `full`, so a converted layer starts from the teacher's
-attention weights. The cache is a full KV cache; block means (`effattn_block_topk` on the cache layer) let a decode
-step score O(T / block_size) pooled keys and read O((top_k + 2) * block_size) keys.
+attention weights. The cache is a full KV cache whose layer (`BlockTopkCacheLayer`) also keeps the block means, so that
+a decode step scores O(T / block_size) pooled keys and reads O((top_k + 2) * block_size) keys.
 """
-
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .mixer_common import RMSNorm, kernels_unavailable
-from .mixer_sliding import first_real_index
+from .mixer_common import Padding, RMSNorm, TritonOps
 from .ops_reference import block_topk_attention, block_topk_cached_attention
 
 # which op the prefill runs: None = the Triton kernels on CUDA tensors when triton imports, else the torch reference;
@@ -27,59 +25,89 @@ from .ops_reference import block_topk_attention, block_topk_cached_attention
 BLOCK_TOPK_OPS_OVERRIDE = None
 
 
-@functools.cache
-def triton_block_topk():
-    """The Triton prefill op, or None where triton is missing (imported on first use)."""
-    try:
-        from .block_topk import block_topk_attention as op
-    except ImportError as error:
-        kernels_unavailable("block_topk", error)
-        return None
+def _import_block_topk():
+    from .block_topk import block_topk_attention as op
+
     return op
 
 
+BLOCK_TOPK_OPS = TritonOps("block_topk", _import_block_topk)
+
+
+def triton_block_topk():
+    """The Triton prefill op, or None where triton is missing."""
+    return BLOCK_TOPK_OPS.get()
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    if BLOCK_TOPK_OPS_OVERRIDE is not None:
-        return BLOCK_TOPK_OPS_OVERRIDE == "triton"
-    if torch.compiler.is_compiling():
-        return False
-    return x.is_cuda and triton_block_topk() is not None
+    return BLOCK_TOPK_OPS.use(x, BLOCK_TOPK_OPS_OVERRIDE)
 
 
-STATE = "effattn_block_topk"
+class BlockTopkCacheLayer(DynamicLayer):
+    """A full key/value cache layer that also keeps the block means of its keys and queries.
+
+    `block_means` is the state of `block_topk_cached_attention` (`[B, ...]` fp32 tensors), or None before the first
+    token. Batch reorders (beam search), batch selection and repetition, reset and deepcopy act on it and on the
+    keys/values together.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.block_means: dict[str, torch.Tensor] | None = None
+
+    @property
+    def is_croppable(self) -> bool:
+        # the query sum of the block in progress cannot be taken back: the queries are not cached
+        return self.block_means is None
+
+    def _map_means(self, fn) -> None:
+        if self.block_means is not None:
+            self.block_means = {name: fn(x) for name, x in self.block_means.items()}
+
+    def reset(self) -> None:
+        super().reset()
+        self.block_means = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_means(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_means(lambda x: x[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_means(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove and self.block_means is not None:
+            raise RuntimeError(
+                "A block_topk cache layer cannot be cropped: its block means hold the sum of queries that are not "
+                "cached. Rebuild the cache by running the forward over the tokens to keep."
+            )
+        super().crop(tokens_to_remove)
 
 
-def _after(original, layer, make):
-    """`original(arg)`, then the same batch operation on the block means of `layer`."""
-
-    def wrapped(arg):
-        original(arg)
-        state = getattr(layer, STATE, None)
-        if state is not None:
-            setattr(layer, STATE, {key: make(arg)(value) for key, value in state.items()})
-
-    return wrapped
-
-
-def follow_batch_ops(layer) -> None:
-    """Makes the block means on cache layer `layer` follow its batch reorders (beam search) and resets."""
-    if getattr(layer, "effattn_follows_batch", False):
-        return
-    layer.effattn_follows_batch = True
-    layer.reorder_cache = _after(
-        layer.reorder_cache, layer, lambda index: lambda t: t.index_select(0, index.to(t.device))
-    )
-    layer.batch_select_indices = _after(layer.batch_select_indices, layer, lambda index: lambda t: t[index])
-    layer.batch_repeat_interleave = _after(
-        layer.batch_repeat_interleave, layer, lambda repeats: lambda t: t.repeat_interleave(repeats, dim=0)
-    )
-    original_reset = layer.reset
-
-    def reset():
-        original_reset()
-        setattr(layer, STATE, None)
-
-    layer.reset = reset
+def block_topk_cache_layer(past_key_values, layer_idx: int) -> BlockTopkCacheLayer:
+    """The cache layer of `layer_idx`; an empty plain `DynamicLayer` (from a `DynamicCache` built by the caller or by
+    `generate`) is replaced by a `BlockTopkCacheLayer` first."""
+    layer = past_key_values.layers[layer_idx]
+    if type(layer) is DynamicLayer and layer.get_seq_length() == 0:
+        layer = past_key_values.layers[layer_idx] = BlockTopkCacheLayer()
+    if type(layer) is DynamicLayer or (
+        isinstance(layer, BlockTopkCacheLayer) and layer.block_means is None and layer.get_seq_length() > 0
+    ):
+        raise ValueError(
+            f"Layer {layer_idx} (block_topk): the cache holds {layer.get_seq_length()} tokens but not their block "
+            "means; fill the cache with this model's forward (a cache from another model cannot be reused)."
+        )
+    if not isinstance(layer, BlockTopkCacheLayer):
+        raise TypeError(
+            f"Layer {layer_idx} (block_topk) needs a dynamic cache layer (transformers' DynamicCache), got "
+            f"{type(layer).__name__}; pass a DynamicCache or let the model build its cache."
+        )
+    return layer
 
 
 class BlockTopkAttention(nn.Module):
@@ -110,14 +138,12 @@ class BlockTopkAttention(nn.Module):
     def options(self) -> dict:
         return {"block_size": self.block_size, "top_k": self.top_k, "keep_first_block": self.keep_first_block}
 
-    def prefill(self, q, k, v, attention_mask):
+    def prefill(self, q, k, v, padding: Padding):
         """Block-sparse attention of a whole sequence; padded rows run as packed sequences of their real tokens."""
         batch, seq_len = q.shape[:2]
         op = triton_block_topk() if use_triton(q) else block_topk_attention
-        mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            mask = attention_mask[:, -seq_len:].bool()
-        if mask is None or bool(mask.all()):
+        mask = padding.current
+        if mask is None:
             return op(q, k, v, scale=self.scaling, **self.options)
         # [N] flat indices of the real tokens, packed row after row
         real = mask.flatten().nonzero().squeeze(1)
@@ -132,9 +158,12 @@ class BlockTopkAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
+        padding: Padding | None = None,
         **kwargs,
     ) -> torch.Tensor:
         batch, seq_len = hidden_states.shape[:2]
+        if padding is None:
+            padding = Padding(attention_mask, batch, seq_len, hidden_states.device)
         hidden_shape = (batch, seq_len, -1, self.head_dim)
         # [B, T, H, D]
         q = self.q_proj(hidden_states).view(hidden_shape)
@@ -145,38 +174,29 @@ class BlockTopkAttention(nn.Module):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
         if past_key_values is None:
-            return self.o_proj(self.prefill(q, k, v, attention_mask).flatten(2))
+            return self.o_proj(self.prefill(q, k, v, padding).flatten(2))
 
-        layer = past_key_values.layers[self.layer_idx]
-        state = getattr(layer, STATE, None)
+        layer = block_topk_cache_layer(past_key_values, self.layer_idx)
         # [B, L, Hkv, D]: the cached keys/values followed by the current ones
         k_all, v_all = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
         k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
-        if attention_mask is not None and attention_mask.dim() == 2:
-            mask = attention_mask.bool()
-            # cached steps count blocks from each row's first real token: only left padding keeps that exact
-            if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
-                raise ValueError(
-                    f"Layer {self.layer_idx} (block_topk): with a cache, the attention mask may only pad on the left "
-                    "(zeros, then ones per row); pad prompts on the left (tokenizer.padding_side = 'left') or run "
-                    "without a cache."
-                )
-        first_real = first_real_index(attention_mask, batch, q.device)
-        if state is None and k_all.shape[1] > seq_len:
+        # cached steps count blocks from each row's first real token: only left padding keeps that exact
+        if not padding.left_only:
             raise ValueError(
-                f"Layer {self.layer_idx} (block_topk): the cache holds {k_all.shape[1] - seq_len} tokens but not their "
-                "block means; fill the cache with this model's forward (a cache from another model cannot be reused)."
+                f"Layer {self.layer_idx} (block_topk): with a cache, the attention mask may only pad on the left "
+                "(zeros, then ones per row); pad prompts on the left (tokenizer.padding_side = 'left') or run "
+                "without a cache."
             )
+        first_real = padding.first_real
         if k_all.shape[1] == seq_len:
             # an empty cache: the prefill op, then the block means for the steps that follow
-            o = self.prefill(q, k, v, attention_mask)
+            o = self.prefill(q, k, v, padding)
             _, state = block_topk_cached_attention(
                 q, k_all, v_all, None, first_real, scale=self.scaling, attend=False, **self.options
             )
         else:
             o, state = block_topk_cached_attention(
-                q, k_all, v_all, state, first_real, scale=self.scaling, **self.options
+                q, k_all, v_all, layer.block_means, first_real, scale=self.scaling, **self.options
             )
-        follow_batch_ops(layer)
-        setattr(layer, STATE, state)
+        layer.block_means = state
         return self.o_proj(o.flatten(2))

@@ -8,21 +8,108 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
-def kernels_unavailable(layers: str, error: ImportError) -> None:
-    """Says once that `layers` run the slower pure-PyTorch reference on a GPU, and how to get the kernels."""
-    logger.warning_once(
-        f"The Triton kernels of the {layers} layers could not be imported ({error}); they run the pure-PyTorch "
-        "reference ops instead, which are slower. Install triton (`pip install hf_effattn[triton]`, or "
-        "`pip install triton`) to use the kernels."
-    )
+class TritonOps:
+    """The Triton ops of one family of mixers, imported on first use, and the choice between them and the torch
+    reference.
+
+    `load()` imports and returns the ops (any value), raising ImportError where triton is missing; it is called once,
+    so that machines without a GPU never import triton through the model. Each mixer module keeps an
+    `*_OPS_OVERRIDE` variable that it passes to `use`: None (the kernels on CUDA tensors when triton imports, else the
+    torch reference), or "triton" / "reference" to force one (tests).
+    """
+
+    def __init__(self, layers: str, load):
+        self.layers = layers
+        self.load = load
+        # what `load` returned (None before the first import or without triton); a plain attribute, so that
+        # torch.compile can read it (it does not trace imports)
+        self.ops = None
+        self._imported = False
+
+    def get(self):
+        """The ops, or None where triton is missing (said once, with how to install it)."""
+        if not self._imported:
+            self._imported = True
+            try:
+                self.ops = self.load()
+            except ImportError as error:
+                logger.warning_once(
+                    f"The Triton kernels of the {self.layers} layers could not be imported ({error}); they run the "
+                    "pure-PyTorch reference ops instead, which are slower. Install triton "
+                    "(`pip install hf_effattn[triton]`, or `pip install triton`) to use the kernels."
+                )
+        return self.ops
+
+    def use(self, x: torch.Tensor, override: str | None) -> bool:
+        """Whether `x` runs on the kernels."""
+        if override is not None:
+            return override == "triton"
+        # inside torch.compile the torch reference is traced; the kernels would break the graph
+        if torch.compiler.is_compiling():
+            return False
+        return x.is_cuda and self.get() is not None
 
 
-def current_padding_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
-    """The `[B, T]` bool mask (True = real token) of the current tokens, from a 2-D mask over the whole sequence."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return None
-    mask = attention_mask[:, -seq_len:].bool()
-    return None if bool(mask.all()) else mask
+class Padding:
+    """What a 2-D attention mask says about padding, worked out once per model forward and shared by its layers, so
+    that a decode step does not read the mask back to the host in every layer.
+
+    The host reads (`flags`) happen once, on first use: none at all without a 2-D mask or when no layer asks.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor | None, batch: int, seq_len: int, device):
+        # [B, L] bool over the whole sequence (cached + current tokens), True = real token
+        self.mask = attention_mask.bool() if attention_mask is not None and attention_mask.dim() == 2 else None
+        self.seq_len = seq_len
+        # [B] index of each row's first real token (left padding)
+        if self.mask is None:
+            self.first_real = torch.zeros(batch, dtype=torch.long, device=device)
+        else:
+            self.first_real = (self.mask.long().cumsum(-1) == 0).sum(-1)
+        self._flags = None
+        self._end = None
+
+    def flags(self) -> tuple[bool, bool, bool, bool]:
+        """(every token real, the current tokens real, each row's real tokens one run, no padding after a real token),
+        read back to the host in one synchronisation."""
+        if self._flags is None:
+            if self.mask is None:
+                self._flags = (True, True, True, True)
+            else:
+                mask = self.mask
+                self._end = self.first_real + mask.sum(-1)
+                index = torch.arange(mask.shape[1], device=mask.device)
+                run = (index >= self.first_real[:, None]) & (index < self._end[:, None])
+                current = mask[:, -self.seq_len :]
+                checks = [mask.all(), current.all(), (run == mask).all(), (mask[:, 1:] >= mask[:, :-1]).all()]
+                self._flags = tuple(torch.stack(checks).tolist())
+        return self._flags
+
+    @property
+    def length(self) -> int | None:
+        """Positions the mask covers, None without a 2-D mask."""
+        return None if self.mask is None else self.mask.shape[1]
+
+    @property
+    def current(self) -> torch.Tensor | None:
+        """`[B, T]` bool mask of the current tokens, None when they are all real."""
+        if self.mask is None or self.flags()[1]:
+            return None
+        return self.mask[:, -self.seq_len :]
+
+    @property
+    def bounds(self):
+        """`[B, 2]` (first, end) of each row's real tokens when they form one run (left and/or right padding), None
+        without padding, False when some row's real tokens are not one run."""
+        every_real, _, one_run, _ = self.flags()
+        if every_real:
+            return None
+        return torch.stack([self.first_real, self._end], dim=-1) if one_run else False
+
+    @property
+    def left_only(self) -> bool:
+        """Whether each row is padding, then real tokens (left padding or none)."""
+        return self.flags()[3]
 
 
 def key_padding_mask(attention_mask: torch.Tensor | None, num_keys: int, batch: int, device) -> torch.Tensor:

@@ -10,7 +10,6 @@ initialisation, so a converted layer starts as its teacher's attention restricte
 The cache then holds the window's keys/values next to the recurrent and convolution states (`hybrid_sliding`).
 """
 
-import functools
 import math
 
 import torch
@@ -18,14 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .mixer_common import (
-    GatedOutput,
-    RMSNorm,
-    ShortConvolution,
-    current_padding_mask,
-    kernels_unavailable,
-    zero_padding,
-)
+from .mixer_common import GatedOutput, Padding, RMSNorm, ShortConvolution, TritonOps, zero_padding
 from .mixer_sliding import windowed_attention
 from .ops_reference import chunk_linear_attention, recurrent_linear_attention
 
@@ -36,28 +28,25 @@ RECURRENT_MAX_LEN = 64
 LINEAR_OPS_OVERRIDE = None
 
 
-@functools.cache
-def triton_linear_ops():
-    """(chunked, token-by-token, token-by-token as a registered custom op) Triton ops, or None where triton is missing.
-    Imported on first use, so that machines without a GPU never import triton through the model."""
-    global _TRITON_OPS
-    try:
-        from .linear_attn import chunk_linear_attention as chunk_op
-        from .linear_attn import fused_recurrent_linear_attention as recurrent_op
-    except ImportError as error:
-        kernels_unavailable("linear (gdn, deltanet, gla, kda)", error)
-        return None
+def _import_linear_ops():
+    from .linear_attn import chunk_linear_attention as chunk_op
+    from .linear_attn import fused_recurrent_linear_attention as recurrent_op
+
     try:
         from .linear_attn_ops import fused_recurrent_linear_attention_op as graph_op
     except ImportError:
         # no registered op (a checkpoint without its file): compiled decode traces the torch reference step
         graph_op = None
-    _TRITON_OPS = chunk_op, recurrent_op, graph_op
-    return _TRITON_OPS
+    return chunk_op, recurrent_op, graph_op
 
 
-# what `triton_linear_ops` imported, read as a plain global inside `torch.compile` (which does not trace imports)
-_TRITON_OPS = None
+LINEAR_OPS = TritonOps("linear (gdn, deltanet, gla, kda)", _import_linear_ops)
+
+
+def triton_linear_ops():
+    """(chunked, token-by-token, token-by-token as a registered custom op) Triton ops, or None where triton is
+    missing."""
+    return LINEAR_OPS.get()
 
 
 def linear_ops(x: torch.Tensor, recurrent: bool):
@@ -69,9 +58,10 @@ def linear_ops(x: torch.Tensor, recurrent: bool):
         # the token-by-token op is a custom op: torch.compile keeps it whole and CUDA graphs capture its kernel. The
         # chunked op would break the graph: its torch reference is traced instead. The ops were imported by the eager
         # forward that ran before (prefill); if none did, the reference is traced
-        if _TRITON_OPS is None or not (recurrent or forced):
+        ops = LINEAR_OPS.ops
+        if ops is None or not (recurrent or forced):
             return None
-        return _TRITON_OPS[2] if recurrent else _TRITON_OPS[0]
+        return ops[2] if recurrent else ops[0]
     ops = triton_linear_ops()
     if ops is None:
         return None
@@ -115,7 +105,7 @@ class LinearMixer(nn.Module):
         """(g, beta): log decay `[B, T, H]` or `[B, T, H, K]` (or None) and write strength `[B, T, H]` (or None)."""
         raise NotImplementedError
 
-    def window_attention(self, q, k, v, position_embeddings, attention_mask, past_key_values, query_start):
+    def window_attention(self, q, k, v, position_embeddings, attention_mask, past_key_values, query_start, padding):
         """Softmax attention of the current tokens over the window (cached + current keys) and the sink tokens."""
         batch, seq_len = q.shape[:2]
         shape = (batch, seq_len, -1, self.head_dim)
@@ -136,6 +126,7 @@ class LinearMixer(nn.Module):
             attention_mask=attention_mask,
             past_key_values=past_key_values,
             query_start=query_start,
+            padding=padding,
         )
 
     def forward(
@@ -145,10 +136,13 @@ class LinearMixer(nn.Module):
         past_key_values=None,
         position_embeddings=None,
         query_start: int = 0,
+        padding: Padding | None = None,
         **kwargs,
     ):
         batch, seq_len, _ = hidden_states.shape
-        mask = current_padding_mask(attention_mask, seq_len)
+        if padding is None:
+            padding = Padding(attention_mask, batch, seq_len, hidden_states.device)
+        mask = padding.current
         q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
         if self.qk_norm:
             q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(2)
@@ -156,7 +150,9 @@ class LinearMixer(nn.Module):
         v = self.v_proj(hidden_states)
         windowed = None
         if self.window:
-            windowed = self.window_attention(q, k, v, position_embeddings, attention_mask, past_key_values, query_start)
+            windowed = self.window_attention(
+                q, k, v, position_embeddings, attention_mask, past_key_values, query_start, padding
+            )
         qkv = zero_padding(torch.cat([q, k, v], dim=-1), mask)
         if self.conv1d is not None:
             qkv = zero_padding(self.conv1d(qkv, past_key_values, self.layer_idx), mask)

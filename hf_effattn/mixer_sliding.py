@@ -8,13 +8,11 @@ training when each row's real tokens form one run (no padding, left or right pad
 against the bounded cache when no gradient is needed. Anything else runs the torch reference.
 """
 
-import functools
-
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .mixer_common import RMSNorm, kernels_unavailable, key_padding_mask
+from .mixer_common import Padding, RMSNorm, TritonOps, key_padding_mask
 from .ops_reference import sliding_window_attention
 
 # which attention the windowed layers run: None = the Triton kernels on CUDA tensors when triton imports, else the
@@ -22,53 +20,33 @@ from .ops_reference import sliding_window_attention
 SLIDING_OPS_OVERRIDE = None
 
 
-@functools.cache
-def triton_sliding_ops():
-    """(prefill/training op, decode op) Triton kernels, or None where triton is missing. Imported on first use, so
-    that machines without a GPU never import triton through the model."""
-    try:
-        from .sliding_window import sliding_window_attention as prefill_op
-        from .sliding_window import sliding_window_decode as decode_op
-    except ImportError as error:
-        kernels_unavailable("sliding-window", error)
-        return None
+def _import_sliding_ops():
+    from .sliding_window import sliding_window_attention as prefill_op
+    from .sliding_window import sliding_window_decode as decode_op
+
     return prefill_op, decode_op
 
 
+SLIDING_OPS = TritonOps("sliding-window", _import_sliding_ops)
+
+
+def triton_sliding_ops():
+    """(prefill/training op, decode op) Triton kernels, or None where triton is missing."""
+    return SLIDING_OPS.get()
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    if SLIDING_OPS_OVERRIDE is not None:
-        return SLIDING_OPS_OVERRIDE == "triton"
-    # inside torch.compile the torch reference is traced; the kernels would break the graph
-    if torch.compiler.is_compiling():
-        return False
-    return x.is_cuda and triton_sliding_ops() is not None
+    return SLIDING_OPS.use(x, SLIDING_OPS_OVERRIDE)
 
 
-def padding_bounds(attention_mask: torch.Tensor | None, total_len: int):
-    """`[B, 2]` (first, end) of each row's real tokens when they form one run (left and/or right padding), None
-    without padding (no 2-D mask, or all ones), False for masks the kernels cannot express."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return None
-    if attention_mask.shape[1] != total_len:
-        return False
-    mask = attention_mask.bool()
-    if bool(mask.all()):
-        return None
-    first = (mask.long().cumsum(-1) == 0).sum(-1)
-    end = first + mask.sum(-1)
-    index = torch.arange(total_len, device=mask.device)
-    run = (index >= first[:, None]) & (index < end[:, None])
-    if not bool((run == mask).all()):
-        return False
-    return torch.stack([first, end], dim=-1)
-
-
-def kernel_attention(q, k_all, v_all, sinks, *, window, num_sinks, scale, attention_mask, query_start, sink_logits):
+def kernel_attention(q, k_all, v_all, sinks, *, window, num_sinks, scale, padding, query_start, sink_logits):
     """`windowed_attention` on the Triton kernels, or None where their semantics do not fit (the caller then runs
     the reference): the prefill/training op when there is no past, the decode op against the cached window."""
     prefill_op, decode_op = triton_sliding_ops()
     seq_len = q.shape[1]
-    bounds = padding_bounds(attention_mask, query_start + seq_len)
+    if padding.length not in (None, query_start + seq_len):
+        return None
+    bounds = padding.bounds
     if bounds is False:
         return None
     if query_start == 0 and k_all.shape[1] == seq_len:
@@ -76,7 +54,7 @@ def kernel_attention(q, k_all, v_all, sinks, *, window, num_sinks, scale, attent
     tensors = (q, k_all, v_all, sink_logits)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
         return None
-    if bounds is not None and not bool((bounds[:, 1] == query_start + seq_len).all()):
+    if bounds is not None and not padding.left_only:
         # right padding before cached steps
         return None
     sink_k, sink_v, sink_index = sinks if sinks else (None, None, None)
@@ -84,13 +62,6 @@ def kernel_attention(q, k_all, v_all, sinks, *, window, num_sinks, scale, attent
     return decode_op(
         q, k_all, v_all, window, query_start, sink_k, sink_v, sink_index, sink_logits, scale, first_index=first_index
     )
-
-
-def first_real_index(attention_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
-    """`[B]` index of each row's first non-padding token (left padding)."""
-    if attention_mask is None or attention_mask.dim() != 2:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    return (attention_mask.long().cumsum(-1) == 0).sum(-1)
 
 
 def capture_sinks(sinks, keys, values, first_real, query_start: int, num_sinks: int):
@@ -134,14 +105,18 @@ def windowed_attention(
     past_key_values=None,
     query_start: int = 0,
     sink_logits=None,
+    padding: Padding | None = None,
 ):
     """Softmax attention of the current tokens over the last `window` tokens and the `num_sinks` sink tokens.
 
     q/k/v: `[B, T, H(kv), D]`, rope already applied. With a cache, the window's keys/values go through the cache's
-    sliding-window part of layer `layer_idx` and the sinks are kept on that layer as `effattn_sinks`.
+    sliding-window part of layer `layer_idx` and the sinks are kept on that layer as `effattn_sinks`. `padding`:
+    the model forward's `Padding` of `attention_mask` (built here when None).
     """
-    batch = q.shape[0]
-    first_real = first_real_index(attention_mask, batch, q.device)
+    batch, seq_len = q.shape[:2]
+    if padding is None:
+        padding = Padding(attention_mask, batch, seq_len, q.device)
+    first_real = padding.first_real
     sinks, layer = None, None
     if past_key_values is not None:
         layer = past_key_values.layers[layer_idx]
@@ -164,7 +139,7 @@ def windowed_attention(
             window=window,
             num_sinks=num_sinks,
             scale=scale,
-            attention_mask=attention_mask,
+            padding=padding,
             query_start=query_start,
             sink_logits=sink_logits,
         )
@@ -220,6 +195,7 @@ class SlidingWindowAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
         query_start: int = 0,
+        padding: Padding | None = None,
         **kwargs,
     ) -> torch.Tensor:
         batch, seq_len = hidden_states.shape[:2]
@@ -246,5 +222,6 @@ class SlidingWindowAttention(nn.Module):
             past_key_values=past_key_values,
             query_start=query_start,
             sink_logits=self.sinks,
+            padding=padding,
         )
         return self.o_proj(o.flatten(2))

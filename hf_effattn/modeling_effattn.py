@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedd
 
 from .configuration_effattn import LINEAR_KINDS, EffAttnConfig
 from .mixer_block_topk import BlockTopkAttention
-from .mixer_common import RMSNorm, ShortConvolution
+from .mixer_common import Padding, RMSNorm, ShortConvolution
 from .mixer_full import FullAttention
 from .mixer_hedgehog import HedgehogAttention, HedgehogFeatureMap
 from .mixer_linear import DeltaNet, GatedDeltaNet, GatedLinearAttention, KimiDeltaAttention, LinearMixer
@@ -243,13 +243,19 @@ class EffAttnModel(EffAttnPreTrainedModel):
             )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        # the other mixers read the 2-D mask: what they need of it is worked out once, not in every layer
+        padding = Padding(attention_mask, inputs_embeds.shape[0], seq_len, inputs_embeds.device)
         for layer in self.layers:
+            if layer.mixer_type == "full":
+                mask_kwargs = {"attention_mask": full_mask}
+            else:
+                mask_kwargs = {"attention_mask": attention_mask, "padding": padding}
             hidden_states = layer(
                 hidden_states,
-                attention_mask=full_mask if layer.mixer_type == "full" else attention_mask,
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
                 query_start=past_length,
+                **mask_kwargs,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)

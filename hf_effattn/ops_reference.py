@@ -235,6 +235,12 @@ def _prepare_window(q, k, v, key_valid, query_start):
     return q, k, v, key_valid.bool(), query_index, key_index
 
 
+def _visible_keys(start: int, stop: int, offset: int, window: int, naive: bool) -> tuple[int, int]:
+    """(lo, hi): the key slice that queries `start ... stop - 1` can see. Query i sits at key position i + offset
+    (the keys end where the queries end), so the bounds are plain ints, with no read of a device tensor."""
+    return (0 if naive else max(0, start + offset - window + 1)), stop + offset
+
+
 def sliding_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -277,9 +283,7 @@ def sliding_window_attention(
     for start in range(0, seq_len, max(block, 1)):
         stop = min(start + block, seq_len)
         q_idx = query_index[start:stop]
-        # keys that any query of this block can see
-        lo = 0 if naive else max(0, int(q_idx[0] - key_index[0]) - window + 1)
-        hi = int(q_idx[-1] - key_index[0]) + 1
+        lo, hi = _visible_keys(start, stop, k.shape[2] - seq_len, window, naive)
         k_blk, v_blk = k[:, :, lo:hi], v[:, :, lo:hi]
         mask = _window_mask(q_idx, key_index[lo:hi], key_valid[:, lo:hi], window)
         scores = q[:, :, start:stop] @ k_blk.transpose(-1, -2) * scale
@@ -344,12 +348,11 @@ def hedgehog_attention(
     for start in range(0, seq_len, max(block, 1)):
         stop = min(start + block, seq_len)
         q_idx = query_index[start:stop]
+        lo, hi = _visible_keys(start, stop, num_keys - seq_len, window, naive)
         # keys older than every window of this block are folded into the running state
-        lo = 0 if naive else max(0, int(q_idx[0] - key_index[0]) - window + 1)
         if lo > absorbed:
             state = state + phi_k[:, :, absorbed:lo].transpose(-1, -2) @ v_aug[:, :, absorbed:lo]
             absorbed = lo
-        hi = int(q_idx[-1] - key_index[0]) + 1
         k_idx = key_index[absorbed:hi]
         in_window = _window_mask(q_idx, k_idx, key_valid[:, absorbed:hi], window)[:, None]
         older = ((q_idx[:, None] - k_idx[None, :]) >= window)[None, None]

@@ -333,43 +333,6 @@ def sliding_window_attention(
     )
 
 
-def naive_sliding_window_attention(
-    q, k, v, window, num_sink_tokens=0, sink_logits=None, scale=None, cu_seqlens=None, key_bounds=None
-):
-    """`sliding_window_attention` by its definition, materialising `[B, H, T, T]`, in the inputs' dtype (tests)."""
-    batch, seq_len, num_heads, head_dim = q.shape
-    scale = head_dim**-0.5 if scale is None else scale
-    index = torch.arange(seq_len, device=q.device)
-    # [B, T] first and end of each key's sequence (packed) or row (padding)
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(q.device)
-        seq = torch.bucketize(index, cu_seqlens[1:], right=True)
-        first, end = cu_seqlens[seq][None], cu_seqlens[seq + 1][None]
-    elif key_bounds is not None:
-        first = key_bounds[:, :1].to(q.device).expand(batch, seq_len)
-        end = key_bounds[:, 1:].to(q.device).expand(batch, seq_len)
-    else:
-        first, end = index.new_zeros(1, seq_len), index.new_full((1, seq_len), seq_len)
-    distance = index[:, None] - index[None, :]
-    key_valid = (index >= first) & (index < end)
-    sink = (index - first) < num_sink_tokens
-    # [B, Tq, Tk]; packed sequences never see each other's keys
-    visible = (distance >= 0) & ((distance < window)[None] | sink[:, None, :]) & key_valid[:, None, :]
-    if cu_seqlens is not None:
-        visible = visible & (seq[:, None] == seq[None, :])
-    groups = num_heads // k.shape[2]
-    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    if sink_logits is not None:
-        sink_column = sink_logits.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
-        scores = torch.cat([scores, sink_column], dim=-1)
-    peak = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)
-    weights = (scores - peak).exp()
-    weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
-    return torch.einsum("bhts,bshd->bthd", weights[..., :seq_len], v)
-
-
 @torch.compiler.disable
 def sliding_window_decode(
     q: torch.Tensor,

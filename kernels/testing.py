@@ -1,7 +1,10 @@
-"""Checking the linear-attention kernels against the fp64 naive recurrence (tests and scripts/check_kernels_gpu.py).
+"""Checking the kernels against naive references (tests and the GPU scripts in scripts/).
 
-The metric is fla's: relative RMS error rms(kernel - reference) / rms(reference), for the output, the final state
-and every gradient (dq, dk, dv, dg, dbeta, dh0).
+The linear-attention kernels are checked against the fp64 naive recurrence, the sliding-window kernels against
+`naive_sliding_window_attention`. The metric is fla's: relative RMS error rms(kernel - reference) / rms(reference),
+for the output, the final state and every gradient (dq, dk, dv, dg, dbeta, dh0).
+
+Not part of the remote code that checkpoints carry: the models never import this file.
 """
 
 import itertools
@@ -198,3 +201,41 @@ def failures(errors: dict, dtype, exact_fp32: bool = False) -> list[str]:
         if not (math.isfinite(error) and error <= tol):
             bad.append(f"{name}: relative RMS error {error:.2e} > {tol:.0e}")
     return bad
+
+
+def naive_sliding_window_attention(
+    q, k, v, window, num_sink_tokens=0, sink_logits=None, scale=None, cu_seqlens=None, key_bounds=None
+):
+    """`sliding_window.sliding_window_attention` by its definition, materialising `[B, H, T, T]`, in the inputs'
+    dtype."""
+    batch, seq_len, num_heads, head_dim = q.shape
+    scale = head_dim**-0.5 if scale is None else scale
+    index = torch.arange(seq_len, device=q.device)
+    # [B, T] first and end of each key's sequence (packed) or row (padding)
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(q.device)
+        seq = torch.bucketize(index, cu_seqlens[1:], right=True)
+        first, end = cu_seqlens[seq][None], cu_seqlens[seq + 1][None]
+    elif key_bounds is not None:
+        first = key_bounds[:, :1].to(q.device).expand(batch, seq_len)
+        end = key_bounds[:, 1:].to(q.device).expand(batch, seq_len)
+    else:
+        first, end = index.new_zeros(1, seq_len), index.new_full((1, seq_len), seq_len)
+    distance = index[:, None] - index[None, :]
+    key_valid = (index >= first) & (index < end)
+    sink = (index - first) < num_sink_tokens
+    # [B, Tq, Tk]; packed sequences never see each other's keys
+    visible = (distance >= 0) & ((distance < window)[None] | sink[:, None, :]) & key_valid[:, None, :]
+    if cu_seqlens is not None:
+        visible = visible & (seq[:, None] == seq[None, :])
+    groups = num_heads // k.shape[2]
+    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    if sink_logits is not None:
+        sink_column = sink_logits.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink_column], dim=-1)
+    peak = scores.amax(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).min)
+    weights = (scores - peak).exp()
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+    return torch.einsum("bhts,bshd->bthd", weights[..., :seq_len], v)

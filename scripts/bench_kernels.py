@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hf_effattn import kernels as ours
 from hf_effattn.kernels import linear_attn
+from hf_effattn.kernels.testing import rel_rms
 
 try:
     import fla
@@ -59,11 +60,6 @@ def _batch(seq_len: int) -> int:
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def rel_rms(a, b) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def make_inputs(op, batch, seq_len, requires_grad):

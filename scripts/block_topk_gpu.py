@@ -16,13 +16,15 @@ SDPA flash and compiled FlexAttention, and decode time per token.
 3. Decode: one token against a cache of 4k ... 128k tokens (`block_topk_cached_attention`), against SDPA over the
    whole cache.
 
-Prints one table and writes block_topk_gpu.json to OUTPUT_DIR; every row runs in its own try/except.
+Prints one table and writes block_topk_gpu.json to OUTPUT_DIR; every row runs in its own try/except. The exit status
+is 1 when a correctness row fails (or raises), after the JSON is written.
 """
 
 import argparse
 import itertools
 import json
 import math
+import sys
 import time
 import traceback
 import warnings
@@ -35,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from hf_effattn.kernels import block_topk as ops
+from hf_effattn.kernels.testing import rel_rms
 from hf_effattn.ops_reference import block_topk_cached_attention
 
 BF16 = torch.bfloat16
@@ -66,11 +69,6 @@ def allow_flex_backward_on_64_token_blocks():
         return [*original(self, head_dim, dtype), heuristics.FlexBwDConfig(64, 64, 64, 64, 2, 4)]
 
     heuristics.CUDAConfigHeuristic.get_flex_attn_bwd_configs = configs
-
-
-def rel_rms(actual, expected) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def timed(fn, warmup: int = 2, reps: int = 5) -> float:
@@ -403,6 +401,13 @@ def main():
     }
     (output / "block_topk_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"total {time.time() - started:.0f} s; wrote {output / 'block_topk_gpu.json'}")
+    if not args.skip_correctness:
+        # a check that failed, raised or never ran fails the run (the report is written first)
+        checked = [row for row in rows if row["section"] == "correctness"]
+        failed = [row["name"] for row in checked if not row.get("ok")]
+        missing = len(CORRECTNESS_CASES) - len(checked)
+        if failed or missing:
+            sys.exit(f"correctness: {len(failed)} failed {failed}, {missing} did not run")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ SDPA's flash backend on full causal attention.
    flash on full causal attention, timed with CUDA events (triton.testing.do_bench medians) in the same run.
 3. Decode: one token against a cache of window + sinks, per context length 4k ... 128k; SDPA over the full cache
    for contrast.
-Every row runs in its own try/except; the table is printed and saved as OUTPUT_DIR/sliding_window_gpu.json.
+Every row runs in its own try/except; the table is printed and saved as OUTPUT_DIR/sliding_window_gpu.json. The
+exit status is 1 when a correctness row fails (or raises, or does not run), after the JSON is written.
 """
 
 import argparse
@@ -28,16 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from hf_effattn.kernels import sliding_window as ops
+from hf_effattn.kernels.testing import naive_sliding_window_attention, rel_rms
 
 HEADS, KV_HEADS, HEAD_DIM, WINDOW, SINKS = 32, 8, 128, 4096, 4
 SEQ_LENS = (8192, 32768, 131072)
 DECODE_CONTEXTS = (4096, 8192, 16384, 32768, 65536, 131072)
 OUTPUT_TOL, GRAD_TOL = 0.005, 0.01
-
-
-def rel_rms(actual, expected) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-300)).item()
 
 
 def flex_mask_mod(window, num_sinks, cu_seqlens=None):
@@ -137,7 +134,7 @@ def check_against_naive(case):
     key_bounds = None if bounds is None else torch.tensor(bounds, device="cuda")
     o, grads = ours_with_grads(q, k, v, do, window, num_sinks, sink_logits, key_bounds=key_bounds)
     ref = [x.float().requires_grad_() for x in (q, k, v)] + [sink_logits.clone().requires_grad_()]
-    o_ref = ops.naive_sliding_window_attention(*ref[:3], window, num_sinks, ref[3], key_bounds=key_bounds)
+    o_ref = naive_sliding_window_attention(*ref[:3], window, num_sinks, ref[3], key_bounds=key_bounds)
     ref_grads = torch.autograd.grad(o_ref, ref, do.float())
     errors = {"o": rel_rms(o, o_ref)}
     for name, grad, ref_grad in zip(("dq", "dk", "dv", "dsink"), grads, ref_grads, strict=True):
@@ -166,7 +163,7 @@ def check_decode(case):
             sink_index,
             sink_logits,
         )
-        o_ref = ops.naive_sliding_window_attention(q.float(), k.float(), v.float(), window, num_sinks, sink_logits)
+        o_ref = naive_sliding_window_attention(q.float(), k.float(), v.float(), window, num_sinks, sink_logits)
     return {"o": rel_rms(o, o_ref[:, -1:])}
 
 
@@ -471,6 +468,11 @@ def main():
     path = args.output_dir / "sliding_window_gpu.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {path} ({time.time() - start:.0f} s)")
+    # a check that failed, raised or never ran fails the run (the report is written first)
+    failed = [row["case"] for row in report["correctness"] if not row.get("ok")]
+    missing = len(CORRECTNESS) - len(report["correctness"])
+    if failed or missing:
+        sys.exit(f"correctness: {len(failed)} failed {failed}, {missing} did not run")
 
 
 if __name__ == "__main__":

@@ -232,3 +232,33 @@ def test_save_pretrained_round_trip_reproduces_logits(tiny_config, layout, tmp_p
     with torch.no_grad():
         logits = loaded(input_ids).logits
     assert torch.equal(logits, expected)
+
+
+def host_reads_of_a_decode_step(model, monkeypatch) -> int:
+    """How often a left-padded decode step reads a tensor back to the host (bool(), item(), tolist(), int())."""
+    input_ids = random_ids(2, 30, seed=4)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+    reads = []
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids[:, :29], attention_mask=attention_mask[:, :29], past_key_values=cache, use_cache=True)
+        for name in ("__bool__", "item", "tolist", "__int__", "__index__"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *args, original=original, **kwargs):
+                reads.append(1)
+                return original(self, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        model(input_ids[:, 29:], attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        monkeypatch.undo()
+    return len(reads)
+
+
+def test_a_decode_step_reads_the_mask_once_not_per_layer(tiny_config, monkeypatch):
+    layers = ["gdn", "block_topk", "sliding", "hedgehog", "full"]
+    options = {"gdn": {"window": 8}, "block_topk": {"block_size": 16, "top_k": 2}}
+    reads = [host_reads_of_a_decode_step(build_model(tiny_config, layers * n, options), monkeypatch) for n in (1, 2)]
+    # the padding summary (once per forward) and transformers' causal mask of the full layers
+    assert reads[0] == reads[1] <= 2, reads

@@ -17,6 +17,7 @@ from tests.numerics import rel_rms
 
 kernels = pytest.importorskip("hf_effattn.kernels")
 ops = pytest.importorskip("hf_effattn.kernels.sliding_window")
+testing = pytest.importorskip("hf_effattn.kernels.testing")
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -60,7 +61,7 @@ def check_against_naive(
     o = kernels.sliding_window_attention(
         *tri[:3], window, num_sinks, tri[3], cu_seqlens=cu_seqlens, key_bounds=key_bounds
     )
-    o_ref = ops.naive_sliding_window_attention(
+    o_ref = testing.naive_sliding_window_attention(
         *ref[:3], window, num_sinks, ref[3], cu_seqlens=cu_seqlens, key_bounds=key_bounds
     )
     assert o.dtype == dtype and o.shape == q.shape
@@ -115,7 +116,7 @@ def test_naive_matches_the_mixer_reference():
         sink_logits=z,
         naive=True,
     )
-    actual = ops.naive_sliding_window_attention(q, k, v, window, num_sinks, z, key_bounds=key_bounds)
+    actual = testing.naive_sliding_window_attention(q, k, v, window, num_sinks, z, key_bounds=key_bounds)
     assert rel_rms(actual, expected) < 1e-6
 
 
@@ -146,7 +147,7 @@ def test_decode_matches_naive(num_queries, first_index):
             z,
             first_index=None if first_index is None else first,
         )
-    o_ref = ops.naive_sliding_window_attention(
+    o_ref = testing.naive_sliding_window_attention(
         q.double(), k.double(), v.double(), window, num_sinks, z.double(), key_bounds=key_bounds
     )
     assert rel_rms(o, o_ref[:, -num_queries:]) < TOLERANCE[torch.float32][0]
