@@ -125,8 +125,14 @@ def quality_check(model, teacher, tokenizer, recipe, device) -> dict:
     return result
 
 
-def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work: bool = False, log=print) -> Path:
-    """Runs the whole conversion; resumes from the work folder when one exists. Returns the checkpoint folder."""
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work: bool = False,
+            log=print) -> Path | None:
+    """Runs the whole conversion; resumes from the work folder when one exists. Returns the checkpoint folder in
+    the main process, None in the others of a multi-process run (only the main process logs and writes)."""
     from hf_effattn import __version__
 
     output = Path(output_dir).resolve()
@@ -134,6 +140,10 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
         raise ConversionError(f"{output} already holds a finished conversion: pass --overwrite to replace it.")
     recipe.validate()
     started = time.time()
+    accelerator = _accelerator(recipe)
+    main = accelerator.is_main_process
+    if not main:
+        log = _silent
     documents = load_documents(recipe.data, "train")
     log(f"data: {len(documents)} documents from {recipe.data}")
 
@@ -141,7 +151,6 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
     teacher, tokenizer, hub_id = load_teacher(teacher_spec)
     num_layers = teacher.config.num_hidden_layers
     recipe.validate(num_layers)
-    accelerator = _accelerator(recipe)
     device = accelerator.device
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     teacher = teacher.to(device=device, dtype=dtype).eval()
@@ -149,31 +158,33 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
         p.requires_grad_(False)
 
     workdir = WorkDir(output)
-    identity = {"teacher": str(teacher_spec or "embedded"), "recipe": recipe.to_dict(), "hf_effattn": __version__}
-    if workdir.open(identity):
-        log(f"resuming the unfinished conversion in {workdir.root}")
-    timings = workdir.read_json("timings.json") or {}
+    # the batches of a step depend on the number of processes: a run resumes only with as many as it started with
+    identity = {"teacher": str(teacher_spec or "embedded"), "recipe": recipe.to_dict(), "hf_effattn": __version__,
+                "processes": accelerator.num_processes}
+    # the main process creates the work folder (and the layout); the others then check that it is theirs and read it
+    with accelerator.main_process_first():
+        if workdir.open(identity):
+            log(f"resuming the unfinished conversion in {workdir.root}")
+        timings = workdir.read_json("timings.json") or {}
+        layout = workdir.read_json("layout.json")
+        if layout is None:
+            t0 = time.time()
+            scores = None
+            if recipe.full_layers == "auto" and recipe.full_share > 0:
+                from tqdm.auto import tqdm
 
-    # layout
-    layout = workdir.read_json("layout.json")
-    if layout is None:
-        t0 = time.time()
-        scores = None
-        if recipe.full_layers == "auto" and recipe.full_share > 0:
-            from tqdm.auto import tqdm
-
-            with tqdm(total=num_layers, desc="ranking layers") as bar:
-                scores = rank_layers(teacher, tokenizer, recipe, documents, progress=bar)
-        full_layers = choose_full_layers(recipe, num_layers, scores)
-        layout = {
-            "full_layers": full_layers,
-            "mixer_types": ["full" if i in full_layers else recipe.mixer for i in range(num_layers)],
-            "selection": recipe.full_layers if isinstance(recipe.full_layers, str) else "explicit",
-            "sensitivity": scores,
-        }
-        workdir.write_json("layout.json", layout)
-        timings["layout_seconds"] = time.time() - t0
-        workdir.write_json("timings.json", timings)
+                with tqdm(total=num_layers, desc="ranking layers") as bar:
+                    scores = rank_layers(teacher, tokenizer, recipe, documents, progress=bar)
+            full_layers = choose_full_layers(recipe, num_layers, scores)
+            layout = {
+                "full_layers": full_layers,
+                "mixer_types": ["full" if i in full_layers else recipe.mixer for i in range(num_layers)],
+                "selection": recipe.full_layers if isinstance(recipe.full_layers, str) else "explicit",
+                "sensitivity": scores,
+            }
+            workdir.write_json("layout.json", layout)
+            timings["layout_seconds"] = time.time() - t0
+            workdir.write_json("timings.json", timings)
     mixer_types, full_layers = layout["mixer_types"], layout["full_layers"]
     replaced = [i for i, kind in enumerate(mixer_types) if kind != "full"]
     log(f"layout ({num_layers} layers): " + " ".join("F" if k == "full" else k[0].upper() for k in mixer_types))
@@ -190,7 +201,8 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
     stage1 = workdir.load("stage1.pt")
     if stage1 is None:
         probe_blocks = pack(tokenizer, documents, recipe.stage1_seq_len, 2, seed=recipe.seed + 7)
-        errors_before = _layer_errors(student, teacher, replaced, probe_blocks, device)
+        # the errors go into the report, which the main process writes
+        errors_before = _layer_errors(student, teacher, replaced, probe_blocks, device) if main else {}
         for name, p in student.named_parameters():
             p.requires_grad_(name in new_parameters)
         blocks = training_blocks(tokenizer, documents, recipe.stage1_seq_len,
@@ -204,10 +216,10 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
 
         history = run_stage("stage1", AttentionTransferLoss(student, replaced), batches, recipe.stage1_steps,
                             recipe.stage1_lr, recipe, accelerator, workdir, stage1_loss, log)
-        errors_after = _layer_errors(student, teacher, replaced, probe_blocks, device)
+        errors_after = _layer_errors(student, teacher, replaced, probe_blocks, device) if main else {}
         stage1 = {"trainable": trainable_state(student), "history": history,
                   "errors_before": errors_before, "errors_after": errors_after}
-        if accelerator.is_main_process:
+        if main:
             workdir.save("stage1.pt", stage1)
     else:
         log("stage1: done in an earlier run, reusing its result")
@@ -265,7 +277,7 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
         if recipe.gradient_checkpointing:
             student.gradient_checkpointing_disable()
         stage2 = {"trainable": trainable_state(trained), "history": history}
-        if accelerator.is_main_process:
+        if main:
             workdir.save("stage2.pt", stage2)
     else:
         log("stage2: done in an earlier run, reusing its result")
@@ -275,8 +287,8 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
     for p in model.parameters():
         p.requires_grad_(False)
 
-    if not accelerator.is_main_process:
-        return output
+    if not main:
+        return None
     quality = workdir.read_json("quality.json")
     if quality is None:
         t0 = time.time()

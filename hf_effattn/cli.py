@@ -80,6 +80,9 @@ def cmd_convert(args) -> int:
         eval_samples=args.eval_samples,
     )
     path = convert(args.teacher, args.output, recipe, overwrite=args.overwrite, keep_work=args.keep_work)
+    if path is None:
+        # another process of a multi-process run: the main process writes and reports
+        return 0
     report = json.loads((path / "conversion_report.json").read_text())
     quality = report["quality"]
     if "perplexity" in quality:
