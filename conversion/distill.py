@@ -17,6 +17,7 @@ Training runs through `accelerate` (one process on CPU or one GPU; several GPUs 
 import copy
 import math
 import random
+import re
 import time
 
 import torch
@@ -167,6 +168,19 @@ def choose_full_layers(recipe, num_layers: int, scores: list[dict] | None) -> li
 
 
 # --------------------------------------------------------------------------------------------------------- stage 1
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a parameter name belongs to (`model.layers.3.self_attn...` -> 3), None outside layers."""
+    match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def stage1_layer_blocks(replaced: list[int], size: int) -> list[list[int]]:
+    """The replaced layers in the blocks that stage 1 trains one after another, `size` layers each (0: one block)."""
+    if size <= 0 or not replaced:
+        return [list(replaced)]
+    return [list(replaced[k : k + size]) for k in range(0, len(replaced), size)]
 
 
 class _EnoughLayers(Exception):

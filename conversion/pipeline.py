@@ -20,10 +20,12 @@ from .distill import (
     _decoder,
     capture_attention,
     choose_full_layers,
+    layer_index,
     load_trainable_state,
     mixer_options_for,
     rank_layers,
     run_stage,
+    stage1_layer_blocks,
     trainable_state,
 )
 from .teachers import load_teacher
@@ -69,6 +71,73 @@ def _layer_errors(student, teacher, replaced, blocks, device) -> dict:
             records, rotary = capture_attention(teacher, replaced, row[None].to(device))
             totals += loss(records, rotary)[1].float().cpu()
     return {int(i): float(e) for i, e in zip(replaced, totals / len(blocks))}
+
+
+def _attention_transfer(student, teacher, tokenizer, documents, replaced, new_parameters, recipe, accelerator,
+                        workdir, log) -> dict:
+    """Stage 1 in blocks of `recipe.stage1_layer_block` replaced layers (default: one block of all of them).
+
+    Each block trains only its own layers' new parameters, `stage1_steps` steps on the same samples, with its own
+    checkpoints; the teacher runs only up to the block's last layer, and every layer of the block takes the
+    teacher's hidden states as its input. A finished block is kept in the work folder, so a killed run resumes in
+    the block it was in. Returns the trained parameters, the joined history and the errors per layer and block."""
+    main, device = accelerator.is_main_process, accelerator.device
+    probe = pack(tokenizer, documents, recipe.stage1_seq_len, 2, seed=recipe.seed + 7)
+    # the errors go into the report, which the main process writes
+    errors_before = _layer_errors(student, teacher, replaced, probe, device) if main else {}
+    samples = training_blocks(tokenizer, documents, recipe.stage1_seq_len,
+                              max(recipe.stage1_steps, 1) * accelerator.num_processes * recipe.batch_size,
+                              recipe.retrieval_share, recipe.seed + 10)
+    batches = _rank_batches(samples, recipe.batch_size, accelerator)
+    layer_blocks = stage1_layer_blocks(replaced, recipe.stage1_layer_block)
+    histories = []
+    for k, layers in enumerate(layer_blocks):
+        # a single block is the stage as a whole, under the stage's own names
+        name = "stage1" if len(layer_blocks) == 1 else f"stage1-block{k}"
+        done = workdir.load(f"{name}.pt") if len(layer_blocks) > 1 else None
+        if done is not None:
+            log(f"{name}: done in an earlier run (layers {layers}), reusing its result")
+            load_trainable_state(student, done["trainable"])
+            histories.append(done["history"])
+            continue
+        if len(layer_blocks) > 1:
+            log(f"{name}: layers {layers} ({k + 1} of {len(layer_blocks)} blocks)")
+        for parameter_name, p in student.named_parameters():
+            p.requires_grad_(parameter_name in new_parameters and layer_index(parameter_name) in layers)
+
+        def stage1_loss(module, batch, layers=layers):
+            records, rotary = capture_attention(teacher, layers, batch)
+            return module(records, rotary)
+
+        history = run_stage(name, AttentionTransferLoss(student, layers), batches, recipe.stage1_steps,
+                            recipe.stage1_lr, recipe, accelerator, workdir, stage1_loss, log)
+        if len(layer_blocks) > 1 and main:
+            workdir.save(f"{name}.pt", {"trainable": trainable_state(student), "history": history})
+        histories.append(history)
+    for parameter_name, p in student.named_parameters():
+        p.requires_grad_(parameter_name in new_parameters)
+    errors_after = _layer_errors(student, teacher, replaced, probe, device) if main else {}
+
+    def mean_error(errors, layers):
+        return sum(errors[i] for i in layers) / len(layers) if errors and layers else None
+
+    blocks = [
+        {
+            "layers": layers,
+            "steps": len(history["losses"]),
+            "tokens": history["tokens"],
+            "seconds": history["seconds"],
+            "loss_first": history["losses"][0] if history["losses"] else None,
+            "loss_last": history["losses"][-1] if history["losses"] else None,
+            "error_before": mean_error(errors_before, layers),
+            "error_after": mean_error(errors_after, layers),
+        }
+        for layers, history in zip(layer_blocks, histories)
+    ]
+    history = {key: [value for h in histories for value in h[key]] for key in ("losses", "metrics")}
+    history.update(seconds=sum(h["seconds"] for h in histories), tokens=sum(h["tokens"] for h in histories))
+    return {"trainable": trainable_state(student), "history": history, "errors_before": errors_before,
+            "errors_after": errors_after, "blocks": blocks}
 
 
 def _loss_plot(stage1: dict, stage2: dict) -> bytes | None:
@@ -200,25 +269,8 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
     # stage 1
     stage1 = workdir.load("stage1.pt")
     if stage1 is None:
-        probe_blocks = pack(tokenizer, documents, recipe.stage1_seq_len, 2, seed=recipe.seed + 7)
-        # the errors go into the report, which the main process writes
-        errors_before = _layer_errors(student, teacher, replaced, probe_blocks, device) if main else {}
-        for name, p in student.named_parameters():
-            p.requires_grad_(name in new_parameters)
-        blocks = training_blocks(tokenizer, documents, recipe.stage1_seq_len,
-                                 max(recipe.stage1_steps, 1) * world * recipe.batch_size, recipe.retrieval_share,
-                                 recipe.seed + 10)
-        batches = _rank_batches(blocks, recipe.batch_size, accelerator)
-
-        def stage1_loss(module, batch):
-            records, rotary = capture_attention(teacher, replaced, batch)
-            return module(records, rotary)
-
-        history = run_stage("stage1", AttentionTransferLoss(student, replaced), batches, recipe.stage1_steps,
-                            recipe.stage1_lr, recipe, accelerator, workdir, stage1_loss, log)
-        errors_after = _layer_errors(student, teacher, replaced, probe_blocks, device) if main else {}
-        stage1 = {"trainable": trainable_state(student), "history": history,
-                  "errors_before": errors_before, "errors_after": errors_after}
+        stage1 = _attention_transfer(student, teacher, tokenizer, documents, replaced, new_parameters, recipe,
+                                     accelerator, workdir, log)
         if main:
             workdir.save("stage1.pt", stage1)
     else:
@@ -316,6 +368,7 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
             "losses": stage1_history["losses"],
             "layer_errors_before": stage1["errors_before"],
             "layer_errors_after": stage1["errors_after"],
+            "blocks": stage1.get("blocks", []),
         },
         "stage2": {
             "steps": len(stage2_history["losses"]),

@@ -33,6 +33,7 @@ class Recipe:
     stage1_steps: int = 40
     stage1_lr: float = 1e-2
     stage1_seq_len: int = 512
+    stage1_layer_block: int = 0  # replaced layers trained together, block after block (0: all at once)
     # stage 2: end-to-end logit distillation
     stage2_steps: int = 140
     stage2_lr: float = 1e-3
@@ -69,7 +70,8 @@ class Recipe:
             raise RecipeError(f"window = {self.window}: expected 0 (no softmax window) or at least 2 tokens.")
         if self.mixer in ("sliding", "hedgehog") and self.window == 0:
             raise RecipeError(f"mixer {self.mixer!r} needs a window of at least 2 tokens.")
-        for name in ("stage1_steps", "stage2_steps", "sensitivity_samples", "eval_samples", "eval_ppl_blocks"):
+        for name in ("stage1_steps", "stage2_steps", "sensitivity_samples", "eval_samples", "eval_ppl_blocks",
+                     "stage1_layer_block"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"{name} = {getattr(self, name)}: expected a count >= 0.")
         for name in ("batch_size", "save_every", "stage1_seq_len", "sensitivity_seq_len", "eval_ppl_seq_len"):

@@ -68,6 +68,7 @@ def cmd_convert(args) -> int:
         answer_weight=args.answer_weight,
         stage1_steps=args.stage1_steps,
         stage1_lr=args.stage1_lr,
+        stage1_layer_block=args.stage1_layer_block,
         stage2_steps=args.stage2_steps,
         stage2_lr=args.stage2_lr,
         stage2_seq_lens=_parse_lengths(args.seq_lens),
@@ -254,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="'stdlib' (default), a .txt/.jsonl file or folder, or hf:NAME[:CONFIG]")
     convert.add_argument("--stage1-steps", type=int, default=None, help="attention-transfer steps")
     convert.add_argument("--stage1-lr", type=float, default=None, help="attention-transfer learning rate")
+    convert.add_argument("--stage1-layer-block", type=int, default=None,
+                         help="attention transfer N replaced layers at a time, each block its own steps, the teacher "
+                              "run only up to the block's last layer (default: 0 = all layers together)")
     convert.add_argument("--stage2-steps", type=int, default=None, help="logit-distillation steps")
     convert.add_argument("--stage2-lr", type=float, default=None, help="logit-distillation learning rate")
     convert.add_argument("--retrieval-share", type=float, default=None,

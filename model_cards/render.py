@@ -61,10 +61,10 @@ CONVERT_OPTIONS = {
     "stage1_steps": "--stage1-steps", "stage1_lr": "--stage1-lr", "stage2_steps": "--stage2-steps",
     "stage2_lr": "--stage2-lr", "stage2_seq_lens": "--seq-lens", "lora_r": "--lora-r", "batch_size": "--batch-size",
     "seed": "--seed", "precision": "--precision", "eval_lengths": "--eval-lengths", "answer_weight": "--answer-weight",
-    "eval_samples": "--eval-samples",
+    "eval_samples": "--eval-samples", "stage1_layer_block": "--stage1-layer-block",
 }
 # recipe fields added after some reports were written, with the value those reports' runs used
-FIELDS_BEFORE_THEY_EXISTED = {"answer_weight": 1.0}
+FIELDS_BEFORE_THEY_EXISTED = {"answer_weight": 1.0, "stage1_layer_block": 0}
 NOT_RESULT_FIELDS = ("save_every",)
 
 # absolute paths: POSIX (/a/b), home (~/), Windows drives (C:\ or C:/), file URLs
@@ -264,7 +264,11 @@ def recipe_sections(report: dict) -> dict:
         rows.append(f"| layer ranking | nothing (each layer replaced alone, loss measured) | "
                     f"{recipe.get('sensitivity_samples')} sample(s) per layer | | {recipe.get('sensitivity_seq_len')} | | "
                     f"{_minutes(timings.get('layout_seconds'))} |")
-    rows.append(f"| 1. attention transfer | the new mixer parameters | {stage1['steps']} | {stage1['tokens']:,} | "
+    blocks = stage1.get("blocks") or []
+    stage1_trains = "the new mixer parameters"
+    if len(blocks) > 1:
+        stage1_trains += f", {recipe.get('stage1_layer_block')} layer(s) at a time ({len(blocks)} blocks)"
+    rows.append(f"| 1. attention transfer | {stage1_trains} | {stage1['steps']} | {stage1['tokens']:,} | "
                 f"{recipe.get('stage1_seq_len')} | {recipe.get('stage1_lr')} | {_minutes(stage1.get('seconds'))} |")
     rows.append(f"| 2. logit distillation | {stage2_trains} | {stage2['steps']} | {stage2['tokens']:,} | "
                 f"{', '.join(map(str, recipe.get('stage2_seq_lens', [])))} | {recipe.get('stage2_lr')} | "
@@ -297,6 +301,11 @@ def recipe_sections(report: dict) -> dict:
         verb = "lowered" if mean_after < mean_before else "did not lower"
         notes.append(f"Stage 1 {verb} the replaced layers' mean relative attention-output error on probe samples: "
                      f"{mean_before:.4f} before, {mean_after:.4f} after.")
+    if len(blocks) > 1 and all(b.get("error_after") is not None for b in blocks):
+        notes.append("Stage 1 ran block after block, each on the teacher's hidden states up to its last layer; mean "
+                     "error per block, before -> after: " + "; ".join(
+                         f"layers {','.join(map(str, b['layers']))}: {b['error_before']:.4f} -> {b['error_after']:.4f}"
+                         for b in blocks) + ".")
     intro = (f"Distilled from the teacher with `hf-effattn convert` in {_minutes(timings.get('total_seconds'))} on "
              f"{report.get('device', 'n/a')}, on {stage1['tokens'] + stage2['tokens']:,} tokens.")
     return {"recipe_intro": intro, "recipe_table": "\n".join(rows), "recipe_notes": notes}

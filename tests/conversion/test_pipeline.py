@@ -125,6 +125,7 @@ def test_weighted_kl_scales_each_position_and_keeps_the_token_mean():
         (dict(full_layers=[0, 9]), RecipeError, "out of range"),
         (dict(window=1), RecipeError, "at least 2 tokens"),
         (dict(answer_weight=-1.0), RecipeError, "answer_weight"),
+        (dict(stage1_layer_block=-1), RecipeError, "stage1_layer_block"),
     ],
 )
 def test_bad_recipes_fail_before_training(tiny_teacher, tmp_path, overrides, error, message):
@@ -236,6 +237,74 @@ def test_layer_ranking_measures_increases_from_the_teacher_itself(tiny_teacher):
     exact = rank_layers(teacher, tokenizer, make_recipe("smoke", mixer="sliding", window=4096, sink_tokens=0),
                         documents)
     assert all(abs(s["score"]) < 1e-5 for s in exact), exact
+
+
+# ------------------------------------------------------------------------------------------- stage 1 in blocks
+
+# layer 3 keeps full attention (uniform, a quarter); layers 0, 1 and 2 become pure linear layers (no window: the
+# random teacher's attention, nearly uniform, is matched by the window alone, and training would move nothing);
+# no stage 2, no passkey check
+BLOCKS = dict(full_layers="uniform", full_share=0.25, window=0, stage1_steps=30, stage2_steps=0, eval_lengths=[])
+BLOCKS_ARGS = ["--preset", "smoke", "--full-layers", "uniform", "--full-share", "0.25", "--window", "0",
+               "--stage1-steps", "30", "--stage2-steps", "0", "--eval-lengths", "", "--stage1-layer-block", "2",
+               "--max-new-tokens", "0"]
+
+
+def test_stage1_in_blocks_of_layers(tiny_teacher, tmp_path):
+    together = convert(str(tiny_teacher), tmp_path / "together", make_recipe("smoke", **BLOCKS), log=quiet)
+    # a block at least as large as the model is all layers together
+    whole = convert(str(tiny_teacher), tmp_path / "whole", make_recipe("smoke", stage1_layer_block=4, **BLOCKS),
+                    log=quiet)
+    expected, actual = load_file(together / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    reports = [json.loads((folder / REPORT_NAME).read_text())["stage1"] for folder in (together, whole)]
+    assert reports[0] == {**reports[1], "seconds": reports[0]["seconds"],
+                          "blocks": [{**reports[1]["blocks"][0], "seconds": reports[0]["blocks"][0]["seconds"]}]}
+    assert [b["layers"] for b in reports[0]["blocks"]] == [[0, 1, 2]]
+
+    # blocks of two layers, [0, 1] then [2], each trained 30 steps; killed inside the second, then resumed
+    logs = []
+    reference = convert(str(tiny_teacher), tmp_path / "reference",
+                        make_recipe("smoke", stage1_layer_block=2, save_every=1, **BLOCKS), log=logs.append)
+    assert any("stage1-block1: layers [2] (2 of 2 blocks)" in line for line in logs), logs
+    report = json.loads((reference / REPORT_NAME).read_text())
+    stage1 = report["stage1"]
+    assert [b["layers"] for b in stage1["blocks"]] == [[0, 1], [2]]
+    assert stage1["steps"] == 60 and stage1["tokens"] == 2 * 30 * 256
+    for block in stage1["blocks"]:
+        assert block["steps"] == 30 and block["error_after"] < 0.5 * block["error_before"], block
+        layers = block["layers"]
+        assert block["error_after"] == pytest.approx(
+            sum(stage1["layer_errors_after"][str(i)] for i in layers) / len(layers))
+    # a layer learns nearly the same in a block as with all layers together (each layer's error depends on its own
+    # parameters only), up to the gradient clipping, which sees the norm of the block's gradients only (measured:
+    # within 0.6%)
+    torch.testing.assert_close(stage1["layer_errors_after"], reports[0]["layer_errors_after"], rtol=0.02, atol=0)
+    card = (reference / "README.md").read_text()
+    assert "2 layer(s) at a time (2 blocks)" in card and "layers 0,1:" in card
+
+    out = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "hf_effattn.cli", "convert", "--teacher", str(tiny_teacher), "--output",
+               str(out), *BLOCKS_ARGS, "--save-every", "1"]
+    work = WorkDir(out)
+    with open(tmp_path / "stderr.txt", "wb") as stderr:
+        process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + 240
+    while not work.path("stage1-block1-checkpoint.pt").exists():
+        assert process.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+        assert time.time() < deadline, "no checkpoint of the second block appeared"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step = torch.load(work.path("stage1-block1-checkpoint.pt"), weights_only=True)["step"]
+    assert 1 <= step < 30 and work.path("stage1-block0.pt").exists() and not work.path("stage1.pt").exists()
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage1-block0: done in an earlier run" in result.stdout
+    assert f"stage1-block1: resuming at step {step} of 30" in result.stdout
+    expected, actual = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert json.loads((out / REPORT_NAME).read_text())["stage1"]["losses"] == stage1["losses"]
 
 
 # ------------------------------------------------------------------------------------------------ two processes
