@@ -11,7 +11,16 @@ import torch
 from hf_effattn.checkpoint import save_checkpoint
 from hf_effattn.model_cards.render import Results, render_card
 
-from .data import DataError, load_documents, pack, training_blocks, training_blocks_with_answers
+from .data import (
+    TEACHER_SOURCE,
+    DataError,
+    data_sources,
+    heldout_documents,
+    load_documents,
+    pack,
+    training_blocks,
+    training_blocks_with_answers,
+)
 from .distill import (
     LORA_TARGETS,
     AttentionTransferLoss,
@@ -28,6 +37,7 @@ from .distill import (
     stage1_layer_blocks,
     trainable_state,
 )
+from .teacher_text import GENERATION_BATCH, teacher_documents
 from .teachers import load_teacher
 from .weight_map import effattn_from_teacher
 from .workdir import WorkDir
@@ -174,11 +184,11 @@ def quality_check(model, teacher, tokenizer, recipe, device) -> dict:
 
     result = {}
     if recipe.eval_ppl_blocks:
-        blocks = pack(tokenizer, load_documents(recipe.data, "heldout") if recipe.data == "stdlib" else
-                      load_documents(recipe.data), recipe.eval_ppl_seq_len, recipe.eval_ppl_blocks, seed=12345)
+        documents, source = heldout_documents(recipe.data)
+        blocks = pack(tokenizer, documents, recipe.eval_ppl_seq_len, recipe.eval_ppl_blocks, seed=12345)
         teacher_ppl, student_ppl = perplexity(teacher, blocks), perplexity(model, blocks)
         result["perplexity"] = {
-            "source": "stdlib held-out files" if recipe.data == "stdlib" else recipe.data,
+            "source": source,
             "blocks": int(blocks.shape[0]),
             "seq_len": int(blocks.shape[1]),
             "teacher": teacher_ppl,
@@ -192,6 +202,20 @@ def quality_check(model, teacher, tokenizer, recipe, device) -> dict:
             "hybrid": passkey_accuracy(model, tokenizer, recipe.eval_lengths, recipe.eval_samples),
         }
     return result
+
+
+def _written_by_teacher(teacher, tokenizer, recipe, workdir, accelerator) -> tuple[list[str], float]:
+    """(the teacher-written documents of a `...+teacher` data spec, or [], and the seconds it took)."""
+    if TEACHER_SOURCE not in data_sources(recipe.data):
+        return [], 0.0
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    batches = -(-recipe.teacher_documents // GENERATION_BATCH)
+    with tqdm(total=batches, desc="teacher writes", disable=not accelerator.is_main_process) as bar:
+        written = teacher_documents(teacher, tokenizer, recipe.teacher_documents, recipe.teacher_document_tokens,
+                                    recipe.seed, workdir, accelerator, progress=bar)
+    return written, time.time() - t0
 
 
 def _silent(*args, **kwargs) -> None:
@@ -230,11 +254,21 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
     # the batches of a step depend on the number of processes: a run resumes only with as many as it started with
     identity = {"teacher": str(teacher_spec or "embedded"), "recipe": recipe.to_dict(), "hf_effattn": __version__,
                 "processes": accelerator.num_processes}
-    # the main process creates the work folder (and the layout); the others then check that it is theirs and read it
+    # the main process creates the work folder (and below, the layout); the others then check that it is theirs
     with accelerator.main_process_first():
-        if workdir.open(identity):
-            log(f"resuming the unfinished conversion in {workdir.root}")
+        resuming = workdir.open(identity)
+    if resuming:
+        log(f"resuming the unfinished conversion in {workdir.root}")
+    written, text_seconds = _written_by_teacher(teacher, tokenizer, recipe, workdir, accelerator)
+    if written:
+        documents = documents + written
+        log(f"data: {len(written)} documents written by the teacher, {len(documents)} in all")
+    with accelerator.main_process_first():
         timings = workdir.read_json("timings.json") or {}
+        # the first run that generated them records the time (a rerun reads them from the work folder)
+        if written and main and "teacher_text_seconds" not in timings:
+            timings["teacher_text_seconds"] = text_seconds
+            workdir.write_json("timings.json", timings)
         layout = workdir.read_json("layout.json")
         if layout is None:
             t0 = time.time()
@@ -360,6 +394,7 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
                                  f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         "processes": world,
         "recipe": recipe.to_dict(),
+        "data": {"source": recipe.data, "documents": len(documents), "teacher_documents": len(written)},
         "layout": layout,
         "stage1": {
             "steps": len(stage1_history["losses"]),
@@ -387,8 +422,8 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
     if plot is not None:
         files["loss_curves.png"] = plot
     # a resumed run only saw part of the work: the stage times (kept across resumes) bound the total from below
-    stage_seconds = (timings.get("layout_seconds") or 0) + stage1_history["seconds"] + stage2_history["seconds"] + (
-        quality.get("seconds") or 0)
+    stage_seconds = sum(timings.get(key) or 0 for key in ("layout_seconds", "teacher_text_seconds")) + (
+        stage1_history["seconds"] + stage2_history["seconds"] + (quality.get("seconds") or 0))
     report["timings"]["total_seconds"] = max(time.time() - started, stage_seconds)
     files[REPORT_NAME] = json.dumps(report, indent=2) + "\n"
     files["README.md"] = render_card(Results(report), output.name)

@@ -64,6 +64,8 @@ def cmd_convert(args) -> int:
         window=args.window,
         sink_tokens=args.sink_tokens,
         data=args.data,
+        teacher_documents=args.teacher_documents,
+        teacher_document_tokens=args.teacher_document_tokens,
         retrieval_share=args.retrieval_share,
         answer_weight=args.answer_weight,
         stage1_steps=args.stage1_steps,
@@ -252,7 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="softmax window inside each replaced layer, 0 for none (default: 64)")
     convert.add_argument("--sink-tokens", type=int, default=None, help="sink tokens of that window (default: 4)")
     convert.add_argument("--data", default=None,
-                         help="'stdlib' (default), a .txt/.jsonl file or folder, or hf:NAME[:CONFIG]")
+                         help="'stdlib' (default), a .txt/.jsonl file or folder, hf:NAME[:CONFIG], or 'teacher' "
+                              "(text the teacher writes), several joined with '+', e.g. stdlib+teacher")
+    convert.add_argument("--teacher-documents", type=int, default=None,
+                         help="documents the teacher writes for a data spec with 'teacher' (default: 64)")
+    convert.add_argument("--teacher-document-tokens", type=int, default=None,
+                         help="the most tokens the teacher writes per document (default: 256)")
     convert.add_argument("--stage1-steps", type=int, default=None, help="attention-transfer steps")
     convert.add_argument("--stage1-lr", type=float, default=None, help="attention-transfer learning rate")
     convert.add_argument("--stage1-layer-block", type=int, default=None,

@@ -62,9 +62,12 @@ CONVERT_OPTIONS = {
     "stage2_lr": "--stage2-lr", "stage2_seq_lens": "--seq-lens", "lora_r": "--lora-r", "batch_size": "--batch-size",
     "seed": "--seed", "precision": "--precision", "eval_lengths": "--eval-lengths", "answer_weight": "--answer-weight",
     "eval_samples": "--eval-samples", "stage1_layer_block": "--stage1-layer-block",
+    "teacher_documents": "--teacher-documents", "teacher_document_tokens": "--teacher-document-tokens",
 }
-# recipe fields added after some reports were written, with the value those reports' runs used
-FIELDS_BEFORE_THEY_EXISTED = {"answer_weight": 1.0, "stage1_layer_block": 0}
+# recipe fields added after some reports were written, with the value those reports' runs used (the teacher-text
+# sizes are the defaults: they change nothing unless the data includes `teacher`)
+FIELDS_BEFORE_THEY_EXISTED = {"answer_weight": 1.0, "stage1_layer_block": 0, "teacher_documents": 64,
+                              "teacher_document_tokens": 256}
 NOT_RESULT_FIELDS = ("save_every",)
 
 # absolute paths: POSIX (/a/b), home (~/), Windows drives (C:\ or C:/), file URLs
@@ -188,14 +191,29 @@ def _by_length(values: dict) -> dict[int, float | None]:
     return {int(length): value for length, value in values.items()}
 
 
-def _data_source(data: str) -> tuple[str, list[str]]:
-    """(description, hub datasets) of a recipe's data source; local paths are named by their last component."""
-    if data == "stdlib":
-        return "the Python standard library's source files (offline; one file in 20 held out for perplexity)", []
-    if data.startswith("hf:"):
-        name = data[3:].split(":")[0]
-        return f"the hub dataset `{data[3:]}`", [name]
-    return f"the local text data `{spec_name(data)}`", []
+def _data_parts(data: str) -> list[str]:
+    """The sources of a `+`-joined data spec, such as stdlib+teacher."""
+    from hf_effattn.conversion.data import data_sources
+
+    return data_sources(data)
+
+
+def _data_source(recipe: dict) -> tuple[str, list[str]]:
+    """(description, hub datasets) of a recipe's data; local paths are named by their last component."""
+    descriptions, datasets = [], []
+    for data in _data_parts(recipe.get("data", "stdlib")):
+        if data == "stdlib":
+            descriptions.append("the Python standard library's source files (offline; one file in 20 held out for "
+                                "perplexity)")
+        elif data == "teacher":
+            descriptions.append(f"{recipe.get('teacher_documents')} documents the teacher wrote itself (sampled "
+                                f"answers of up to {recipe.get('teacher_document_tokens')} tokens to seeded prompts)")
+        elif data.startswith("hf:"):
+            descriptions.append(f"the hub dataset `{data[3:]}`")
+            datasets.append(data[3:].split(":")[0])
+        else:
+            descriptions.append(f"the local text data `{spec_name(data)}`")
+    return " and ".join(descriptions), datasets
 
 
 def _gib(value) -> str:
@@ -277,7 +295,7 @@ def recipe_sections(report: dict) -> dict:
         rows.append(f"| conversion check | nothing | | | | | {_minutes(quality.get('seconds'))} |")
     rows.append(f"| **total** | | | {stage1['tokens'] + stage2['tokens']:,} | | | "
                 f"{_minutes(timings.get('total_seconds'))} |")
-    data, _ = _data_source(recipe.get("data", "stdlib"))
+    data, _ = _data_source(recipe)
     loss = f"KL divergence to the teacher's logits at temperature {recipe.get('kl_temperature')}"
     if recipe.get("ce_weight"):
         loss += f" plus {recipe['ce_weight']} x cross-entropy"
@@ -491,8 +509,9 @@ def convert_command(report: dict, name: str) -> tuple[str, list[str]]:
         if key not in CONVERT_OPTIONS:
             unset.append(f"{key}={value}")
             continue
-        if key == "data" and value != "stdlib" and not str(value).startswith("hf:"):
-            value = spec_name(value)
+        if key == "data":
+            value = "+".join(part if part in ("stdlib", "teacher") or part.startswith("hf:") else spec_name(part)
+                             for part in _data_parts(value))
         if isinstance(value, list):
             value = ",".join(map(str, value))
         args += [CONVERT_OPTIONS[key], str(value)]
@@ -614,7 +633,7 @@ def card_data(results: Results, name: str, base_model: str | None = None, licens
     report = results.conversion
     hub_id = base_model or teacher_hub_id(report)
     license_id, _ = _license(report, hub_id, license)
-    _, datasets = _data_source(report["recipe"].get("data", "stdlib"))
+    _, datasets = _data_source(report["recipe"])
     extra = {"base_model_relation": "finetune"} if hub_id else {}
     return ModelCardData(
         model_name=name,

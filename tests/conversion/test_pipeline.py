@@ -126,6 +126,8 @@ def test_weighted_kl_scales_each_position_and_keeps_the_token_mean():
         (dict(window=1), RecipeError, "at least 2 tokens"),
         (dict(answer_weight=-1.0), RecipeError, "answer_weight"),
         (dict(stage1_layer_block=-1), RecipeError, "stage1_layer_block"),
+        (dict(data="stdlib+teacher", teacher_documents=0), RecipeError, "--teacher-documents"),
+        (dict(data="stdlib+"), DataError, "empty part"),
     ],
 )
 def test_bad_recipes_fail_before_training(tiny_teacher, tmp_path, overrides, error, message):
@@ -239,6 +241,35 @@ def test_layer_ranking_measures_increases_from_the_teacher_itself(tiny_teacher):
     assert all(abs(s["score"]) < 1e-5 for s in exact), exact
 
 
+def test_teacher_written_text_joins_the_data_and_is_not_written_twice(tiny_teacher, tmp_path):
+    from hf_effattn.conversion.data import load_documents
+    from hf_effattn.conversion.teacher_text import teacher_prompts
+
+    recipe = make_recipe("smoke", data="stdlib+teacher", teacher_documents=3, teacher_document_tokens=8,
+                         full_layers="uniform", stage1_steps=1, stage2_steps=1, eval_lengths=[], eval_ppl_blocks=0)
+    out = convert(str(tiny_teacher), tmp_path / "hybrid", recipe, keep_work=True, log=quiet)
+    report = json.loads((out / REPORT_NAME).read_text())
+    stdlib = len(load_documents("stdlib"))
+    assert report["data"] == {"source": "stdlib+teacher", "documents": stdlib + 3, "teacher_documents": 3}
+    cache = WorkDir(out).path("teacher-text-00000.json")
+    documents = json.loads(cache.read_text())
+    # the tiny teacher has no chat template: each document is its prompt, then the answer
+    assert [d.split("\n\n")[0] for d in documents] == teacher_prompts(3, seed=recipe.seed)
+    card = (out / "README.md").read_text()
+    assert "3 documents the teacher wrote itself" in card
+    assert all(option in card for option in ("--data stdlib+teacher ", "--teacher-documents 3 ",
+                                             "--teacher-document-tokens 8 ")), card
+
+    # the rerun resumes from the work folder and reads the documents there instead of writing them again
+    before = cache.stat()
+    logs = []
+    convert(str(tiny_teacher), out, recipe, overwrite=True, keep_work=True, log=logs.append)
+    assert any("resuming" in line for line in logs) and any("3 documents written by the teacher" in line
+                                                          for line in logs), logs
+    after = cache.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
 # ------------------------------------------------------------------------------------------- stage 1 in blocks
 
 # layer 3 keeps full attention (uniform, a quarter); layers 0, 1 and 2 become pure linear layers (no window: the
@@ -298,7 +329,7 @@ def test_stage1_in_blocks_of_layers(tiny_teacher, tmp_path):
     process.wait()
     step = torch.load(work.path("stage1-block1-checkpoint.pt"), weights_only=True)["step"]
     assert 1 <= step < 30 and work.path("stage1-block0.pt").exists() and not work.path("stage1.pt").exists()
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stage1-block0: done in an earlier run" in result.stdout
     assert f"stage1-block1: resuming at step {step} of 30" in result.stdout
@@ -309,7 +340,11 @@ def test_stage1_in_blocks_of_layers(tiny_teacher, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ two processes
 
+# with text the teacher writes: 20 documents, two batches of generation, one per process
+DDP = dict(full_share=0.5, stage1_steps=3, stage2_steps=12, data="stdlib+teacher", teacher_documents=20,
+           teacher_document_tokens=8)
 DDP_ARGS = ["--preset", "smoke", "--full-share", "0.5", "--stage1-steps", "3", "--stage2-steps", "12",
+            "--data", "stdlib+teacher", "--teacher-documents", "20", "--teacher-document-tokens", "8",
             "--max-new-tokens", "0"]
 
 
@@ -322,8 +357,9 @@ def _torchrun(teacher, out, batch_size):
 def test_two_processes_convert_like_one_and_resume(tiny_teacher, tmp_path):
     """DDP on two CPU processes (gloo), one sample each per step, against one process with both samples: the same
     data, the same losses and nearly the same weights. The two-process run is killed inside stage 2 and resumed by
-    the same command; only the main process logs and writes, and one checkpoint results."""
-    recipe = make_recipe("smoke", full_share=0.5, stage1_steps=3, stage2_steps=12, batch_size=2)
+    the same command; only the main process logs and writes, and one checkpoint results. Each process writes one of
+    the two batches of teacher text, and both read both."""
+    recipe = make_recipe("smoke", batch_size=2, **DDP)
     single = convert(str(tiny_teacher), tmp_path / "single", recipe, log=quiet)
 
     out = tmp_path / "ddp"
@@ -344,8 +380,7 @@ def test_two_processes_convert_like_one_and_resume(tiny_teacher, tmp_path):
 
     # the work folder belongs to a two-process run: one process may not take it over
     with pytest.raises(WorkDirError, match="processes"):
-        convert(str(tiny_teacher), out, make_recipe("smoke", full_share=0.5, stage1_steps=3, stage2_steps=12,
-                                                    batch_size=1), log=quiet)
+        convert(str(tiny_teacher), out, make_recipe("smoke", batch_size=1, **DDP), log=quiet)
 
     result = subprocess.run(_torchrun(tiny_teacher, out, 1), env=_env(), capture_output=True, text=True, timeout=300,
                             check=False)
@@ -358,6 +393,7 @@ def test_two_processes_convert_like_one_and_resume(tiny_teacher, tmp_path):
 
     reports = [json.loads((folder / REPORT_NAME).read_text()) for folder in (single, out)]
     assert [r["processes"] for r in reports] == [1, 2]
+    assert reports[0]["data"] == reports[1]["data"] and reports[0]["data"]["teacher_documents"] == 20
     assert reports[0]["layout"] == reports[1]["layout"]
     for stage in ("stage1", "stage2"):
         assert reports[0][stage]["tokens"] == reports[1][stage]["tokens"] == (3 if stage == "stage1" else 12) * 2 * 256
