@@ -17,6 +17,7 @@ Training runs through `accelerate` (one process on CPU or one GPU; several GPUs 
 import copy
 import math
 import random
+import re
 import time
 
 import torch
@@ -169,17 +170,38 @@ def choose_full_layers(recipe, num_layers: int, scores: list[dict] | None) -> li
 # --------------------------------------------------------------------------------------------------------- stage 1
 
 
+def layer_index(name: str) -> int | None:
+    """The decoder layer a parameter name belongs to (`model.layers.3.self_attn...` -> 3), None outside layers."""
+    match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def stage1_layer_blocks(replaced: list[int], size: int) -> list[list[int]]:
+    """The replaced layers in the blocks that stage 1 trains one after another, `size` layers each (0: one block)."""
+    if size <= 0 or not replaced:
+        return [list(replaced)]
+    return [list(replaced[k : k + size]) for k in range(0, len(replaced), size)]
+
+
+class _EnoughLayers(Exception):
+    """Raised from a hook to stop the teacher's forward pass once the last layer needed has run."""
+
+
 def capture_attention(teacher, layer_indices, input_ids):
-    """Runs the teacher once; returns {layer: (attention input, attention output)} and the rotary embeddings."""
+    """Runs the teacher up to the attention of the last of `layer_indices` (the layers after it are not run);
+    returns {layer: (attention input, attention output)} and the rotary embeddings."""
     records, rotary = {}, {}
     hooks = []
     layers = _decoder(teacher).layers
+    last = max(layer_indices)
 
     def make_hook(i):
         def hook(module, args, kwargs, output):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             records[i] = (hidden.detach(), (output[0] if isinstance(output, tuple) else output).detach())
             rotary["value"] = kwargs.get("position_embeddings")
+            if i == last:
+                raise _EnoughLayers
 
         return hook
 
@@ -188,6 +210,8 @@ def capture_attention(teacher, layer_indices, input_ids):
     try:
         with torch.no_grad():
             _decoder(teacher)(input_ids=input_ids, use_cache=False)
+    except _EnoughLayers:
+        pass
     finally:
         for handle in hooks:
             handle.remove()
@@ -195,7 +219,10 @@ def capture_attention(teacher, layer_indices, input_ids):
 
 
 class AttentionTransferLoss(nn.Module):
-    """Mean over replaced layers of ||mixer(x) - teacher_attention(x)||^2 / ||teacher_attention(x)||^2."""
+    """Mean over replaced layers and samples of ||mixer(x) - teacher_attention(x)||^2 / ||teacher_attention(x)||^2.
+
+    Each sample's error is relative to its own target, so a batch split over several processes (each averaging its
+    share) gives the same loss and gradients as the whole batch in one process."""
 
     def __init__(self, student, layer_indices):
         super().__init__()
@@ -211,8 +238,10 @@ class AttentionTransferLoss(nn.Module):
         for i in self.layer_indices:
             hidden, target = records[i]
             output = layers[i].self_attn(hidden_states=hidden.to(dtype), position_embeddings=position_embeddings)
-            target = target.float()
-            errors.append((output.float() - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12))
+            # [B, T, D] -> [B]
+            target = target.float().flatten(1)
+            per_sample = (output.float().flatten(1) - target).pow(2).mean(1) / target.pow(2).mean(1).clamp_min(1e-12)
+            errors.append(per_sample.mean())
         errors = torch.stack(errors)
         return errors.mean(), errors.detach()
 

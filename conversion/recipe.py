@@ -7,6 +7,8 @@ for one GPU (bf16, 1k-2k-token sequences, about 20x the tokens).
 import dataclasses
 from dataclasses import dataclass, field
 
+from .data import TEACHER_SOURCE, data_sources
+
 EFFICIENT_MIXERS = ("gdn", "deltanet", "gla", "kda", "hedgehog", "sliding", "block_topk")
 
 
@@ -26,6 +28,9 @@ class Recipe:
     data: str = "stdlib"
     retrieval_share: float = 0.5
     answer_weight: float = 20.0  # stage-2 KL weight of the positions that predict a retrieval answer (text: 1)
+    # documents the teacher writes when `data` includes `teacher` (e.g. "stdlib+teacher"), and their length
+    teacher_documents: int = 64
+    teacher_document_tokens: int = 256
     # layer ranking for full_layers="auto": loss increase when one layer alone is replaced
     sensitivity_samples: int = 4
     sensitivity_seq_len: int = 512
@@ -33,6 +38,7 @@ class Recipe:
     stage1_steps: int = 40
     stage1_lr: float = 1e-2
     stage1_seq_len: int = 512
+    stage1_layer_block: int = 0  # replaced layers trained together, block after block (0: all at once)
     # stage 2: end-to-end logit distillation
     stage2_steps: int = 140
     stage2_lr: float = 1e-3
@@ -69,10 +75,15 @@ class Recipe:
             raise RecipeError(f"window = {self.window}: expected 0 (no softmax window) or at least 2 tokens.")
         if self.mixer in ("sliding", "hedgehog") and self.window == 0:
             raise RecipeError(f"mixer {self.mixer!r} needs a window of at least 2 tokens.")
-        for name in ("stage1_steps", "stage2_steps", "sensitivity_samples", "eval_samples", "eval_ppl_blocks"):
+        for name in ("stage1_steps", "stage2_steps", "sensitivity_samples", "eval_samples", "eval_ppl_blocks",
+                     "stage1_layer_block"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"{name} = {getattr(self, name)}: expected a count >= 0.")
-        for name in ("batch_size", "save_every", "stage1_seq_len", "sensitivity_seq_len", "eval_ppl_seq_len"):
+        if TEACHER_SOURCE in data_sources(self.data) and self.teacher_documents <= 0:
+            raise RecipeError(f"data = {self.data!r} asks for teacher-written text, but teacher_documents = "
+                              f"{self.teacher_documents}: give a positive count (--teacher-documents).")
+        for name in ("batch_size", "save_every", "stage1_seq_len", "sensitivity_seq_len", "eval_ppl_seq_len",
+                     "teacher_document_tokens"):
             if getattr(self, name) <= 0:
                 raise RecipeError(f"{name} = {getattr(self, name)}: expected a positive integer.")
         if not self.stage2_seq_lens or any(length < 128 for length in self.stage2_seq_lens):

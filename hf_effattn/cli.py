@@ -64,10 +64,13 @@ def cmd_convert(args) -> int:
         window=args.window,
         sink_tokens=args.sink_tokens,
         data=args.data,
+        teacher_documents=args.teacher_documents,
+        teacher_document_tokens=args.teacher_document_tokens,
         retrieval_share=args.retrieval_share,
         answer_weight=args.answer_weight,
         stage1_steps=args.stage1_steps,
         stage1_lr=args.stage1_lr,
+        stage1_layer_block=args.stage1_layer_block,
         stage2_steps=args.stage2_steps,
         stage2_lr=args.stage2_lr,
         stage2_seq_lens=_parse_lengths(args.seq_lens),
@@ -80,6 +83,9 @@ def cmd_convert(args) -> int:
         eval_samples=args.eval_samples,
     )
     path = convert(args.teacher, args.output, recipe, overwrite=args.overwrite, keep_work=args.keep_work)
+    if path is None:
+        # another process of a multi-process run: the main process writes and reports
+        return 0
     report = json.loads((path / "conversion_report.json").read_text())
     quality = report["quality"]
     if "perplexity" in quality:
@@ -248,9 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="softmax window inside each replaced layer, 0 for none (default: 64)")
     convert.add_argument("--sink-tokens", type=int, default=None, help="sink tokens of that window (default: 4)")
     convert.add_argument("--data", default=None,
-                         help="'stdlib' (default), a .txt/.jsonl file or folder, or hf:NAME[:CONFIG]")
+                         help="'stdlib' (default), a .txt/.jsonl file or folder, hf:NAME[:CONFIG], or 'teacher' "
+                              "(text the teacher writes), several joined with '+', e.g. stdlib+teacher")
+    convert.add_argument("--teacher-documents", type=int, default=None,
+                         help="documents the teacher writes for a data spec with 'teacher' (default: 64)")
+    convert.add_argument("--teacher-document-tokens", type=int, default=None,
+                         help="the most tokens the teacher writes per document (default: 256)")
     convert.add_argument("--stage1-steps", type=int, default=None, help="attention-transfer steps")
     convert.add_argument("--stage1-lr", type=float, default=None, help="attention-transfer learning rate")
+    convert.add_argument("--stage1-layer-block", type=int, default=None,
+                         help="attention transfer N replaced layers at a time, each block its own steps, the teacher "
+                              "run only up to the block's last layer (default: 0 = all layers together)")
     convert.add_argument("--stage2-steps", type=int, default=None, help="logit-distillation steps")
     convert.add_argument("--stage2-lr", type=float, default=None, help="logit-distillation learning rate")
     convert.add_argument("--retrieval-share", type=float, default=None,

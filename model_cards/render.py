@@ -61,10 +61,13 @@ CONVERT_OPTIONS = {
     "stage1_steps": "--stage1-steps", "stage1_lr": "--stage1-lr", "stage2_steps": "--stage2-steps",
     "stage2_lr": "--stage2-lr", "stage2_seq_lens": "--seq-lens", "lora_r": "--lora-r", "batch_size": "--batch-size",
     "seed": "--seed", "precision": "--precision", "eval_lengths": "--eval-lengths", "answer_weight": "--answer-weight",
-    "eval_samples": "--eval-samples",
+    "eval_samples": "--eval-samples", "stage1_layer_block": "--stage1-layer-block",
+    "teacher_documents": "--teacher-documents", "teacher_document_tokens": "--teacher-document-tokens",
 }
-# recipe fields added after some reports were written, with the value those reports' runs used
-FIELDS_BEFORE_THEY_EXISTED = {"answer_weight": 1.0}
+# recipe fields added after some reports were written, with the value those reports' runs used (the teacher-text
+# sizes are the defaults: they change nothing unless the data includes `teacher`)
+FIELDS_BEFORE_THEY_EXISTED = {"answer_weight": 1.0, "stage1_layer_block": 0, "teacher_documents": 64,
+                              "teacher_document_tokens": 256}
 NOT_RESULT_FIELDS = ("save_every",)
 
 # absolute paths: POSIX (/a/b), home (~/), Windows drives (C:\ or C:/), file URLs
@@ -188,14 +191,29 @@ def _by_length(values: dict) -> dict[int, float | None]:
     return {int(length): value for length, value in values.items()}
 
 
-def _data_source(data: str) -> tuple[str, list[str]]:
-    """(description, hub datasets) of a recipe's data source; local paths are named by their last component."""
-    if data == "stdlib":
-        return "the Python standard library's source files (offline; one file in 20 held out for perplexity)", []
-    if data.startswith("hf:"):
-        name = data[3:].split(":")[0]
-        return f"the hub dataset `{data[3:]}`", [name]
-    return f"the local text data `{spec_name(data)}`", []
+def _data_parts(data: str) -> list[str]:
+    """The sources of a `+`-joined data spec, such as stdlib+teacher."""
+    from hf_effattn.conversion.data import data_sources
+
+    return data_sources(data)
+
+
+def _data_source(recipe: dict) -> tuple[str, list[str]]:
+    """(description, hub datasets) of a recipe's data; local paths are named by their last component."""
+    descriptions, datasets = [], []
+    for data in _data_parts(recipe.get("data", "stdlib")):
+        if data == "stdlib":
+            descriptions.append("the Python standard library's source files (offline; one file in 20 held out for "
+                                "perplexity)")
+        elif data == "teacher":
+            descriptions.append(f"{recipe.get('teacher_documents')} documents the teacher wrote itself (sampled "
+                                f"answers of up to {recipe.get('teacher_document_tokens')} tokens to seeded prompts)")
+        elif data.startswith("hf:"):
+            descriptions.append(f"the hub dataset `{data[3:]}`")
+            datasets.append(data[3:].split(":")[0])
+        else:
+            descriptions.append(f"the local text data `{spec_name(data)}`")
+    return " and ".join(descriptions), datasets
 
 
 def _gib(value) -> str:
@@ -264,7 +282,11 @@ def recipe_sections(report: dict) -> dict:
         rows.append(f"| layer ranking | nothing (each layer replaced alone, loss measured) | "
                     f"{recipe.get('sensitivity_samples')} sample(s) per layer | | {recipe.get('sensitivity_seq_len')} | | "
                     f"{_minutes(timings.get('layout_seconds'))} |")
-    rows.append(f"| 1. attention transfer | the new mixer parameters | {stage1['steps']} | {stage1['tokens']:,} | "
+    blocks = stage1.get("blocks") or []
+    stage1_trains = "the new mixer parameters"
+    if len(blocks) > 1:
+        stage1_trains += f", {recipe.get('stage1_layer_block')} layer(s) at a time ({len(blocks)} blocks)"
+    rows.append(f"| 1. attention transfer | {stage1_trains} | {stage1['steps']} | {stage1['tokens']:,} | "
                 f"{recipe.get('stage1_seq_len')} | {recipe.get('stage1_lr')} | {_minutes(stage1.get('seconds'))} |")
     rows.append(f"| 2. logit distillation | {stage2_trains} | {stage2['steps']} | {stage2['tokens']:,} | "
                 f"{', '.join(map(str, recipe.get('stage2_seq_lens', [])))} | {recipe.get('stage2_lr')} | "
@@ -273,7 +295,7 @@ def recipe_sections(report: dict) -> dict:
         rows.append(f"| conversion check | nothing | | | | | {_minutes(quality.get('seconds'))} |")
     rows.append(f"| **total** | | | {stage1['tokens'] + stage2['tokens']:,} | | | "
                 f"{_minutes(timings.get('total_seconds'))} |")
-    data, _ = _data_source(recipe.get("data", "stdlib"))
+    data, _ = _data_source(recipe)
     loss = f"KL divergence to the teacher's logits at temperature {recipe.get('kl_temperature')}"
     if recipe.get("ce_weight"):
         loss += f" plus {recipe['ce_weight']} x cross-entropy"
@@ -297,6 +319,11 @@ def recipe_sections(report: dict) -> dict:
         verb = "lowered" if mean_after < mean_before else "did not lower"
         notes.append(f"Stage 1 {verb} the replaced layers' mean relative attention-output error on probe samples: "
                      f"{mean_before:.4f} before, {mean_after:.4f} after.")
+    if len(blocks) > 1 and all(b.get("error_after") is not None for b in blocks):
+        notes.append("Stage 1 ran block after block, each on the teacher's hidden states up to its last layer; mean "
+                     "error per block, before -> after: " + "; ".join(
+                         f"layers {','.join(map(str, b['layers']))}: {b['error_before']:.4f} -> {b['error_after']:.4f}"
+                         for b in blocks) + ".")
     intro = (f"Distilled from the teacher with `hf-effattn convert` in {_minutes(timings.get('total_seconds'))} on "
              f"{report.get('device', 'n/a')}, on {stage1['tokens'] + stage2['tokens']:,} tokens.")
     return {"recipe_intro": intro, "recipe_table": "\n".join(rows), "recipe_notes": notes}
@@ -482,8 +509,9 @@ def convert_command(report: dict, name: str) -> tuple[str, list[str]]:
         if key not in CONVERT_OPTIONS:
             unset.append(f"{key}={value}")
             continue
-        if key == "data" and value != "stdlib" and not str(value).startswith("hf:"):
-            value = spec_name(value)
+        if key == "data":
+            value = "+".join(part if part in ("stdlib", "teacher") or part.startswith("hf:") else spec_name(part)
+                             for part in _data_parts(value))
         if isinstance(value, list):
             value = ",".join(map(str, value))
         args += [CONVERT_OPTIONS[key], str(value)]
@@ -605,7 +633,7 @@ def card_data(results: Results, name: str, base_model: str | None = None, licens
     report = results.conversion
     hub_id = base_model or teacher_hub_id(report)
     license_id, _ = _license(report, hub_id, license)
-    _, datasets = _data_source(report["recipe"].get("data", "stdlib"))
+    _, datasets = _data_source(report["recipe"])
     extra = {"base_model_relation": "finetune"} if hub_id else {}
     return ModelCardData(
         model_name=name,

@@ -43,6 +43,8 @@ def test_convert_smoke_recipe_on_embedded_teacher(tmp_path):
         (["--window", "1"], "window = 1"),
         (["--full-layers", "a,b"], "comma-separated list"),
         (["--data", "/nonexistent/corpus.txt"], "does not exist"),
+        (["--data", "stdlib+teacher", "--teacher-documents", "0"], "teacher_documents = 0"),
+        (["--stage1-layer-block", "-2"], "stage1_layer_block = -2"),
         (["--teacher", "/nonexistent/model.gguf"], "does not exist"),
     ],
 )

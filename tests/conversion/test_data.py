@@ -9,6 +9,8 @@ from transformers import PreTrainedTokenizerFast
 
 from hf_effattn.conversion.data import (
     DataError,
+    data_sources,
+    heldout_documents,
     load_documents,
     pack,
     retrieval_sample,
@@ -58,6 +60,26 @@ def test_bad_local_data_is_refused(tmp_path, content, name, message):
 def test_missing_source_is_refused(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_documents(str(tmp_path / "nowhere.txt"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_documents(f"stdlib+{tmp_path / 'nowhere.txt'}")
+    with pytest.raises(DataError, match="empty part"):
+        load_documents("stdlib++teacher")
+
+
+def test_sources_join_with_plus(tmp_path):
+    (tmp_path / "a.txt").write_text("first document")
+    stdlib = load_documents("stdlib")
+    assert load_documents(f"stdlib+{tmp_path / 'a.txt'}") == stdlib + ["first document"]
+    # the pipeline writes the teacher's documents: they add nothing here
+    assert load_documents("stdlib+teacher") == stdlib and load_documents("teacher") == []
+    # a path with a '+' in its name is one source
+    (tmp_path / "c+d.txt").write_text("plus in the name")
+    assert data_sources(str(tmp_path / "c+d.txt")) == [str(tmp_path / "c+d.txt")]
+    assert load_documents(str(tmp_path / "c+d.txt")) == ["plus in the name"]
+    # held-out perplexity: the stdlib's held-out files, also for teacher text alone; other sources' own text
+    heldout = load_documents("stdlib", "heldout")
+    assert heldout_documents("stdlib+teacher") == heldout_documents("teacher") == (heldout, "stdlib held-out files")
+    assert heldout_documents(f"{tmp_path / 'a.txt'}+teacher") == (["first document"], str(tmp_path / "a.txt"))
 
 
 def test_retrieval_sample_ends_with_the_answer_to_a_fact_stated_earlier(char_tokenizer):

@@ -5,25 +5,18 @@ import torch
 from transformers import pipeline
 
 from hf_effattn.checkpoint import save_checkpoint
-from hf_effattn.conversion import effattn_from_teacher, load_teacher, select_full_layers
+from hf_effattn.conversion import effattn_from_teacher, select_full_layers
 
 pytestmark = pytest.mark.teacher
 
 
-@pytest.fixture(scope="module")
-def teacher():
-    model, tokenizer, hub_id = load_teacher()
-    assert hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    return model, tokenizer
-
-
-def test_all_full_matches_teacher_logits(teacher):
-    model, tokenizer = teacher
+def test_all_full_matches_teacher_logits(embedded_teacher):
+    model, tokenizer = embedded_teacher
     hybrid, new_parameters = effattn_from_teacher(model)
     assert new_parameters == [] and hybrid.config.mixer_types == ["full"] * 30
     text = ["The grass is green. The sky is blue. The sun is yellow. " * 12, "Paris is the capital of"]
-    tokenizer.padding_side = "left"
-    batch = tokenizer(text, return_tensors="pt", padding=True)
+    # left padding for this call only: the tokenizer is shared with the other tests
+    batch = tokenizer(text, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
         expected = model(**batch).logits
         got = hybrid(**batch).logits
@@ -31,8 +24,8 @@ def test_all_full_matches_teacher_logits(teacher):
     assert (got[real] - expected[real]).abs().max().item() <= 1e-4
 
 
-def test_hybrid_pipeline_and_generation(teacher, tmp_path):
-    model, tokenizer = teacher
+def test_hybrid_pipeline_and_generation(embedded_teacher, tmp_path):
+    model, tokenizer = embedded_teacher
     mixer_types = ["full" if i in select_full_layers(30, 0.25) else "gdn" for i in range(30)]
     hybrid, _ = effattn_from_teacher(model, mixer_types=mixer_types)
     folder = save_checkpoint(hybrid, tmp_path / "hybrid", tokenizer)

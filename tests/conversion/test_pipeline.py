@@ -80,7 +80,16 @@ def test_attention_transfer_lowers_the_layer_error(tiny_teacher):
         p.requires_grad_(name in new)
     loss_fn = AttentionTransferLoss(student, [0, 2])
     ids = torch.randint(0, 400, (2, 96), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = teacher(ids).logits
     records, rotary = capture_attention(teacher, [0, 2], ids)
+    # the teacher stops after layer 2's attention; the records are those of a longer pass, and the model still
+    # runs as before afterwards
+    longer, _ = capture_attention(teacher, [0, 2, 3], ids)
+    for i in (0, 2):
+        assert all(torch.equal(a, b) for a, b in zip(records[i], longer[i]))
+    with torch.no_grad():
+        assert torch.equal(teacher(ids).logits, logits)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
     first = None
     for _ in range(40):
@@ -116,6 +125,9 @@ def test_weighted_kl_scales_each_position_and_keeps_the_token_mean():
         (dict(full_layers=[0, 9]), RecipeError, "out of range"),
         (dict(window=1), RecipeError, "at least 2 tokens"),
         (dict(answer_weight=-1.0), RecipeError, "answer_weight"),
+        (dict(stage1_layer_block=-1), RecipeError, "stage1_layer_block"),
+        (dict(data="stdlib+teacher", teacher_documents=0), RecipeError, "--teacher-documents"),
+        (dict(data="stdlib+"), DataError, "empty part"),
     ],
 )
 def test_bad_recipes_fail_before_training(tiny_teacher, tmp_path, overrides, error, message):
@@ -227,3 +239,172 @@ def test_layer_ranking_measures_increases_from_the_teacher_itself(tiny_teacher):
     exact = rank_layers(teacher, tokenizer, make_recipe("smoke", mixer="sliding", window=4096, sink_tokens=0),
                         documents)
     assert all(abs(s["score"]) < 1e-5 for s in exact), exact
+
+
+def test_teacher_written_text_joins_the_data_and_is_not_written_twice(tiny_teacher, tmp_path):
+    from hf_effattn.conversion.data import load_documents
+    from hf_effattn.conversion.teacher_text import teacher_prompts
+
+    recipe = make_recipe("smoke", data="stdlib+teacher", teacher_documents=3, teacher_document_tokens=8,
+                         full_layers="uniform", stage1_steps=1, stage2_steps=1, eval_lengths=[], eval_ppl_blocks=0)
+    out = convert(str(tiny_teacher), tmp_path / "hybrid", recipe, keep_work=True, log=quiet)
+    report = json.loads((out / REPORT_NAME).read_text())
+    stdlib = len(load_documents("stdlib"))
+    assert report["data"] == {"source": "stdlib+teacher", "documents": stdlib + 3, "teacher_documents": 3}
+    cache = WorkDir(out).path("teacher-text-00000.json")
+    documents = json.loads(cache.read_text())
+    # the tiny teacher has no chat template: each document is its prompt, then the answer
+    assert [d.split("\n\n")[0] for d in documents] == teacher_prompts(3, seed=recipe.seed)
+    card = (out / "README.md").read_text()
+    assert "3 documents the teacher wrote itself" in card
+    assert all(option in card for option in ("--data stdlib+teacher ", "--teacher-documents 3 ",
+                                             "--teacher-document-tokens 8 ")), card
+
+    # the rerun resumes from the work folder and reads the documents there instead of writing them again
+    before = cache.stat()
+    logs = []
+    convert(str(tiny_teacher), out, recipe, overwrite=True, keep_work=True, log=logs.append)
+    assert any("resuming" in line for line in logs) and any("3 documents written by the teacher" in line
+                                                          for line in logs), logs
+    after = cache.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+# ------------------------------------------------------------------------------------------- stage 1 in blocks
+
+# layer 3 keeps full attention (uniform, a quarter); layers 0, 1 and 2 become pure linear layers (no window: the
+# random teacher's attention, nearly uniform, is matched by the window alone, and training would move nothing);
+# no stage 2, no passkey check
+BLOCKS = dict(full_layers="uniform", full_share=0.25, window=0, stage1_steps=30, stage2_steps=0, eval_lengths=[])
+BLOCKS_ARGS = ["--preset", "smoke", "--full-layers", "uniform", "--full-share", "0.25", "--window", "0",
+               "--stage1-steps", "30", "--stage2-steps", "0", "--eval-lengths", "", "--stage1-layer-block", "2",
+               "--max-new-tokens", "0"]
+
+
+def test_stage1_in_blocks_of_layers(tiny_teacher, tmp_path):
+    together = convert(str(tiny_teacher), tmp_path / "together", make_recipe("smoke", **BLOCKS), log=quiet)
+    # a block at least as large as the model is all layers together
+    whole = convert(str(tiny_teacher), tmp_path / "whole", make_recipe("smoke", stage1_layer_block=4, **BLOCKS),
+                    log=quiet)
+    expected, actual = load_file(together / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    reports = [json.loads((folder / REPORT_NAME).read_text())["stage1"] for folder in (together, whole)]
+    assert reports[0] == {**reports[1], "seconds": reports[0]["seconds"],
+                          "blocks": [{**reports[1]["blocks"][0], "seconds": reports[0]["blocks"][0]["seconds"]}]}
+    assert [b["layers"] for b in reports[0]["blocks"]] == [[0, 1, 2]]
+
+    # blocks of two layers, [0, 1] then [2], each trained 30 steps; killed inside the second, then resumed
+    logs = []
+    reference = convert(str(tiny_teacher), tmp_path / "reference",
+                        make_recipe("smoke", stage1_layer_block=2, save_every=1, **BLOCKS), log=logs.append)
+    assert any("stage1-block1: layers [2] (2 of 2 blocks)" in line for line in logs), logs
+    report = json.loads((reference / REPORT_NAME).read_text())
+    stage1 = report["stage1"]
+    assert [b["layers"] for b in stage1["blocks"]] == [[0, 1], [2]]
+    assert stage1["steps"] == 60 and stage1["tokens"] == 2 * 30 * 256
+    for block in stage1["blocks"]:
+        assert block["steps"] == 30 and block["error_after"] < 0.5 * block["error_before"], block
+        layers = block["layers"]
+        assert block["error_after"] == pytest.approx(
+            sum(stage1["layer_errors_after"][str(i)] for i in layers) / len(layers))
+    # a layer learns nearly the same in a block as with all layers together (each layer's error depends on its own
+    # parameters only), up to the gradient clipping, which sees the norm of the block's gradients only (measured:
+    # within 0.6%)
+    torch.testing.assert_close(stage1["layer_errors_after"], reports[0]["layer_errors_after"], rtol=0.02, atol=0)
+    card = (reference / "README.md").read_text()
+    assert "2 layer(s) at a time (2 blocks)" in card and "layers 0,1:" in card
+
+    out = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "hf_effattn.cli", "convert", "--teacher", str(tiny_teacher), "--output",
+               str(out), *BLOCKS_ARGS, "--save-every", "1"]
+    work = WorkDir(out)
+    with open(tmp_path / "stderr.txt", "wb") as stderr:
+        process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.time() + 240
+    while not work.path("stage1-block1-checkpoint.pt").exists():
+        assert process.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+        assert time.time() < deadline, "no checkpoint of the second block appeared"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step = torch.load(work.path("stage1-block1-checkpoint.pt"), weights_only=True)["step"]
+    assert 1 <= step < 30 and work.path("stage1-block0.pt").exists() and not work.path("stage1.pt").exists()
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage1-block0: done in an earlier run" in result.stdout
+    assert f"stage1-block1: resuming at step {step} of 30" in result.stdout
+    expected, actual = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert json.loads((out / REPORT_NAME).read_text())["stage1"]["losses"] == stage1["losses"]
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+
+# with text the teacher writes: 20 documents, two batches of generation, one per process
+DDP = dict(full_share=0.5, stage1_steps=3, stage2_steps=12, data="stdlib+teacher", teacher_documents=20,
+           teacher_document_tokens=8)
+DDP_ARGS = ["--preset", "smoke", "--full-share", "0.5", "--stage1-steps", "3", "--stage2-steps", "12",
+            "--data", "stdlib+teacher", "--teacher-documents", "20", "--teacher-document-tokens", "8",
+            "--max-new-tokens", "0"]
+
+
+def _torchrun(teacher, out, batch_size):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+            "hf_effattn.cli", "convert", "--teacher", str(teacher), "--output", str(out), *DDP_ARGS,
+            "--batch-size", str(batch_size)]
+
+
+def test_two_processes_convert_like_one_and_resume(tiny_teacher, tmp_path):
+    """DDP on two CPU processes (gloo), one sample each per step, against one process with both samples: the same
+    data, the same losses and nearly the same weights. The two-process run is killed inside stage 2 and resumed by
+    the same command; only the main process logs and writes, and one checkpoint results. Each process writes one of
+    the two batches of teacher text, and both read both."""
+    recipe = make_recipe("smoke", batch_size=2, **DDP)
+    single = convert(str(tiny_teacher), tmp_path / "single", recipe, log=quiet)
+
+    out = tmp_path / "ddp"
+    work = WorkDir(out)
+    with open(tmp_path / "killed.stderr", "wb") as stderr:
+        process = subprocess.Popen(_torchrun(tiny_teacher, out, 1), env=_env(), stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+    deadline = time.time() + 240
+    while not work.path("stage2-checkpoint.pt").exists():
+        assert process.poll() is None, (tmp_path / "killed.stderr").read_text()[-3000:]
+        assert time.time() < deadline, "no stage-2 checkpoint appeared"
+        time.sleep(0.01)
+    # torchrun passes SIGTERM on to both workers, which end at once (no handler)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    step = torch.load(work.path("stage2-checkpoint.pt"), weights_only=True)["step"]
+    assert 1 <= step < 12 and not out.exists(), "the kill should land inside stage 2"
+
+    # the work folder belongs to a two-process run: one process may not take it over
+    with pytest.raises(WorkDirError, match="processes"):
+        convert(str(tiny_teacher), out, make_recipe("smoke", batch_size=1, **DDP), log=quiet)
+
+    result = subprocess.run(_torchrun(tiny_teacher, out, 1), env=_env(), capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("resuming the unfinished conversion", "stage1: done in an earlier run", "saved "):
+        assert result.stdout.count(line) == 1, result.stdout
+    assert f"stage2: resuming at step {step}" in result.stdout
+    # one checkpoint and nothing else: no work folder, no partial folder of the other process
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["ddp", "single"]
+
+    reports = [json.loads((folder / REPORT_NAME).read_text()) for folder in (single, out)]
+    assert [r["processes"] for r in reports] == [1, 2]
+    assert reports[0]["data"] == reports[1]["data"] and reports[0]["data"]["teacher_documents"] == 20
+    assert reports[0]["layout"] == reports[1]["layout"]
+    for stage in ("stage1", "stage2"):
+        assert reports[0][stage]["tokens"] == reports[1][stage]["tokens"] == (3 if stage == "stage1" else 12) * 2 * 256
+        # each process averages its own sample; the all-reduce averages the two: only rounding differs
+        torch.testing.assert_close(reports[1][stage]["losses"], reports[0][stage]["losses"], rtol=1e-4, atol=1e-6)
+    errors = [{int(k): v for k, v in r["stage1"]["layer_errors_after"].items()} for r in reports]
+    torch.testing.assert_close(errors[1], errors[0], rtol=1e-4, atol=1e-6)
+    # Adam turns rounding noise of near-zero gradients into steps of up to lr, so weights match less closely than
+    # the losses (measured: at most 4e-6)
+    expected, actual = (load_file(folder / "model.safetensors") for folder in (single, out))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        relative = ((actual[key] - expected[key]).norm() / expected[key].norm().clamp_min(1e-12)).item()
+        assert relative < 1e-4, (key, relative)
