@@ -8,8 +8,9 @@ hybrid the same backbone with `full_share` of its layers kept as full attention 
 replaced by `mixer`. For each context length and batch size:
 
 - prefill: one forward over the context (in chunks of `prefill_chunk` tokens through the cache when longer),
-  keeping only the last position's logits; up to 32k tokens the second of two runs is timed (the first, which also
-  builds kernel plans, is kept as `prefill_first_s`);
+  keeping only the last position's logits; up to 128k tokens the second of two runs is timed (the first, which also
+  builds kernel plans and tunes launch configs, is kept as `prefill_first_s`), and longer chunked prefills are
+  warmed up with their first chunk;
 - eager decode: plain `generate` (greedy) continuing from the prefilled dynamic cache;
 - compiled decode: the prefilled cache copied into transformers' `StaticCache` and a `torch.compile`d forward
   (CUDA graphs on GPU, `mode="reduce-overhead"`), the path that removes per-token Python overhead;
@@ -65,9 +66,10 @@ PREFILL_TARGET, DECODE_TARGET, LARGEST_BATCH_TARGET, CACHE_TARGET = 2.5, 2.5, 3.
 WARMUP_STEPS = 3
 # the largest-batch search stops here
 MAX_BATCH = 256
-# prefills up to this many tokens are timed the second time (the first builds kernel plans); longer ones once (on
-# an H100 the first and second prefills at 128k differed by 2%)
-WARM_PREFILL_TOKENS = 32768
+# prefills up to this many tokens (per chunk, for chunked prefills) are timed the second time: the first builds
+# kernel plans and tunes the Triton kernels' launch configs for the shape (on an H100 the hybrid's first 128k
+# prefill took 9.2 s, the next 2.7 s); a longer chunked prefill is warmed up with its first chunk
+WARM_PREFILL_TOKENS = 131072
 
 
 def build_pair(
@@ -373,13 +375,15 @@ def measure(
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         input_ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
-        if batch * context <= WARM_PREFILL_TOKENS:
+        warm = min(context, prefill_chunk or context)
+        if batch * warm <= WARM_PREFILL_TOKENS:
             # a first prefill of each shape also builds kernel plans (cuDNN attention, Triton launch variants)
             _sync(device)
             start = time.perf_counter()
-            prefill(model, input_ids, prefill_chunk)
+            prefill(model, input_ids[:, :warm], prefill_chunk)
             _sync(device)
-            row["prefill_first_s"] = time.perf_counter() - start
+            if warm == context:
+                row["prefill_first_s"] = time.perf_counter() - start
             _free(device)
         _sync(device)
         start = time.perf_counter()
