@@ -80,8 +80,9 @@ def _num_sms(device) -> int:
 
 
 def _state_block_v(value_dim: int, programs: int, device) -> int:
-    """V block of a sequential pass: the largest of 64/32/16 that still gives every SM a program, so that a few
-    long sequences (B = 1, T = 128k) run on more than B * HV programs."""
+    """V block of the fused recurrent kernel: the largest of 64/32/16 that still gives every SM a program, so that
+    a few sequences run on more than B * HV programs. (The chunked sequential passes use V blocks of 64 and get
+    their programs from segments; see `_state_pass_configs`.)"""
     block = _block(value_dim, 64)
     while block > 16 and programs * triton.cdiv(value_dim, block) < _num_sms(device):
         block //= 2
