@@ -169,6 +169,21 @@ class ShortConvolution(nn.Module):
         y = F.conv1d(full, self.weight.to(x.dtype), groups=x.shape[1])[..., -seq_len:]
         return F.silu(y).transpose(1, 2)
 
+    def fused(self, q, k, v, kernel, head_dim: int, l2norm: bool, past_key_values=None, layer_idx=None):
+        """`forward` of the concatenated q/k/v projections `[B, T, C]`, split into `[B, T, H, D]` heads, keys and
+        values repeated over each query group, q and k L2-normalised when `l2norm`, by `kernel`
+        (`short_conv_qkv`). Only the last `kernel_size - 1` tokens are copied into the cache."""
+        context = self.kernel_size - 1
+        state = None
+        if past_key_values is not None:
+            layer = past_key_values.layers[layer_idx]
+            if layer.has_previous_state[0]:
+                # the update below overwrites it in place
+                state = layer.conv_states[0].to(q.dtype).contiguous().clone()
+            tail = torch.cat([q[:, -context:], k[:, -context:], v[:, -context:]], dim=-1).transpose(1, 2)
+            past_key_values.update_conv_state(tail, layer_idx, conv_kernel_size=context)
+        return kernel(q, k, v, self.weight.to(q.dtype), head_dim, state=state, l2norm=l2norm)
+
 
 class GatedOutput(nn.Module):
     """Per-head RMSNorm of the mixer output, times a SiLU gate computed from the layer input (fla's o_norm/g_proj)."""
@@ -187,3 +202,9 @@ class GatedOutput(nn.Module):
         if self.g_proj is not None:
             o = o * F.silu(self.g_proj(hidden_states))
         return o
+
+    def fused(self, o: torch.Tensor, hidden_states: torch.Tensor, kernel) -> torch.Tensor:
+        """`forward` by `kernel` (`gated_rms_norm`): the norm and the gate in one pass."""
+        gate = self.g_proj(hidden_states) if self.g_proj is not None else None
+        norm = self.o_norm
+        return kernel(o, gate, None if norm is None else norm.weight, norm.eps if norm is not None else 1e-6)

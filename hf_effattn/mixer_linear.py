@@ -37,7 +37,14 @@ def _import_linear_ops():
     except ImportError:
         # no registered op (a checkpoint without its file): compiled decode traces the torch reference step
         graph_op = None
-    return chunk_op, recurrent_op, graph_op
+    try:
+        from .linear_mixer_fusion import gated_rms_norm, short_conv_qkv
+
+        fusion = (short_conv_qkv, gated_rms_norm)
+    except ImportError:
+        # a checkpoint without the file: the mixers' torch pre- and post-processing
+        fusion = None
+    return chunk_op, recurrent_op, graph_op, fusion
 
 
 LINEAR_OPS = TritonOps("linear (gdn, deltanet, gla, kda)", _import_linear_ops)
@@ -66,6 +73,18 @@ def linear_ops(x: torch.Tensor, recurrent: bool):
     if ops is None:
         return None
     return ops[1] if recurrent else ops[0]
+
+
+def fusion_ops(x: torch.Tensor, mask: torch.Tensor | None):
+    """(short_conv_qkv, gated_rms_norm), the fused inference kernels around the linear-attention op, when this
+    forward can use them: on the Triton ops' terms, with no gradient to compute, no padded current token, and outside
+    torch.compile (which fuses the torch code itself). Else None."""
+    if mask is not None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if LINEAR_OPS_OVERRIDE == "reference" or not (x.is_cuda or LINEAR_OPS_OVERRIDE == "triton"):
+        return None
+    ops = triton_linear_ops()
+    return None if ops is None else ops[3]
 
 
 class LinearMixer(nn.Module):
@@ -129,6 +148,24 @@ class LinearMixer(nn.Module):
             padding=padding,
         )
 
+    def prepare_qkv(self, q, k, v, mask, past_key_values):
+        """q, k, v `[B, T, H, D]` for the op from the projections: convolution, keys and values repeated over each
+        query group, and (delta rule) unit-norm q and k."""
+        batch, seq_len = q.shape[:2]
+        qkv = zero_padding(torch.cat([q, k, v], dim=-1), mask)
+        if self.conv1d is not None:
+            qkv = zero_padding(self.conv1d(qkv, past_key_values, self.layer_idx), mask)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        shape = (batch, seq_len, -1, self.head_dim)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+        if self.use_delta_rule:
+            # the delta rule is stable only for unit-norm keys
+            q, k = F.normalize(q.float(), dim=-1).to(q.dtype), F.normalize(k.float(), dim=-1).to(k.dtype)
+        return q, k, v
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -153,19 +190,17 @@ class LinearMixer(nn.Module):
             windowed = self.window_attention(
                 q, k, v, position_embeddings, attention_mask, past_key_values, query_start, padding
             )
-        qkv = zero_padding(torch.cat([q, k, v], dim=-1), mask)
-        if self.conv1d is not None:
-            qkv = zero_padding(self.conv1d(qkv, past_key_values, self.layer_idx), mask)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        # [B, T, H, D], keys and values repeated over each query group
-        shape = (batch, seq_len, -1, self.head_dim)
-        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        groups = self.num_heads // self.num_kv_heads
-        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
-        if self.use_delta_rule:
-            # the delta rule is stable only for unit-norm keys
-            q, k = F.normalize(q.float(), dim=-1).to(q.dtype), F.normalize(k.float(), dim=-1).to(k.dtype)
+        fused = fusion_ops(hidden_states, mask)
+        if fused is not None:
+            # the same steps in one kernel per projection
+            if self.conv1d is not None:
+                q, k, v = self.conv1d.fused(
+                    q, k, v, fused[0], self.head_dim, self.use_delta_rule, past_key_values, self.layer_idx
+                )
+            else:
+                q, k, v = fused[0](q, k, v, None, self.head_dim, l2norm=self.use_delta_rule)
+        else:
+            q, k, v = self.prepare_qkv(q, k, v, mask, past_key_values)
         g, beta = self.gates(hidden_states)
         g, beta = (None if x is None else zero_padding(x, mask) for x in (g, beta))
 
@@ -185,7 +220,7 @@ class LinearMixer(nn.Module):
             o, state = chunk_linear_attention(q, k, v, chunk_size=self.chunk_size, **op_args)
         if past_key_values is not None:
             past_key_values.update_recurrent_state(state, self.layer_idx)
-        o = self.output(o, hidden_states)
+        o = self.output(o, hidden_states) if fused is None else self.output.fused(o, hidden_states, fused[1])
         if windowed is not None:
             scale = self.recurrent_scale.to(o.dtype).repeat_interleave(self.head_dim)
             o = windowed.flatten(2).to(o.dtype) + o * scale

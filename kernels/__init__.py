@@ -17,6 +17,7 @@ from .linear_attn import (
     fused_recurrent_kda,
     fused_recurrent_linear_attention,
 )
+from .linear_mixer_fusion import gated_rms_norm, short_conv_qkv
 from .sliding_window import sliding_window_attention, sliding_window_decode
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "fused_recurrent_gla",
     "fused_recurrent_kda",
     "fused_recurrent_linear_attention",
+    "gated_rms_norm",
+    "short_conv_qkv",
     "sliding_window_attention",
     "sliding_window_decode",
 ]
