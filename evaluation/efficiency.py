@@ -5,7 +5,9 @@
 
 Both models get random weights of one Llama shape: the all-full model is transformers' `LlamaForCausalLM`, the
 hybrid the same backbone with `full_share` of its layers kept as full attention (evenly spaced) and the others
-replaced by `mixer`. For each context length and batch size:
+replaced by `mixer`. `--plugin-full` adds an all-full EffAttnForCausalLM of the shape (rows `full (hf_effattn)`):
+the hybrid against it is what the layout gains, it against the Llama what hf_effattn's full layers (their decode
+kernel) gain. For each context length and batch size:
 
 - prefill: one forward over the context (in chunks of `prefill_chunk` tokens through the cache when longer),
   keeping only the last position's logits; up to 128k tokens the second of two runs is timed (the first, which also
@@ -60,6 +62,8 @@ SHAPES = {
         "vocab_size": 4096,
     },
 }
+# the rows of `build_plugin_full`'s model (`--plugin-full`)
+PLUGIN_FULL = "full (hf_effattn)"
 # the issue's targets for the efficient model against the baseline
 PREFILL_TARGET, DECODE_TARGET, LARGEST_BATCH_TARGET, CACHE_TARGET = 2.5, 2.5, 3.0, 0.3
 # compiled decode: the steps run before timing (compilation, CUDA-graph recording)
@@ -72,6 +76,24 @@ MAX_BATCH = 256
 WARM_PREFILL_TOKENS = 131072
 
 
+def _llama_config(shape: str, max_positions: int) -> LlamaConfig:
+    if shape not in SHAPES:
+        raise ValueError(f"shape = {shape!r}: expected one of {', '.join(SHAPES)}.")
+    llama_config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_positions, tie_word_embeddings=False)
+    llama_config._attn_implementation = "sdpa"
+    return llama_config
+
+
+def _effattn_model(llama_config: LlamaConfig, mixer_types: list[str], dtype, device) -> EffAttnForCausalLM:
+    from hf_effattn.conversion.weight_map import config_from_teacher
+
+    config = config_from_teacher(llama_config, mixer_types=mixer_types)
+    config._attn_implementation = "sdpa"
+    # built on the device: initialising 1.5B parameters on the CPU takes longer than the measurements
+    with torch.device(device):
+        return EffAttnForCausalLM(config).to(dtype=dtype).eval()
+
+
 def build_pair(
     shape: str,
     full_share: float = 0.25,
@@ -82,24 +104,24 @@ def build_pair(
     seed: int = 0,
 ):
     """(all-full LlamaForCausalLM, hybrid EffAttnForCausalLM) with random weights of the named shape."""
-    from hf_effattn.conversion.weight_map import config_from_teacher, select_full_layers
+    from hf_effattn.conversion.weight_map import select_full_layers
 
-    if shape not in SHAPES:
-        raise ValueError(f"shape = {shape!r}: expected one of {', '.join(SHAPES)}.")
-    llama_config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_positions, tie_word_embeddings=False)
-    llama_config._attn_implementation = "sdpa"
+    llama_config = _llama_config(shape, max_positions)
     torch.manual_seed(seed)
-    # built on the device: initialising 1.5B parameters on the CPU takes longer than the measurements
     with torch.device(device):
         full_model = LlamaForCausalLM(llama_config).to(dtype=dtype).eval()
     layers = llama_config.num_hidden_layers
     kept = set(select_full_layers(layers, full_share))
     mixer_types = ["full" if i in kept else mixer for i in range(layers)]
-    hybrid_config = config_from_teacher(llama_config, mixer_types=mixer_types)
-    hybrid_config._attn_implementation = "sdpa"
-    with torch.device(device):
-        hybrid = EffAttnForCausalLM(hybrid_config).to(dtype=dtype).eval()
-    return full_model, hybrid
+    return full_model, _effattn_model(llama_config, mixer_types, dtype, device)
+
+
+def build_plugin_full(shape: str, max_positions: int = 1 << 21, dtype=torch.bfloat16, device="cpu", seed: int = 0):
+    """An EffAttnForCausalLM of the named shape whose layers are all full attention, with random weights: the
+    baseline's layout on hf_effattn's full layers (their decode kernel included)."""
+    llama_config = _llama_config(shape, max_positions)
+    torch.manual_seed(seed)
+    return _effattn_model(llama_config, ["full"] * llama_config.num_hidden_layers, dtype, device)
 
 
 def cache_bytes(cache) -> int:
@@ -636,6 +658,18 @@ def check_targets(rows: list[dict], ratio_rows: list[dict], hybrid: str = "hybri
     return targets
 
 
+def render_ratios(pairs: dict) -> str:
+    """Speed-ups (the second model's time over the first's) of each named pair `{"a vs b": ratios(rows, a, b)}`."""
+    lines = ["| pair | context | batch | prefill | eager decode | compiled decode |", "|---|---|---|---|---|---|"]
+    for pair, entries in pairs.items():
+        for entry in entries:
+            batch = f"{entry['batch']} (largest)" if entry.get("largest_batch") else entry["batch"]
+            keys = ("prefill_s", "eager_ms_per_step", "compiled_ms_per_step")
+            cells = [_fmt(entry.get(f"{key}_speedup")) for key in keys]
+            lines.append(f"| {pair} | {entry['context']:,} | {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render_targets(targets: list[dict]) -> str:
     lines = ["| target | measured | needed | met |", "|---|---|---|---|"]
     for item in targets:
@@ -796,6 +830,7 @@ def run(
     prefill_chunk=None,
     device="cpu",
     compare: tuple[str, str] | None = None,
+    also_compare=(),
     largest_batch_contexts=(),
     eager_max_context: int | None = None,
     max_batch: int = MAX_BATCH,
@@ -803,7 +838,8 @@ def run(
 ) -> dict:
     """Measures every model at every (context, batch); writes efficiency.json, efficiency.md and the plots.
 
-    `compare` = (efficient model, baseline) names for the ratios; by default the first two models given. The
+    `compare` = (efficient model, baseline) names for the ratios and the targets; by default the first two models
+    given. `also_compare`: more (model, baseline) pairs whose speed-ups are reported too (no targets). The
     baseline's largest batch is searched at `largest_batch_contexts`; `breakdown_context` profiles the efficient
     model there (breakdown.md).
     """
@@ -853,6 +889,9 @@ def run(
         "compare": list(compare),
         "targets": targets,
     }
+    pairs = {f"{a} vs {b}": ratios(rows, a, b) for a, b in also_compare if a in models and b in models}
+    if pairs:
+        result["other_ratios"] = pairs
     if breakdown_context is not None and compiled:
         try:
             result["breakdown"] = breakdown(
@@ -874,6 +913,8 @@ def run(
     text = f"{setting}; {decode_steps} decode steps per measurement.\n\n" + render_table(rows)
     if targets:
         text += "\n\n## Targets\n\n" + render_targets(targets)
+    if pairs:
+        text += "\n\n## Speed-ups of the other pairs\n\n" + render_ratios(pairs)
     (output / "efficiency.md").write_text(text + "\n")
     plot(rows, output)
     return result
@@ -890,15 +931,22 @@ def run_random_pair(
     device=None,
     dtype="bfloat16",
     only: str | None = None,
+    plugin_full: bool = False,
     **options,
 ) -> dict:
-    """`run` on a random all-full model and its hybrid of the named shape (`only` = "full" or "hybrid": just one)."""
+    """`run` on a random all-full model and its hybrid of the named shape (`only` = "full" or "hybrid": just one).
+
+    `plugin_full`: also an all-full EffAttnForCausalLM of the shape (`PLUGIN_FULL` rows), so that the report
+    separates what the hybrid layout gains (hybrid vs it) from what hf_effattn's full layers gain (it vs full).
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
     full_model, hybrid = build_pair(shape, full_share, mixer, dtype=torch_dtype, device=device)
+    from hf_effattn.mixer_full import DECODE_OPS
     from hf_effattn.mixer_linear import triton_linear_ops
 
-    uses_triton = torch.device(device).type == "cuda" and triton_linear_ops() is not None
+    cuda = torch.device(device).type == "cuda"
+    uses_triton = cuda and triton_linear_ops() is not None
     environment = {
         "dtype": dtype,
         "shape": shape,
@@ -910,6 +958,9 @@ def run_random_pair(
         )
         if uses_triton
         else "torch reference",
+        "full_attention_decode": "triton split-KV kernel (a custom op inside the compiled graph)"
+        if cuda and DECODE_OPS.get() is not None
+        else "SDPA",
     }
     if uses_triton:
         import triton
@@ -918,8 +969,19 @@ def run_random_pair(
     models = {"full": full_model, "hybrid": hybrid}
     if only is not None:
         models = {only: models[only]}
+    if plugin_full:
+        models[PLUGIN_FULL] = build_plugin_full(shape, dtype=torch_dtype, device=device)
+        environment[PLUGIN_FULL] = "EffAttnForCausalLM, every layer full attention, random weights"
     return run(
-        output, models, contexts, batches, environment=environment, device=device, compare=("hybrid", "full"), **options
+        output,
+        models,
+        contexts,
+        batches,
+        environment=environment,
+        device=device,
+        compare=("hybrid", "full"),
+        also_compare=((PLUGIN_FULL, "full"), ("hybrid", PLUGIN_FULL)),
+        **options,
     )
 
 
@@ -939,6 +1001,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="the largest-batch search stops here")
     parser.add_argument("--breakdown", type=int, default=None, help="profile the hybrid at this context")
     parser.add_argument("--only", choices=["full", "hybrid"], default=None, help="measure one of the two models")
+    parser.add_argument("--plugin-full", action="store_true", help=f"also an all-full EffAttn model ({PLUGIN_FULL})")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     args = parser.parse_args(argv)
@@ -955,6 +1018,7 @@ def main(argv=None) -> int:
         device=args.device,
         dtype=args.dtype,
         only=args.only,
+        plugin_full=args.plugin_full,
         largest_batch_contexts=[int(x) for x in args.largest_batch.split(",") if x],
         eager_max_context=args.eager_max_context,
         max_batch=args.max_batch,

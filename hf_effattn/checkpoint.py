@@ -27,6 +27,7 @@ REMOTE_CODE_FILES = (
     "block_topk_kernels.py",
     "sliding_window.py",
     "sliding_window_kernels.py",
+    "decode_attention.py",
 )
 
 AUTO_MAP = {

@@ -128,6 +128,8 @@ def cmd_bench(args) -> int:
 
     if (args.model is None) == (args.shape is None):
         raise SystemExit("bench: pass a MODEL (optionally with --teacher) or --shape for random weights, not both.")
+    if args.plugin_full and not args.shape:
+        raise SystemExit("bench: --plugin-full needs --shape (it builds an all-full EffAttn model of that shape).")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     contexts = _parse_ints(args.contexts, "--contexts expects comma-separated token counts")
@@ -139,7 +141,8 @@ def cmd_bench(args) -> int:
                if args.largest_batch else []}
     if args.shape:
         result = efficiency.run_random_pair(Path(args.output), args.shape, contexts, batches, full_share=args.full_share,
-                                            mixer=args.mixer, device=device, dtype=dtype, **options)
+                                            mixer=args.mixer, device=device, dtype=dtype,
+                                            plugin_full=args.plugin_full, **options)
     else:
         from hf_effattn.evaluation.harness import load_model
 
@@ -309,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shape", default=None, help="random weights instead: 'tiny' (CPU) or '1.5b' (GPU)")
     bench.add_argument("--full-share", type=float, default=0.25, help="with --shape: share of full layers")
     bench.add_argument("--mixer", default="gdn", help="with --shape: the replacement mixer")
+    bench.add_argument("--plugin-full", action="store_true",
+                       help="with --shape: also an all-full-attention EffAttn model of the shape (rows "
+                            "'full (hf_effattn)'), to separate the hybrid layout's gain from the full layers'")
     bench.add_argument("--contexts", default="512,1024,2048", help="context lengths in tokens")
     bench.add_argument("--batches", default="1", help="batch sizes")
     bench.add_argument("--decode-steps", type=int, default=16)

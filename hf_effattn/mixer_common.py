@@ -18,9 +18,11 @@ class TritonOps:
     torch reference), or "triton" / "reference" to force one (tests).
     """
 
-    def __init__(self, layers: str, load):
+    def __init__(self, layers: str, load, fallback: str = "the pure-PyTorch reference ops, which are slower"):
         self.layers = layers
         self.load = load
+        # what runs instead, for the warning
+        self.fallback = fallback
         # what `load` returned (None before the first import or without triton); a plain attribute, so that
         # torch.compile can read it (it does not trace imports)
         self.ops = None
@@ -34,8 +36,8 @@ class TritonOps:
                 self.ops = self.load()
             except ImportError as error:
                 logger.warning_once(
-                    f"The Triton kernels of the {self.layers} layers could not be imported ({error}); they run the "
-                    "pure-PyTorch reference ops instead, which are slower. Install triton "
+                    f"The Triton kernels of the {self.layers} layers could not be imported ({error}); they run "
+                    f"{self.fallback} instead. Install triton "
                     "(`pip install hf_effattn[triton]`, or `pip install triton`) to use the kernels."
                 )
         return self.ops

@@ -3,6 +3,10 @@
 A prefill in chunks through the cache (the new tokens after `P` cached ones, no padding) runs on SDPA without the
 `[chunk, P + chunk]` mask transformers would build: at 1M tokens that mask alone is gigabytes per chunk, and a masked
 SDPA call cannot use the flash or cuDNN kernels.
+
+A decode step (one new token per row, no padding, no gradient, sdpa) on CUDA runs the split-KV Triton kernel
+(`decode_attention.py`) where triton imports: one query token gives SDPA only B x H programs, too few to read a long
+cache at the GPU's bandwidth. It is a torch custom op, so compiled decode steps and their CUDA graphs hold it too.
 """
 
 from collections.abc import Callable
@@ -12,7 +16,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
-from .mixer_common import RMSNorm
+from .mixer_common import RMSNorm, TritonOps
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -26,6 +30,29 @@ try:
     ]
 except ImportError:
     sdpa_kernel = None
+
+# which attention a decode step runs: None = the Triton split-KV kernel on CUDA tensors when triton imports, else
+# SDPA; tests set "triton" or "reference" (SDPA) to force one
+DECODE_OPS_OVERRIDE = None
+
+
+def _import_decode_op():
+    from .decode_attention import decode_attention
+
+    return decode_attention
+
+
+DECODE_OPS = TritonOps("full-attention", _import_decode_op, fallback="SDPA in decode steps (slower at long contexts)")
+
+
+def decode_op(x: torch.Tensor):
+    """The split-KV decode op for `x`, or None for SDPA."""
+    if DECODE_OPS_OVERRIDE == "reference" or not (x.is_cuda or DECODE_OPS_OVERRIDE == "triton"):
+        return None
+    # a custom op: compiled graphs keep it whole. Eager forwards (a prefill too) import it first; where a compiled
+    # step comes first, dynamo traces the import (checked with torch 2.13 in tests/kernels/test_decode_attention.py)
+    return DECODE_OPS.get()
+
 
 # SDPA kernels that also return the log-sum-exp of each query's scores, fastest first; one that fails on this
 # machine is skipped from then on
@@ -134,8 +161,11 @@ class FullAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
         query_start: int | torch.Tensor = 0,
+        kv_len: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """`kv_len`: on a decode step of a static cache without padding, the valid keys of its buffer (a tensor, so
+        that a compiled step serves every length); the decode kernel then reads those and no mask."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         # [B, T, H, D]
@@ -153,6 +183,17 @@ class FullAttention(nn.Module):
 
         implementation = self.config._attn_implementation
         seq_len = query_states.shape[2]
+        decode = decode_op(query_states) if implementation == "sdpa" else None
+        if (
+            decode is not None
+            and seq_len == 1
+            and (attention_mask is None or kv_len is not None)
+            and not (self.training and self.attention_dropout > 0)
+            and not (torch.is_grad_enabled() and any(x.requires_grad for x in (query_states, key_states, value_states)))
+        ):
+            # [B, H, 1, D]: a dynamic cache holds only valid keys (no mask: no padding), a static one `kv_len` of them
+            attn_output = decode(query_states, key_states, value_states, kv_len, self.scaling)
+            return self.o_proj(attn_output.transpose(1, 2).reshape(*input_shape, -1))
         if (
             implementation == "sdpa"
             and attention_mask is None

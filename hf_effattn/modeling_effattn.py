@@ -241,13 +241,19 @@ class EffAttnModel(EffAttnPreTrainedModel):
                 position_ids=position_ids,
                 layer_idx=self.config.mixer_types.index("full"),
             )
+        # a decode step on a static cache with no mask from the caller: the full layers' valid keys are the first
+        # past_length + 1 slots of the buffer, which their decode kernel reads without the mask (a tensor: a compiled
+        # step serves every length)
+        kv_len = None
+        if static_cache and attention_mask is None and seq_len == 1 and "full" in self.config.mixer_types:
+            kv_len = past_length + 1
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         # the other mixers read the 2-D mask: what they need of it is worked out once, not in every layer
         padding = Padding(attention_mask, inputs_embeds.shape[0], seq_len, inputs_embeds.device)
         for layer in self.layers:
             if layer.mixer_type == "full":
-                mask_kwargs = {"attention_mask": full_mask}
+                mask_kwargs = {"attention_mask": full_mask, "kv_len": kv_len}
             else:
                 mask_kwargs = {"attention_mask": attention_mask, "padding": padding}
             hidden_states = layer(

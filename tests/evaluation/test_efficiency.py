@@ -110,6 +110,30 @@ def test_bench_sweep_writes_report(tmp_path, torch_single_thread):
     assert "| hybrid | 128 | 2 |" in (tmp_path / "efficiency.md").read_text()
 
 
+def test_bench_plugin_full_adds_the_all_full_effattn_model(tmp_path, torch_single_thread):
+    args = ["bench", "--shape", "tiny", "--contexts", "64", "--decode-steps", "2", "--no-compile", "--plugin-full"]
+    assert main([*args, "--device", "cpu", "--output", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "efficiency.json").read_text())
+    assert sorted(row["model"] for row in result["rows"]) == ["full", "full (hf_effattn)", "hybrid"]
+    parameters = result["environment"]["parameters"]
+    assert parameters["full (hf_effattn)"] == parameters["full"]
+    # the targets stay between the hybrid and the Llama; the other two pairs get their speed-ups
+    assert result["compare"] == ["hybrid", "full"]
+    assert {t["target"] for t in result["targets"]} == {"cache bytes hybrid / full at 64"}
+    rows = {row["model"]: row for row in result["rows"]}
+    pairs = result["other_ratios"]
+    assert set(pairs) == {"full (hf_effattn) vs full", "hybrid vs full (hf_effattn)"}
+    plugin, hybrid = rows["full (hf_effattn)"], rows["hybrid"]
+    layout = pairs["hybrid vs full (hf_effattn)"][0]
+    assert layout["prefill_s_speedup"] == pytest.approx(plugin["prefill_s"] / hybrid["prefill_s"])
+    # the same full layers on the same cache layout: the same cache bytes as the Llama
+    assert pairs["full (hf_effattn) vs full"][0]["cache_ratio"] == 1.0
+    text = (tmp_path / "efficiency.md").read_text()
+    assert "| full (hf_effattn) | 64 | 1 |" in text and "| hybrid vs full (hf_effattn) | 64 | 1 |" in text
+    with pytest.raises(SystemExit, match="--plugin-full needs --shape"):
+        main(["bench", "some-model", "--plugin-full", "--output", str(tmp_path)])
+
+
 def test_attention_cache_bytes_predicts_the_keys_and_values(pair):
     full_model, hybrid = pair
     ids = torch.randint(0, 4096, (2, 24))

@@ -1,10 +1,11 @@
 """The fused recurrent kernel as a torch custom op: its fake implementation, and a compiled decode step that keeps it
-in the graph (on a machine without a GPU the kernel runs through Triton's interpreter)."""
+in the graph, as it keeps the full layers' decode attention op (on a machine without a GPU the kernels run through
+Triton's interpreter)."""
 
 import pytest
 import torch
 
-from hf_effattn import EffAttnForCausalLM, mixer_linear
+from hf_effattn import EffAttnForCausalLM, mixer_full, mixer_linear
 from hf_effattn.ops_reference import recurrent_linear_attention
 from tests.numerics import rel_rms
 
@@ -61,17 +62,13 @@ def test_op_traces_into_one_graph():
     assert rel_rms(o, 2 * ref_o) < TOL and rel_rms(final, ref_final) < TOL
 
 
-def test_compiled_static_decode_runs_the_op(tiny_config, monkeypatch):
-    """A whole decode step of a hybrid compiles into one graph holding the custom op, and gives the logits of the
-    eager dynamic-cache step."""
+def compiled_static_step(model, before_eager=None):
+    """(the call targets of the one graph a compiled static-cache decode step makes, its logits, the logits of the
+    eager dynamic-cache step) after a 20-token prefill; `before_eager()` runs before the eager step."""
     from transformers import StaticCache
 
     from hf_effattn.evaluation import efficiency
 
-    torch.manual_seed(0)
-    model = EffAttnForCausalLM(tiny_config(["gdn", "full", "kda"])).to(DEVICE).eval()
-    monkeypatch.setattr(mixer_linear, "LINEAR_OPS_OVERRIDE", "triton")
-    mixer_linear.triton_linear_ops()
     graphs = []
 
     def backend(graph_module, example_inputs):
@@ -86,10 +83,36 @@ def test_compiled_static_decode_runs_the_op(tiny_config, monkeypatch):
         assert isinstance(static, StaticCache)
         compiled = torch.compile(model.forward, backend=backend, fullgraph=True)
         positions = torch.full((2, 1), 20, device=DEVICE)
-        expected = model(token, past_key_values=cache, use_cache=True).logits
         actual = compiled(input_ids=token, position_ids=positions, past_key_values=static, use_cache=True).logits
-    # one graph, with one op node per linear layer
+        if before_eager is not None:
+            before_eager()
+        expected = model(token, past_key_values=cache, use_cache=True).logits
     assert len(graphs) == 1
     targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    return targets, actual, expected
+
+
+def test_compiled_static_decode_runs_the_op(tiny_config, monkeypatch):
+    """A whole decode step of a hybrid compiles into one graph holding the custom op, and gives the logits of the
+    eager dynamic-cache step."""
+    torch.manual_seed(0)
+    model = EffAttnForCausalLM(tiny_config(["gdn", "full", "kda"])).to(DEVICE).eval()
+    monkeypatch.setattr(mixer_linear, "LINEAR_OPS_OVERRIDE", "triton")
+    mixer_linear.triton_linear_ops()
+    targets, actual, expected = compiled_static_step(model)
+    # one op node per linear layer
     assert targets.count("hf_effattn.fused_recurrent_linear_attention") == 2, sorted(set(targets))
+    assert rel_rms(actual, expected) < TOL
+
+
+def test_compiled_static_decode_runs_the_decode_attention_op(tiny_config, monkeypatch):
+    """With the full layers' decode kernel forced, the compiled step holds its op once per full layer and gives the
+    logits of the eager SDPA step."""
+    torch.manual_seed(0)
+    model = EffAttnForCausalLM(tiny_config(["full", "gdn", "full"])).to(DEVICE).eval()
+    monkeypatch.setattr(mixer_full, "DECODE_OPS_OVERRIDE", "triton")
+    targets, actual, expected = compiled_static_step(
+        model, lambda: monkeypatch.setattr(mixer_full, "DECODE_OPS_OVERRIDE", "reference")
+    )
+    assert targets.count("hf_effattn.decode_attention") == 2, sorted(set(targets))
     assert rel_rms(actual, expected) < TOL
