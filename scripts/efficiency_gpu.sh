@@ -3,23 +3,27 @@
 # 32k, 128k and 1M tokens, batch 1 and the all-full model's largest batch (at 32k and 128k), eager generate and
 # compiled static-cache decode, Triton kernels on; then a profile of the hybrid at 128k (breakdown.md).
 # Contexts above 128k are prefilled in chunks of 128k tokens; the all-full model at 1M is recorded as out of memory.
-# Usage: scripts/efficiency_gpu.sh OUTPUT_DIR   (about 8 minutes on an H100: ~30 s per compiled decode graph, three
+# Usage: scripts/efficiency_gpu.sh OUTPUT_DIR [BENCH OPTIONS...]   (e.g. --plugin-full; about 8 minutes on an H100: ~30 s per compiled decode graph, three
 # graphs per model; the hybrid's 1M-token prefill alone is about a minute)
 # Override with CONTEXTS, LARGEST_BATCH, EAGER_MAX_CONTEXT (eager generate is skipped above it), BREAKDOWN,
-# PYTHON (default python3).
+# PYTHON (default python3); an empty LARGEST_BATCH or BREAKDOWN leaves that part out.
 set -euo pipefail
-out=${1:?usage: scripts/efficiency_gpu.sh OUTPUT_DIR}
+out=${1:?usage: scripts/efficiency_gpu.sh OUTPUT_DIR [BENCH OPTIONS...]}
+shift
 python=${PYTHON:-python3}
 contexts=${CONTEXTS:-8192,32768,131072,1048576}
-largest=${LARGEST_BATCH:-32768,131072}
-breakdown=${BREAKDOWN:-131072}
+largest=${LARGEST_BATCH-32768,131072}
+breakdown=${BREAKDOWN-131072}
 eager_max=${EAGER_MAX_CONTEXT:-1048576}
+options=("$@")
+[[ -n $largest ]] && options+=(--largest-batch "$largest")
+[[ -n $breakdown ]] && options+=(--breakdown "$breakdown")
 mkdir -p "$out"
 # 1M-token caches are re-allocated chunk by chunk: expandable segments keep the allocator from fragmenting
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
 "$python" -m hf_effattn.cli bench --shape 1.5b --contexts "$contexts" --batches 1 --prefill-chunk 131072 \
-  --largest-batch "$largest" --eager-max-context "$eager_max" --breakdown "$breakdown" --output "$out" \
+  --eager-max-context "$eager_max" "${options[@]}" --output "$out" \
   2>&1 | tee "$out/bench.log"
 echo "efficiency report: $out/efficiency.md, $out/breakdown.md ($(( $(date +%s) - start )) s)"
