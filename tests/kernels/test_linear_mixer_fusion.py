@@ -23,6 +23,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32: the kernels and the references differ only in summation order. bf16: both round their fp32 result once to
 # bf16, so any difference is a one-ulp rounding flip (relative 2^-8) on a few elements
 TOL = {torch.float32: 1e-5, torch.bfloat16: 4e-3}
+# fused vs torch path through a whole fp32 model: the interpreter's dots are exact; on a GPU the linear-attention op
+# runs its fp32 dots in tf32 (10-bit mantissa), where last-bit differences of its inputs flip roundings (4e-5 measured
+# on an H100); a wrong state or norm is off by more than 1e-2
+MIXER_TOL = 5e-4 if DEVICE == "cuda" else 1e-5
 
 
 def _projections(batch, seq_len, heads, kv_heads, head_dim, dtype):
@@ -124,7 +128,7 @@ def test_mixer_fused_inference_matches_the_torch_path(tiny_config, monkeypatch, 
     # the torch path: fusion off, same Triton linear-attention ops
     monkeypatch.setattr(mixer_linear, "fusion_ops", lambda x, mask: None)
     reference = decode()
-    assert rel_rms(fused, reference) < 1e-5, rel_rms(fused, reference)
+    assert rel_rms(fused, reference) < MIXER_TOL, rel_rms(fused, reference)
 
 
 def test_mixer_fusion_stays_off_for_training_and_padding(tiny_config, monkeypatch):
