@@ -374,6 +374,7 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
         p.requires_grad_(False)
 
     if not main:
+        _end(accelerator)
         return None
     quality = workdir.read_json("quality.json")
     if quality is None:
@@ -431,7 +432,15 @@ def convert(teacher_spec, output_dir, recipe, overwrite: bool = False, keep_work
     if not keep_work:
         workdir.remove()
     log(f"saved {path} ({report['timings']['total_seconds'] / 60:.1f} min in this run)")
+    _end(accelerator)
     return path
+
+
+def _end(accelerator):
+    """Closes the process group of a multi-process run (NCCL warns of leaked resources otherwise); what is left of a
+    process's work needs no communication."""
+    if accelerator.num_processes > 1:
+        accelerator.end_training()
 
 
 __all__ = ["REPORT_NAME", "ConversionError", "DataError", "convert"]
