@@ -12,6 +12,7 @@ REMOTE_CODE_FILES = (
     "configuration_effattn.py",
     "modeling_effattn.py",
     "mixer_common.py",
+    "cache_layers.py",
     "mixer_full.py",
     "mixer_sliding.py",
     "mixer_linear.py",

@@ -17,6 +17,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .cache_layers import RowStateLayerMixin, row_state_layer
 from .mixer_common import Padding, RMSNorm, TritonOps
 from .ops_reference import block_topk_attention, block_topk_cached_attention
 
@@ -43,7 +44,7 @@ def use_triton(x: torch.Tensor) -> bool:
     return BLOCK_TOPK_OPS.use(x, BLOCK_TOPK_OPS_OVERRIDE)
 
 
-class BlockTopkCacheLayer(DynamicLayer):
+class BlockTopkCacheLayer(RowStateLayerMixin, DynamicLayer):
     """A full key/value cache layer that also keeps the block means of its keys and queries.
 
     `block_means` is the state of `block_topk_cached_attention` (`[B, ...]` fp32 tensors), or None before the first
@@ -51,34 +52,12 @@ class BlockTopkCacheLayer(DynamicLayer):
     keys/values together.
     """
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.block_means: dict[str, torch.Tensor] | None = None
+    row_state = ("block_means",)
 
     @property
     def is_croppable(self) -> bool:
         # the query sum of the block in progress cannot be taken back: the queries are not cached
         return self.block_means is None
-
-    def _map_means(self, fn) -> None:
-        if self.block_means is not None:
-            self.block_means = {name: fn(x) for name, x in self.block_means.items()}
-
-    def reset(self) -> None:
-        super().reset()
-        self.block_means = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._map_means(lambda x: x.index_select(0, beam_idx.to(x.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        self._map_means(lambda x: x[indices])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._map_means(lambda x: x.repeat_interleave(repeats, dim=0))
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove and self.block_means is not None:
@@ -92,22 +71,7 @@ class BlockTopkCacheLayer(DynamicLayer):
 def block_topk_cache_layer(past_key_values, layer_idx: int) -> BlockTopkCacheLayer:
     """The cache layer of `layer_idx`; an empty plain `DynamicLayer` (from a `DynamicCache` built by the caller or by
     `generate`) is replaced by a `BlockTopkCacheLayer` first."""
-    layer = past_key_values.layers[layer_idx]
-    if type(layer) is DynamicLayer and layer.get_seq_length() == 0:
-        layer = past_key_values.layers[layer_idx] = BlockTopkCacheLayer()
-    if type(layer) is DynamicLayer or (
-        isinstance(layer, BlockTopkCacheLayer) and layer.block_means is None and layer.get_seq_length() > 0
-    ):
-        raise ValueError(
-            f"Layer {layer_idx} (block_topk): the cache holds {layer.get_seq_length()} tokens but not their block "
-            "means; fill the cache with this model's forward (a cache from another model cannot be reused)."
-        )
-    if not isinstance(layer, BlockTopkCacheLayer):
-        raise TypeError(
-            f"Layer {layer_idx} (block_topk) needs a dynamic cache layer (transformers' DynamicCache), got "
-            f"{type(layer).__name__}; pass a DynamicCache or let the model build its cache."
-        )
-    return layer
+    return row_state_layer(past_key_values, layer_idx, {DynamicLayer: BlockTopkCacheLayer}, "block_topk", "block means")
 
 
 class BlockTopkAttention(nn.Module):

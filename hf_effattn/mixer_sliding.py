@@ -1,7 +1,8 @@
 """`sliding`: causal sliding-window softmax attention with optional sink tokens and learned sink logits.
 
-The cache holds only the window (transformers' sliding-window cache layer) plus the sink tokens. Sink tokens
-are the first *real* tokens of each row, so left padding never changes what a row attends to.
+The cache holds only the window (transformers' sliding-window cache layer) plus the sink tokens, kept on that layer
+(`SinkWindowLayer`) so that batch reorders (beam search) move them with their rows. Sink tokens are the first *real*
+tokens of each row, so left padding never changes what a row attends to.
 
 On CUDA tensors, where triton imports, the attention runs on the Triton kernels (`sliding_window.py`): prefill and
 training when each row's real tokens form one run (no padding, left or right padding), and cached steps (decode)
@@ -10,8 +11,10 @@ against the bounded cache when no gradient is needed. Anything else runs the tor
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicSlidingWindowLayer, LinearAttentionAndSlidingWindowAttentionLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .cache_layers import RowStateLayerMixin, row_state_layer
 from .mixer_common import Padding, RMSNorm, TritonOps, key_padding_mask
 from .ops_reference import sliding_window_attention
 
@@ -64,6 +67,37 @@ def kernel_attention(q, k_all, v_all, sinks, *, window, num_sinks, scale, paddin
     )
 
 
+class SinkState(RowStateLayerMixin):
+    """The sink tokens of a sliding-window cache layer: `sinks` is None or `(sink_k, sink_v, sink_index)` as
+    `capture_sinks` returns them (`[B, S, Hkv, D]` twice and `[B, S]` absolute indices, -1 for none yet).
+
+    `crop` needs nothing more: a sink token is attended only once it has left the window, so one that a crop removed
+    is captured again when its position comes back, before any query reads it.
+    """
+
+    row_state = ("sinks",)
+
+
+class SinkWindowLayer(SinkState, DynamicSlidingWindowLayer):
+    """transformers' sliding-window cache layer (the `sliding` mixer) with the sink tokens."""
+
+
+class SinkLinearWindowLayer(SinkState, LinearAttentionAndSlidingWindowAttentionLayer):
+    """transformers' recurrent-state plus sliding-window cache layer (a linear mixer's window) with the sink tokens."""
+
+
+SINK_LAYER_CLASSES = {
+    DynamicSlidingWindowLayer: SinkWindowLayer,
+    LinearAttentionAndSlidingWindowAttentionLayer: SinkLinearWindowLayer,
+}
+
+
+def sink_cache_layer(past_key_values, layer_idx: int) -> SinkState:
+    """The cache layer of `layer_idx`; an empty plain transformers sliding-window layer (from a `DynamicCache` built
+    by the caller or by `generate`) is replaced by its `SinkState` subclass first."""
+    return row_state_layer(past_key_values, layer_idx, SINK_LAYER_CLASSES, "sliding window with sinks", "sink tokens")
+
+
 def capture_sinks(sinks, keys, values, first_real, query_start: int, num_sinks: int):
     """Copies sink tokens that fall inside the current tokens into the `(k, v, index)` sink buffers.
 
@@ -110,7 +144,7 @@ def windowed_attention(
     """Softmax attention of the current tokens over the last `window` tokens and the `num_sinks` sink tokens.
 
     q/k/v: `[B, T, H(kv), D]`, rope already applied. With a cache, the window's keys/values go through the cache's
-    sliding-window part of layer `layer_idx` and the sinks are kept on that layer as `effattn_sinks`. `padding`:
+    sliding-window part of layer `layer_idx` and the sinks are kept on that layer (`sink_cache_layer`). `padding`:
     the model forward's `Padding` of `attention_mask` (built here when None).
     """
     batch, seq_len = q.shape[:2]
@@ -119,8 +153,9 @@ def windowed_attention(
     first_real = padding.first_real
     sinks, layer = None, None
     if past_key_values is not None:
-        layer = past_key_values.layers[layer_idx]
-        sinks = getattr(layer, "effattn_sinks", None)
+        if num_sinks:
+            layer = sink_cache_layer(past_key_values, layer_idx)
+            sinks = layer.sinks
         # [B, Hkv, P + T, D]: the cached window followed by the current tokens
         k_all, v_all = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), layer_idx)
         k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
@@ -129,7 +164,7 @@ def windowed_attention(
     if num_sinks:
         sinks = capture_sinks(sinks, k, v, first_real, query_start, num_sinks)
         if layer is not None:
-            layer.effattn_sinks = sinks
+            layer.sinks = sinks
     if use_triton(q):
         o = kernel_attention(
             q,

@@ -114,18 +114,36 @@ def _has_attention_layer(cache: Cache) -> bool:
 
 
 class EffAttnCache(DynamicCache):
-    """A `DynamicCache` that also knows its length when every layer is linear (no attention layer to ask)."""
+    """A `DynamicCache` that also knows its length when every layer is linear (no attention layer to ask).
+
+    The model's forward counts the tokens in `effattn_seen_tokens`; `reset` and `crop` keep that count with the
+    layers.
+    """
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if not _has_attention_layer(self):
             return getattr(self, "effattn_seen_tokens", 0)
         return super().get_seq_length(layer_idx)
 
+    def reset(self) -> None:
+        super().reset()
+        self.effattn_seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        # the layers refuse a positive count (the legacy "crop to this length"); negative counts are removed
+        if tokens_to_remove < 0 and hasattr(self, "effattn_seen_tokens"):
+            self.effattn_seen_tokens = max(self.effattn_seen_tokens + tokens_to_remove, 0)
+
     @property
     def is_compileable(self) -> bool:
         # all-linear caches would otherwise report True: generate would then turn the 2-D padding mask into a 4-D one
         # (which needs attention layers) and auto-compile the forward on GPU
         return False
+
+
+def _has_static_layer(past_key_values: Cache | None) -> bool:
+    return past_key_values is not None and any(isinstance(layer, StaticLayer) for layer in past_key_values.layers)
 
 
 def _static_length(past_key_values: Cache) -> torch.Tensor | None:
@@ -140,18 +158,20 @@ def _static_length(past_key_values: Cache) -> torch.Tensor | None:
 
 
 def _past_length(past_key_values: Cache | None) -> int | torch.Tensor:
-    """Tokens already in the cache. All-linear caches have no attention layer to ask, so we count ourselves."""
+    """Tokens already in the cache. All-linear caches have no attention layer to ask, so we count ourselves.
+
+    The attention layers are asked first: they follow every cache method (`reset` and `crop` included) where our
+    count follows only those of `EffAttnCache`, not those of a plain `DynamicCache` (which `generate` builds when
+    some layer is attention).
+    """
     if past_key_values is None:
         return 0
     static = _static_length(past_key_values)
     if static is not None:
         return static
-    seen = getattr(past_key_values, "effattn_seen_tokens", None)
-    if seen is not None:
-        return seen
     if _has_attention_layer(past_key_values):
         return past_key_values.get_seq_length()
-    return 0
+    return getattr(past_key_values, "effattn_seen_tokens", 0)
 
 
 class EffAttnModel(EffAttnPreTrainedModel):
@@ -214,7 +234,8 @@ class EffAttnModel(EffAttnPreTrainedModel):
         seq_len = inputs_embeds.shape[1]
         past_length = _past_length(past_key_values)
         static_cache = isinstance(past_length, torch.Tensor)
-        if static_cache and not self.supports_static_cache:
+        # refused before the first token too: the windowed mixers keep their sinks on dynamic cache layers only
+        if not self.supports_static_cache and _has_static_layer(past_key_values):
             raise ValueError(
                 "A static cache serves layouts of full attention and linear mixers without a window "
                 f"({', '.join(LINEAR_KINDS)}); this model has other layers: use the default dynamic cache."

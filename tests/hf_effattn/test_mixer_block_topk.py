@@ -1,7 +1,6 @@
 """`block_topk`: the reference op against its literal definition, cached decode against the full forward, padded
 batches, beam search, options, conversion from a teacher and remote-code checkpoints (torch reference path)."""
 
-import copy
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cache import prefilled
 from test_remote_code import LOADER
 from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -216,63 +216,12 @@ def test_beam_search_with_cache_matches_without(tiny_config):
     assert torch.equal(model.generate(prompt, **kwargs), model.generate(prompt, use_cache=False, **kwargs))
 
 
-def decode(model, cache, tokens):
-    """Feeds `tokens` `[B, N]` one at a time through `cache`: the `[B, N, V]` logits."""
-    steps = [model(tokens[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(tokens.shape[1])]
-    return torch.cat(steps, dim=1)
-
-
-def prefilled(model, prompts):
-    cache = DynamicCache(config=model.config)
-    model(prompts, past_key_values=cache, use_cache=True)
-    return cache
-
-
-def test_a_deep_copied_cache_is_independent(tiny_config):
-    model = build_model(tiny_config, LAYOUTS["block_topk"])
-    prompts = random_ids(2, 37, seed=11)
-    # 20 steps cross block boundaries (block_size 16), so the block means change on both copies
-    ours, theirs = random_ids(2, 20, seed=12), random_ids(2, 20, seed=13)
-    swap = torch.tensor([1, 0])
-    with torch.no_grad():
-        cache = prefilled(model, prompts)
-        assert all(isinstance(cache.layers[i], BlockTopkCacheLayer) for i in (0, 2))
-        other = copy.deepcopy(cache)
-        other.reorder_cache(swap)
-        other_logits = decode(model, other, theirs)
-        logits = decode(model, cache, ours)
-        expected = decode(model, prefilled(model, prompts), ours)
-        expected_other = decode(model, prefilled(model, prompts[swap]), theirs)
-    assert torch.equal(logits, expected)
-    assert torch.equal(other_logits, expected_other)
-
-
-@pytest.mark.parametrize(
-    ("operation", "argument", "rows"),
-    [
-        ("reorder_cache", torch.tensor([2, 0, 1]), [2, 0, 1]),
-        ("batch_select_indices", torch.tensor([2, 0]), [2, 0]),
-        ("batch_repeat_interleave", 2, [0, 0, 1, 1, 2, 2]),
-    ],
-    ids=["reorder", "select", "repeat"],
-)
-def test_batch_operations_keep_the_block_means_with_their_rows(tiny_config, operation, argument, rows):
-    model = build_model(tiny_config, LAYOUTS["block_topk"])
-    prompts = random_ids(3, 37, seed=21)
-    tokens = random_ids(len(rows), 20, seed=22)
-    with torch.no_grad():
-        cache = prefilled(model, prompts)
-        getattr(cache, operation)(argument)
-        logits = decode(model, cache, tokens)
-        expected = decode(model, prefilled(model, prompts[rows]), tokens)
-    assert torch.equal(logits, expected)
-
-
 def test_reset_clears_the_block_means_with_the_keys(tiny_config):
     model = build_model(tiny_config, LAYOUTS["block_topk"])
     with torch.no_grad():
         cache = prefilled(model, random_ids(2, 50, seed=30))
     layer = cache.layers[0]
+    assert isinstance(layer, BlockTopkCacheLayer)
     assert layer.block_means is not None and layer.block_means["kbar"].shape[0] == 2
     cache.reset()
     assert layer.get_seq_length() == 0 and layer.block_means is None

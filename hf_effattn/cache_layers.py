@@ -1,0 +1,96 @@
+"""Cache layers that keep a mixer's own per-row state next to transformers' keys/values.
+
+transformers' batch operations on a cache (beam-search reorders, batch selection and repetition) and `reset` only
+know the tensors of their layer classes. A mixer that keeps more per row (block_topk's block means, the sliding
+window's sink tokens) caches it on a subclass whose `row_state` attributes follow the rows of the keys/values.
+"""
+
+import torch
+
+
+def map_rows(value, fn):
+    """`fn` applied to each tensor of `value`: a tensor, or tuples/lists/dicts of them (nested)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {name: map_rows(x, fn) for name, x in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_rows(x, fn) for x in value)
+    raise TypeError(f"Per-row cache state holds tensors, tuples, lists and dicts, got {type(value).__name__}.")
+
+
+class RowStateLayerMixin:
+    """Mixed in before a transformers cache layer class: each attribute named in `row_state` holds None or
+    batch-first tensors `[B, ...]` (possibly in tuples and dicts).
+
+    Batch reorders (beam search), batch selection and repetition move them with the keys/values, `reset` sets them
+    to None, and deepcopy copies them as any attribute.
+    """
+
+    row_state: tuple[str, ...] = ()
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in self.row_state:
+            setattr(self, name, None)
+
+    @classmethod
+    def adopt(cls, layer):
+        """A layer of this class holding what `layer` (of a base class of this one) holds, and no row state yet."""
+        if type(layer) not in cls.__mro__:
+            raise TypeError(f"{cls.__name__} cannot take over a {type(layer).__name__}.")
+        adopted = cls.__new__(cls)
+        adopted.__dict__.update(layer.__dict__)
+        for name in cls.row_state:
+            setattr(adopted, name, None)
+        return adopted
+
+    def _map_row_state(self, fn) -> None:
+        for name in self.row_state:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, map_rows(value, fn))
+
+    def reset(self) -> None:
+        super().reset()
+        for name in self.row_state:
+            setattr(self, name, None)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_row_state(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_row_state(lambda x: x[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_row_state(lambda x: x.repeat_interleave(repeats, dim=0))
+
+
+def row_state_layer(past_key_values, layer_idx: int, classes: dict, mixer: str, state: str):
+    """The cache layer of `layer_idx`, of one of the `RowStateLayerMixin` classes that `classes` maps transformers'
+    layer classes to.
+
+    A transformers layer holding no tokens yet (from a `DynamicCache` built by the caller or by `generate`) is
+    replaced first. A layer holding tokens without their row state (words for it: `state`) is refused, as is a layer
+    of another class; `mixer` names the layer's kind in those errors.
+    """
+    layer = past_key_values.layers[layer_idx]
+    row_class = classes.get(type(layer))
+    if row_class is not None and layer.get_seq_length() == 0:
+        layer = past_key_values.layers[layer_idx] = row_class.adopt(layer)
+    if row_class is None and not isinstance(layer, tuple(classes.values())):
+        raise TypeError(
+            f"Layer {layer_idx} ({mixer}) needs a cache layer of transformers' DynamicCache "
+            f"({' or '.join(base.__name__ for base in classes)}), got {type(layer).__name__}; pass a DynamicCache or "
+            "let the model build its cache."
+        )
+    names = (row_class or type(layer)).row_state
+    if layer.get_seq_length() > 0 and all(getattr(layer, name, None) is None for name in names):
+        raise ValueError(
+            f"Layer {layer_idx} ({mixer}): the cache holds {layer.get_seq_length()} tokens but not their {state}; "
+            "fill the cache with this model's forward (a cache from another model cannot be reused)."
+        )
+    return layer
