@@ -401,27 +401,6 @@ def _topk_lowest_index(scores: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.where(taken == big, -1, taken)
 
 
-def block_topk_scores(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, keep_first_block: bool, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """`[Hkv, NQ - 1, NC]` selection scores of one sequence (q `[T, H, D]`, k `[T, Hkv, D]`, T > block_size) in
-    `dtype`: query block i = 1 ... NQ - 1 against the NC complete key blocks, -inf where j is not a candidate."""
-    seq_len, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    num_blocks, complete = -(-seq_len // block_size), seq_len // block_size
-    used = slice(0, complete * block_size)
-    # [NC, Hkv, D]: block means of the group's queries and of the keys
-    q_mean = q[used].to(dtype).view(complete, block_size, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    q_mean = q_mean.mean(dim=(1, 3))
-    k_mean = k[used].to(dtype).view(complete, block_size, num_kv_heads, head_dim).mean(dim=1)
-    # query block i is scored with the means of block i - 1
-    scores = torch.einsum("ihd,jhd->hij", q_mean[: num_blocks - 1], k_mean)
-    i = torch.arange(1, num_blocks, device=q.device)[:, None]
-    j = torch.arange(complete, device=q.device)[None, :]
-    first = 1 if keep_first_block else 0
-    return scores.masked_fill(~((j < i) & (j >= first)), float("-inf"))
-
-
 @torch.no_grad()
 def block_topk_select(
     q: torch.Tensor,
@@ -445,14 +424,26 @@ def block_topk_select(
         `[B, NQ, Hkv, top_k]` int32 key-block indices (relative to the sequence start), ascending, -1 for empty slots;
         NQ = ceil(T / block_size), or the total over packed sequences. Ties go to the lower index.
     """
-    batch, seq_len = q.shape[:2]
+    batch, seq_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
+    groups = num_heads // num_kv_heads
+    first = 1 if keep_first_block else 0
     outputs = []
     for row, start, stop in _sequences(batch, seq_len, cu_seqlens):
-        num_blocks = -(-(stop - start) // block_size)
+        length = stop - start
+        num_blocks = -(-length // block_size)
+        complete = length // block_size
         taken = torch.full((num_blocks, num_kv_heads, top_k), -1, dtype=torch.int32, device=q.device)
         if num_blocks > 1:
-            scores = block_topk_scores(q[row, start:stop], k[row, start:stop], block_size, keep_first_block)
+            used = slice(start, start + complete * block_size)
+            # [NC, Hkv, D]: block means of the group's queries and of the keys
+            q_mean = q[row, used].float().view(complete, block_size, num_kv_heads, groups, head_dim).mean(dim=(1, 3))
+            k_mean = k[row, used].float().view(complete, block_size, num_kv_heads, head_dim).mean(dim=1)
+            # [Hkv, NQ - 1, NC]: query block i = 1 ... NQ - 1 scored with the means of block i - 1
+            scores = torch.einsum("ihd,jhd->hij", q_mean[: num_blocks - 1], k_mean)
+            i = torch.arange(1, num_blocks, device=q.device)[:, None]
+            j = torch.arange(complete, device=q.device)[None, :]
+            scores = scores.masked_fill(~((j < i) & (j >= first)), float("-inf"))
             taken[1:] = _topk_lowest_index(scores, top_k).transpose(0, 1).int()
         outputs.append(taken)
     if cu_seqlens is None:

@@ -140,15 +140,12 @@ def _pool(q, k, layout, block_size):
     return qbar, kbar
 
 
-def _top_k(qbar, kbar, layout, block_size, top_k, keep_first_block, by_rounds=False):
-    """`[NB, Hkv, top_k]` int32 selection from the block means; `by_rounds`: the previous top-k method (the GPU
-    script times it against the current one)."""
+def _top_k(qbar, kbar, layout, block_size, top_k, keep_first_block):
+    """`[NB, Hkv, top_k]` int32 selection from the block means."""
     num_kv_heads, head_dim = kbar.shape[1], kbar.shape[2]
-    # the kernel writes every slot of every block
-    block_indices = torch.empty((layout.num_blocks, num_kv_heads, top_k), dtype=torch.int32, device=kbar.device)
+    block_indices = torch.full((layout.num_blocks, num_kv_heads, top_k), -1, dtype=torch.int32, device=kbar.device)
     if layout.num_blocks == 0:
         return block_indices
-    slots = max(2, triton.next_power_of_2(top_k))
     block_select_kernel[(layout.num_tiles, num_kv_heads)](
         qbar,
         kbar,
@@ -161,21 +158,19 @@ def _top_k(qbar, kbar, layout, block_size, top_k, keep_first_block, by_rounds=Fa
         BD=triton.next_power_of_2(head_dim),
         BS=block_size,
         BQ=SELECT_BQ,
-        # a chunk holds at least the KP slots it is merged into (the previous method took chunks of 64)
-        BN=64 if by_rounds else max(SELECT_BN, slots),
+        BN=SELECT_BN,
         TOPK=top_k,
-        KP=slots,
+        KP=max(2, triton.next_power_of_2(top_k)),
         KEEP_FIRST=keep_first_block,
-        BY_ROUNDS=by_rounds,
         num_warps=4,
     )
     return block_indices
 
 
-def _select(q, k, layout, block_size, top_k, keep_first_block, by_rounds=False):
+def _select(q, k, layout, block_size, top_k, keep_first_block):
     """`[NB, Hkv, top_k]` int32 selection of packed q `[1, T, H, D]`, k `[1, T, Hkv, D]`."""
     qbar, kbar = _pool(q, k, layout, block_size)
-    return _top_k(qbar, kbar, layout, block_size, top_k, keep_first_block, by_rounds)
+    return _top_k(qbar, kbar, layout, block_size, top_k, keep_first_block)
 
 
 def _attention_fwd(q, k, v, block_indices, layout, block_size, keep_first_block, scale):

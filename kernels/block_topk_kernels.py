@@ -5,9 +5,7 @@ Query block i reads its own block (causal), block 0 (KEEP_FIRST, i > 0) and up t
 `block_indices[i, h, :]` (ascending, -1 = empty, empty slots last). One kv head's selection serves its GQA group.
 
   block_pool_kernel        means of every complete block: keys, and queries over the group's heads (fp32);
-  block_select_kernel      scores qbar[i - 1] . kbar[j] for j < i and keeps a running top-TOPK per query block and kv
-                           head, merged chunk by chunk with bitonic top-k networks over (score, index) sort keys
-                           (BY_ROUNDS: the previous method, rounds of max/argmax, kept to be timed against);
+  block_select_kernel      scores qbar[i - 1] . kbar[j] for j < i and a running top-TOPK per query block and kv head;
   block_attn_fwd_kernel    one program per (query block, kv head, row tile): flash-style online softmax over the
                            selected blocks; each block's keys/values are loaded once for the tile's BM query rows;
   block_attn_bwd_dq_kernel the same loop for dq;
@@ -81,28 +79,6 @@ def block_pool_kernel(
         tl.store(kbar + o_out, tl.sum(b_ks, 0) / BS, mask=m_d)
 
 
-# sort key of an empty slot or a masked candidate: below every score's key
-EMPTY_KEY = tl.constexpr(-9223372036854775808)
-# an empty slot among block indices sorted ascending (then stored as -1)
-NO_BLOCK = tl.constexpr(2147483647)
-
-
-@triton.jit
-def _sort_keys(b_s, o_j, m_s):
-    """int64 keys `[BQ, BN]` that order candidates as the selection does: by score `b_s [BQ, BN]` (fp32), then by
-    lower block index `o_j [BN]`; EMPTY_KEY where `m_s` is False or the score is -inf.
-
-    High 32 bits: the score's bits mapped to an int32 of the same order (negative floats: magnitude bits flipped);
-    low 31 bits: NO_BLOCK - j. Keys are distinct, so a top-k over them has no ties left to break.
-    """
-    # -0.0 equals 0.0 as a score: one bit pattern for both
-    b_s = tl.where(b_s == 0.0, 0.0, b_s)
-    b_bits = b_s.to(tl.int32, bitcast=True)
-    b_bits = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits)
-    b_key = (b_bits.to(tl.int64) << 32) | (-o_j + NO_BLOCK).to(tl.int64)[None, :]
-    return tl.where(m_s & (b_s > float("-inf")), b_key, EMPTY_KEY)
-
-
 @triton.jit
 def _insert(b_val, b_idx, b_top, j_top):
     """Puts (b_top, j_top) `[BQ]` into the running top-k (b_val, b_idx) `[BQ, KP]` where it beats the minimum:
@@ -115,15 +91,16 @@ def _insert(b_val, b_idx, b_top, j_top):
 
 @triton.jit
 def _store_selection(
-    block_indices, b_sel, first, o_i, m_i, i_h, HKV: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr
+    block_indices, b_val, b_idx, first, o_i, m_i, i_h, HKV: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr
 ):
-    """Stores the selected blocks `b_sel [BQ, KP]` (int32, NO_BLOCK for an empty slot, at most TOPK others per row)
-    of query blocks o_i sorted by block index, -1 for empty slots."""
+    """Stores the running top-k sorted by block index, -1 for empty slots."""
     o_k = tl.arange(0, KP)
-    b_sel = tl.sort(b_sel, 1)
-    b_sel = tl.where(b_sel == NO_BLOCK, -1, b_sel)
+    big = 2147483647
+    b_key = tl.where((b_val > float("-inf")) & (b_val < float("inf")), b_idx, big)
+    b_key = tl.sort(b_key, 1)
+    b_key = tl.where(b_key == big, -1, b_key)
     p_o = block_indices + ((first + o_i) * HKV + i_h)[:, None] * TOPK + o_k[None, :]
-    tl.store(p_o, b_sel, mask=m_i[:, None] & (o_k < TOPK)[None, :])
+    tl.store(p_o, b_key, mask=m_i[:, None] & (o_k < TOPK)[None, :])
 
 
 @triton.jit
@@ -156,15 +133,9 @@ def block_select_kernel(
     TOPK: tl.constexpr,
     KP: tl.constexpr,
     KEEP_FIRST: tl.constexpr,
-    BY_ROUNDS: tl.constexpr,
 ):
     """Top-TOPK key blocks j < i (j >= 1 with KEEP_FIRST) by qbar[i - 1] . kbar[j], for BQ query blocks of one
-    sequence and one kv head. Ties go to the lower index; the result is sorted ascending, -1 padded.
-
-    Candidates come BN at a time: their scores become sort keys (`_sort_keys`), a bitonic top-KP picks the chunk's
-    best and a second one merges them into the running top-KP, so the work per chunk is fixed. BY_ROUNDS runs the
-    previous method instead (up to TOPK rounds of max/argmax per chunk, `_insert`), kept to be timed against.
-    """
+    sequence and one kv head. Ties go to the lower index; the result is sorted ascending, -1 padded."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     first, num_blocks, i_c0, o_i, m_i = _select_tile(tiles, first_blocks, cu_seqlens, i_t, BS, BQ)
     o_d = tl.arange(0, BD)
@@ -172,14 +143,11 @@ def block_select_kernel(
     # [BQ, BD] the query mean that selects for each block: its predecessor's
     p_q = qbar + ((first + o_i - 1) * HKV + i_h)[:, None] * D + o_d[None, :]
     b_q = tl.load(p_q, mask=(m_i & (o_i >= 1))[:, None] & m_d[None, :], other=0.0)
+
     o_k = tl.arange(0, KP)
-    if BY_ROUNDS:
-        # running top-k: values and block indices; slots past TOPK hold +inf so that they are never evicted
-        b_val = tl.where(o_k < TOPK, float("-inf"), float("inf"))[None, :] + tl.zeros([BQ, KP], tl.float32)
-        b_idx = (-1 - o_k)[None, :] + tl.zeros([BQ, KP], tl.int32)
-    else:
-        # [BQ, KP] the running top-KP as sort keys, best first
-        b_top = tl.full([BQ, KP], EMPTY_KEY, dtype=tl.int64)
+    # running top-k: values and block indices; slots past TOPK hold +inf so that they are never evicted
+    b_val = tl.where(o_k < TOPK, float("-inf"), float("inf")).to(tl.float32)[None, :] + tl.zeros([BQ, KP], tl.float32)
+    b_idx = (-1 - o_k)[None, :] + tl.zeros([BQ, KP], tl.int32)
     j_lo = 1 if KEEP_FIRST else 0
     # candidates j < i for the last valid query block of the tile
     j_hi = tl.minimum(i_c0 + BQ, num_blocks) - 1
@@ -190,26 +158,15 @@ def block_select_kernel(
         b_k = tl.load(p_k, mask=(o_j < j_hi)[:, None] & m_d[None, :], other=0.0)
         # [BQ, BN] fp32-accurate scores (3xTF32; plain tf32 would differ from decode's fp32 scores at 1e-3)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision="tf32x3")
-        m_s = (o_j[None, :] < o_i[:, None]) & (o_j < j_hi)[None, :] & m_i[:, None]
-        if BY_ROUNDS:
-            b_s = tl.where(m_s, b_s, float("-inf"))
-            # candidates that beat their row's current minimum bound the rounds needed (the minimum only grows)
-            better = tl.sum((b_s > tl.min(b_val, 1)[:, None]).to(tl.int32), 1)
-            for _round in range(tl.minimum(tl.max(better, 0), TOPK)):
-                # ties within the chunk: the lowest position, i.e. the lowest block index
-                b_best, a_best = tl.max(b_s, 1, return_indices=True, return_indices_tie_break_left=True)
-                b_val, b_idx = _insert(b_val, b_idx, b_best, (j0 + a_best).to(tl.int32))
-                b_s = tl.where(o_n[None, :] == a_best[:, None], float("-inf"), b_s)
-        else:
-            b_chunk = tl.topk(_sort_keys(b_s, o_j, m_s), KP)
-            b_top = tl.topk(tl.reshape(tl.join(b_top, b_chunk), [BQ, 2 * KP]), KP)
-    if BY_ROUNDS:
-        b_sel = tl.where((b_val > float("-inf")) & (b_val < float("inf")), b_idx, NO_BLOCK)
-    else:
-        # the best TOPK of the KP slots (best first), as block indices
-        m_top = (b_top != EMPTY_KEY) & (o_k < TOPK)[None, :]
-        b_sel = tl.where(m_top, -(b_top & NO_BLOCK) + NO_BLOCK, NO_BLOCK).to(tl.int32)
-    _store_selection(block_indices, b_sel, first, o_i, m_i, i_h, HKV, TOPK, KP)
+        b_s = tl.where((o_j[None, :] < o_i[:, None]) & (o_j < j_hi)[None, :] & m_i[:, None], b_s, float("-inf"))
+        # candidates that beat their row's current minimum bound the rounds needed (the minimum only grows)
+        better = tl.sum((b_s > tl.min(b_val, 1)[:, None]).to(tl.int32), 1)
+        for _round in range(tl.minimum(tl.max(better, 0), TOPK)):
+            # ties within the chunk: the lowest position, i.e. the lowest block index
+            b_top, a_top = tl.max(b_s, 1, return_indices=True, return_indices_tie_break_left=True)
+            b_val, b_idx = _insert(b_val, b_idx, b_top, (j0 + a_top).to(tl.int32))
+            b_s = tl.where(o_n[None, :] == a_top[:, None], float("-inf"), b_s)
+    _store_selection(block_indices, b_val, b_idx, first, o_i, m_i, i_h, HKV, TOPK, KP)
 
 
 @triton.jit

@@ -2,9 +2,7 @@
 
 The linear-attention kernels are checked against the fp64 naive recurrence, the sliding-window kernels against
 `naive_sliding_window_attention`. The metric is fla's: relative RMS error rms(kernel - reference) / rms(reference),
-for the output, the final state and every gradient (dq, dk, dv, dg, dbeta, dh0). The block top-k selection is
-compared block for block (`selection_differences`), also against the previous top-k method
-(`rounds_block_topk_select`), which `scripts/block_topk_gpu.py` times against the current one.
+for the output, the final state and every gradient (dq, dk, dv, dg, dbeta, dh0).
 
 Not part of the remote code that checkpoints carry: the models never import this file.
 """
@@ -15,14 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hf_effattn.ops_reference import (
-    _sequences,
-    block_topk_scores,
-    naive_linear_attention,
-    recurrent_linear_attention,
-)
+from hf_effattn.ops_reference import naive_linear_attention, recurrent_linear_attention
 
-from . import block_topk
 from .linear_attn import chunk_linear_attention, fused_recurrent_linear_attention, l2_normalize
 
 VARIANTS = ("gdn", "deltanet", "gla", "kda")
@@ -247,57 +239,3 @@ def naive_sliding_window_attention(
     weights = (scores - peak).exp()
     weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
     return torch.einsum("bhts,bshd->bthd", weights[..., :seq_len], v)
-
-
-@torch.no_grad()
-def rounds_block_topk_select(q, k, block_size=64, top_k=16, keep_first_block=True, cu_seqlens=None):
-    """`block_topk.block_topk_select` with the previous top-k method (`block_select_kernel`'s BY_ROUNDS), after the
-    same block means."""
-    block_topk._check_inputs(q, k, k, block_size, top_k, cu_seqlens)
-    batch, seq_len = q.shape[:2]
-    layout = block_topk._layout(batch, seq_len, block_size, cu_seqlens, q.device)
-    packed = (block_topk._packed(q), block_topk._packed(k.to(q.dtype)))
-    selected = block_topk._select(*packed, layout, block_size, top_k, keep_first_block, by_rounds=True)
-    return selected.view(batch, -1, *selected.shape[1:]) if cu_seqlens is None else selected[None]
-
-
-@torch.no_grad()
-def selection_differences(
-    selected, expected, q, k, block_size, top_k, keep_first_block=True, cu_seqlens=None, tie_tol=1e-5
-) -> tuple[int, int]:
-    """(rows that differ, rows whose difference is more than a near-tie) between two selections of the same q, k
-    (`block_topk_select`'s layout; a row is one query block and kv head).
-
-    Two selections may differ only by blocks whose fp64 scores lie within `tie_tol` (relative to the row's largest
-    |score|) of the row's top_k-th score: which of two nearly equal blocks wins depends on the last bits of the
-    scores' arithmetic. Exact ties are not such a difference: both kernels give them to the lower index.
-    """
-    num_kv_heads = k.shape[2]
-    selected = selected.reshape(-1, num_kv_heads, top_k)
-    expected = expected.reshape(-1, num_kv_heads, top_k).to(selected.device)
-    differ = (selected != expected).any(-1)
-    if not bool(differ.any()):
-        return 0, 0
-    not_ties, offset = 0, 0
-    for row, start, stop in _sequences(q.shape[0], q.shape[1], cu_seqlens):
-        num_blocks = -(-(stop - start) // block_size)
-        rows = differ[offset : offset + num_blocks].nonzero().tolist()
-        if rows and num_blocks > 1:
-            scores = block_topk_scores(
-                q[row, start:stop], k[row, start:stop], block_size, keep_first_block, torch.float64
-            )
-        for i, h in rows:
-            ours, theirs = ({b for b in x[offset + i, h].tolist() if b >= 0} for x in (selected, expected))
-            swapped = ours ^ theirs
-            # the same blocks in another order, a different count, or a block that is no candidate: never a tie
-            if i == 0 or not swapped or len(ours) != len(theirs) or max(swapped) >= scores.shape[-1]:
-                not_ties += 1
-                continue
-            row_scores = scores[h, i - 1]
-            finite = row_scores[row_scores > float("-inf")]
-            ranked = finite.sort(descending=True).values
-            kth = ranked[top_k - 1] if ranked.numel() >= top_k else float("-inf")
-            tol = tie_tol * finite.abs().max()
-            not_ties += int(not all(abs(row_scores[j] - kth) <= tol for j in swapped))
-        offset += num_blocks
-    return int(differ.sum()), not_ties

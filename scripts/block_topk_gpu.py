@@ -1,6 +1,5 @@
-"""Block top-k attention on a GPU: correctness against FlexAttention on the identical selection, the selection
-against the previous selection kernel, prefill speed against SDPA flash and compiled FlexAttention, and decode time
-per token.
+"""Block top-k attention on a GPU: correctness against FlexAttention on the identical selection, prefill speed against
+SDPA flash and compiled FlexAttention, and decode time per token.
 
     python scripts/block_topk_gpu.py OUTPUT_DIR [--seq-lens 8192 32768 131072] [--skip-correctness]
 
@@ -14,19 +13,11 @@ per token.
    FlexAttention on the identical selection (own block causal through mask_mod, the others as full blocks); CUDA
    events, median after warm-up; the selection's parts and share; a sweep of the kernels' launch choices at the
    middle length.
-   Selection, old against new: the previous top-k method (`testing.rounds_block_topk_select`: up to top-k rounds
-   of max/argmax per chunk of candidates) against the current one (bitonic top-k over sort keys), both after the
-   same block-means pass. Each is timed with CUDA events around one call (what a lone call costs, Python's
-   launches included) and as GPU time alone (10 calls replayed from a CUDA graph), with its parts. The issue target
-   is "new selection / attention (GPU)" <= 10 % at T >= 32k; "(fwd - attention) / attention" is the selection's
-   cost inside the forward. The two selections must pick the same blocks at every length (and in every
-   correctness case): rows may differ only by near-ties (`testing.selection_differences`: blocks whose fp64 scores
-   are within 1e-5 of the row's top-k-th score), else the run fails.
 3. Decode: one token against a cache of 4k ... 128k tokens (`block_topk_cached_attention`), against SDPA over the
    whole cache.
 
 Prints one table and writes block_topk_gpu.json to OUTPUT_DIR; every row runs in its own try/except. The exit status
-is 1 when a correctness row or a selection check fails (or raises), after the JSON is written.
+is 1 when a correctness row fails (or raises), after the JSON is written.
 """
 
 import argparse
@@ -46,7 +37,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from hf_effattn.kernels import block_topk as ops
-from hf_effattn.kernels import testing
 from hf_effattn.kernels.testing import rel_rms
 from hf_effattn.ops_reference import block_topk_cached_attention
 
@@ -95,44 +85,6 @@ def timed(fn, warmup: int = 2, reps: int = 5) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(stop))
     return sorted(times)[len(times) // 2]
-
-
-def graph_timed(fn, calls: int = 10, reps: int = 10) -> float:
-    """Milliseconds of GPU time per `fn()`: `calls` calls captured in one CUDA graph, replayed `reps` times (median),
-    so that Python's launch overhead is not counted."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    # warm-up (Triton compiles, layouts are cached) outside the capture
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return timed(graph.replay, warmup=2, reps=reps) / calls
-
-
-def check_selection(rows, name, new, old, q, k, cu_seqlens=None):
-    """Appends a "selection check" row: the new selection against the old one on the same inputs."""
-    try:
-        differ, not_ties = testing.selection_differences(new, old, q, k, BLOCK, TOP_K, KEEP_FIRST, cu_seqlens)
-        total = new.numel() // TOP_K
-        rows.append(
-            {
-                "section": "selection check",
-                "name": name,
-                "rows": total,
-                "differ": differ,
-                "not_ties": not_ties,
-                "ok": not_ties == 0,
-            }
-        )
-        print(f"  selection check {name}: {differ} of {total} rows differ, {not_ties} not near-ties", flush=True)
-    except Exception as error:  # noqa: BLE001 - every row runs on its own
-        rows.append({"section": "selection check", "name": name, "error": repr(error)[:300]})
-        traceback.print_exc()
 
 
 def reps_for(ms_estimate: float) -> dict:
@@ -221,8 +173,6 @@ def correctness(rows):
             o = ops.block_topk_attention(*ours, BLOCK, TOP_K, KEEP_FIRST, scale, cu_seqlens=cu)
             o.backward(do)
             selected = ops.block_topk_select(q, k, BLOCK, TOP_K, KEEP_FIRST, cu_seqlens=cu)
-            old_selected = testing.rounds_block_topk_select(q, k, BLOCK, TOP_K, KEEP_FIRST, cu_seqlens=cu)
-            check_selection(rows, name, selected, old_selected, q, k, cu)
             errors = {"flex_bf16_o": []}
             reference = {"o": [], "dq": [], "dk": [], "dv": []}
             bounds = [0] + list(torch.tensor(lengths).cumsum(0).tolist())
@@ -271,15 +221,12 @@ def benchmark(rows, seq_len, sweep):
     dense_flops = 2 * HEADS * seq_len * seq_len * HEAD_DIM  # causal forward: 4 B H T^2 D / 2
     kib = seq_len // 1024
     selected = ops.block_topk_select(q, k, BLOCK, TOP_K, KEEP_FIRST)
-    check_selection(
-        rows, f"T{seq_len}", selected, testing.rounds_block_topk_select(q, k, BLOCK, TOP_K, KEEP_FIRST), q, k
-    )
     # keys each query reads: top-k + block 0 + its own block (half on average)
     sparse_flops = 4 * HEADS * seq_len * HEAD_DIM * BLOCK * ((selected[0] >= 0).sum(-1).float().mean().item() + 1 + 0.5)
 
-    def add(name, fn, flops=None, estimate=10.0, gpu_only=False):
+    def add(name, fn, flops=None, estimate=10.0):
         try:
-            ms = graph_timed(fn) if gpu_only else timed(fn, **reps_for(estimate))
+            ms = timed(fn, **reps_for(estimate))
             row = {"section": "prefill", "T": seq_len, "name": name, "ms": ms}
             if flops:
                 row["tflops"] = flops / ms / 1e9
@@ -304,42 +251,20 @@ def benchmark(rows, seq_len, sweep):
         qg.grad = kg.grad = vg.grad = None
         ops.block_topk_attention(qg, kg, vg, BLOCK, TOP_K, KEEP_FIRST).backward(do)
 
-    def old_select():
-        return testing.rounds_block_topk_select(q, k, BLOCK, TOP_K, KEEP_FIRST)
-
-    def share(name, part, whole):
-        if part and whole:
-            rows.append({"section": "prefill", "T": seq_len, "name": name, "share": part / whole})
-
     layout = ops._layout(1, seq_len, BLOCK, None, q.device)
     means = ops._pool(q, k, layout, BLOCK)
     fwd = add("ours fwd (selection + attention)", ours_fwd, sparse_flops)
     sel = add("ours selection", ours_select)
-    old_sel = add("old selection", old_select)
+    add("  of which block means (reads q and k once)", lambda: ops._pool(q, k, layout, BLOCK))
+    add("  of which scores and top-k", lambda: ops._top_k(*means, layout, BLOCK, TOP_K, KEEP_FIRST))
     attention = add("ours attention (given selection)", ours_attention, sparse_flops)
-    # GPU time alone (CUDA graph replays): what the selection adds to the forward on a busy GPU
-    sel_gpu = add("new selection, GPU", ours_select, gpu_only=True)
-    add("  of which block means (reads q and k once), GPU", lambda: ops._pool(q, k, layout, BLOCK), gpu_only=True)
-    add(
-        "  of which scores and top-k (new), GPU",
-        lambda: ops._top_k(*means, layout, BLOCK, TOP_K, KEEP_FIRST),
-        gpu_only=True,
-    )
-    old_sel_gpu = add("old selection, GPU", old_select, gpu_only=True)
-    add(
-        "  of which scores and top-k (old), GPU",
-        lambda: ops._top_k(*means, layout, BLOCK, TOP_K, KEEP_FIRST, by_rounds=True),
-        gpu_only=True,
-    )
-    attention_gpu = add("ours attention (given selection), GPU", ours_attention, sparse_flops, gpu_only=True)
     add("ours fwd+bwd", ours_fwd_bwd, 3.5 * sparse_flops)
-    share("selection share of ours fwd", sel, fwd)
-    share("selection / attention time", sel, attention)
-    share("old selection / attention time", old_sel, attention)
-    share("new selection / attention (GPU)", sel_gpu, attention_gpu)
-    share("old selection / attention (GPU)", old_sel_gpu, attention_gpu)
-    if fwd and attention:
-        share("(fwd - attention) / attention", fwd - attention, attention)
+    if fwd and sel:
+        rows.append({"section": "prefill", "T": seq_len, "name": "selection share of ours fwd", "share": sel / fwd})
+    if attention and sel:
+        rows.append(
+            {"section": "prefill", "T": seq_len, "name": "selection / attention time", "share": sel / attention}
+        )
     if sweep:
         saved = dict(ops.TUNING)
         for choice in FWD_SWEEP:
@@ -410,10 +335,6 @@ def print_table(rows):
     for row in rows:
         if "error" in row:
             result = "ERROR " + row["error"][:60]
-        elif row["section"] == "selection check":
-            result = f"{row['differ']} of {row['rows']} rows differ, {row['not_ties']} not ties " + (
-                "ok" if row["ok"] else "FAIL"
-            )
         elif row["section"] == "correctness":
             flex = "-" if row["flex_bf16_o"] is None else f"{row['flex_bf16_o']:.1e}"
             result = (
@@ -425,23 +346,15 @@ def print_table(rows):
         else:
             result = f"{row['ms']:.3f} ms" + (f" ({row['tflops']:.0f} TFLOP/s)" if "tflops" in row else "")
         print(f"{row['section']:<12} {row.get('T', ''):>7} {row['name']:<52} {result:>40}")
-    by_name = {(r.get("T"), r["name"]): r.get("ms", r.get("share")) for r in rows if r["section"] == "prefill"}
-    nan = float("nan")
+    by_name = {(r.get("T"), r["name"]): r.get("ms") for r in rows if r["section"] == "prefill"}
     for seq_len in sorted({r["T"] for r in rows if r["section"] == "prefill"}):
         ours = by_name.get((seq_len, "ours fwd (selection + attention)"))
         flash = by_name.get((seq_len, "SDPA flash causal fwd"))
         flex = by_name.get((seq_len, "FlexAttention (compiled) fwd, same selection"))
         if ours:
             print(
-                f"T={seq_len}: ours fwd is {flash / ours if flash else nan:.1f}x SDPA flash, "
-                f"{flex / ours if flex else nan:.2f}x compiled Flex on the same selection"
-            )
-        old, new = by_name.get((seq_len, "old selection, GPU")), by_name.get((seq_len, "new selection, GPU"))
-        new_share = by_name.get((seq_len, "new selection / attention (GPU)"))
-        if old and new and new_share:
-            print(
-                f"T={seq_len}: selection (GPU) {old:.3f} -> {new:.3f} ms ({old / new:.2f}x); new selection / attention "
-                f"{100 * new_share:.1f} % (target <= 10 % at T >= 32k: {'met' if new_share <= 0.1 else 'NOT met'})"
+                f"T={seq_len}: ours fwd is {flash / ours if flash else float('nan'):.1f}x SDPA flash, "
+                f"{flex / ours if flex else float('nan'):.2f}x compiled Flex on the same selection"
             )
 
 
@@ -488,23 +401,13 @@ def main():
     }
     (output / "block_topk_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"total {time.time() - started:.0f} s; wrote {output / 'block_topk_gpu.json'}")
-    # a check that failed, raised or never ran fails the run (the report is written first)
-    failures = []
-    expected_rows = {"selection check": len(args.seq_lens)}
     if not args.skip_correctness:
-        # each correctness case checks its selection too
-        expected_rows = {
-            "selection check": len(args.seq_lens) + len(CORRECTNESS_CASES),
-            "correctness": len(CORRECTNESS_CASES),
-        }
-    for section, expected in expected_rows.items():
-        checked = [row for row in rows if row["section"] == section]
+        # a check that failed, raised or never ran fails the run (the report is written first)
+        checked = [row for row in rows if row["section"] == "correctness"]
         failed = [row["name"] for row in checked if not row.get("ok")]
-        missing = expected - len(checked)
+        missing = len(CORRECTNESS_CASES) - len(checked)
         if failed or missing:
-            failures.append(f"{section}: {len(failed)} failed {failed}, {missing} did not run")
-    if failures:
-        sys.exit("; ".join(failures))
+            sys.exit(f"correctness: {len(failed)} failed {failed}, {missing} did not run")
 
 
 if __name__ == "__main__":

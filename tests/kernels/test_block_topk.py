@@ -9,7 +9,6 @@ from hf_effattn import EffAttnForCausalLM, mixer_block_topk, ops_reference
 from tests.numerics import rel_rms
 
 kernels = pytest.importorskip("hf_effattn.kernels.block_topk")
-testing = pytest.importorskip("hf_effattn.kernels.testing")
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,59 +92,6 @@ def test_selection_over_many_blocks_and_ties():
     selected = kernels.block_topk_select(q, k, block_size=16, top_k=3)
     assert torch.equal(selected, ops_reference.block_topk_select(q, k, block_size=16, top_k=3).to(selected.device))
     assert selected[0, 100, 0].tolist() == [1, 2, 3]
-
-
-# (B, T, H, Hkv, D, block_size, top_k, keep_first_block, dtype, chunk): T not a multiple of the block, fewer candidates
-# than top_k, GQA, candidates over several chunks, and a top_k past one chunk (the chunk then widens to the top-k
-# slots); chunks of 16 candidates (SELECT_BN) keep the interpreter's bitonic networks small
-SELECTION_CASES = [
-    pytest.param(1, 16 * 40 + 5, 8, 2, 16, 16, 16, True, torch.float32, 16, id="T645-G4-top16-3chunks"),
-    pytest.param(2, 90, 6, 2, 16, 16, 16, True, torch.float32, 64, id="T90-G3-fewer-blocks-than-top16"),
-    pytest.param(1, 333, 3, 3, 24, 16, 3, False, torch.float32, 64, id="T333-MHA-D24-top3-no-first"),
-    pytest.param(1, 16 * 45, 4, 2, 16, 16, 20, True, torch.float32, 16, id="T720-top20-past-a-chunk"),
-    pytest.param(1, 700, 4, 1, 32, 32, 5, True, torch.bfloat16, 64, id="T700-G4-bf16-block32"),
-]
-
-
-@pytest.mark.parametrize(
-    ("batch", "seq_len", "heads", "kv_heads", "head_dim", "block", "top_k", "first", "dtype", "chunk"), SELECTION_CASES
-)
-def test_selection_matches_the_reference(
-    monkeypatch, batch, seq_len, heads, kv_heads, head_dim, block, top_k, first, dtype, chunk
-):
-    monkeypatch.setattr(kernels, "SELECT_BN", chunk)
-    q, k, _ = inputs(batch, seq_len, heads, kv_heads, head_dim, dtype, seed=5)
-    options = {"block_size": block, "top_k": top_k, "keep_first_block": first}
-    expected = ops_reference.block_topk_select(q, k, **options)
-    selected = kernels.block_topk_select(q, k, **options)
-    assert torch.equal(selected, expected.to(selected.device))
-    # the previous kernel, which the GPU script times against this one, selects the same blocks
-    assert torch.equal(testing.rounds_block_topk_select(q, k, **options), selected)
-    assert testing.selection_differences(selected, expected, q, k, **options) == (0, 0)
-
-
-def test_zero_scores_tie_to_the_lower_index():
-    # zero query blocks score 0.0 against every key block: all tie, the lowest indices win
-    q, k, _ = inputs(1, 16 * 40, 4, 2, 16, torch.float32, seed=6)
-    q[:, 16 * 10 : 16 * 30] = 0.0
-    options = {"block_size": 16, "top_k": 4}
-    selected = kernels.block_topk_select(q, k, **options)
-    assert torch.equal(selected, ops_reference.block_topk_select(q, k, **options).to(selected.device))
-    assert selected[0, 25, 0].tolist() == [1, 2, 3, 4]
-
-
-def test_selection_differences_tell_ties_from_errors():
-    q, k, _ = inputs(1, 16 * 8, 4, 2, 16, torch.float32, seed=7)
-    options = {"block_size": 16, "top_k": 1, "keep_first_block": True}
-    # key blocks 3 and 4 are equal and stand out; query block 6 selects with block 5's queries, aligned with them
-    k[:, 16 * 3 : 16 * 5] = k[:, 16 * 3 : 16 * 4].repeat(1, 2, 1, 1) + 3.0
-    q[:, 16 * 5 : 16 * 6] = k[:, 16 * 3 : 16 * 4].mean(dim=1, keepdim=True).repeat_interleave(2, dim=2)
-    expected = ops_reference.block_topk_select(q, k, **options)
-    assert expected[0, 6, :, 0].tolist() == [3, 3]
-    tie, wrong = expected.clone(), expected.clone()
-    tie[0, 6, 0, 0], wrong[0, 6, 0, 0] = 4, 5
-    assert testing.selection_differences(tie, expected, q, k, **options) == (1, 0)
-    assert testing.selection_differences(wrong, expected, q, k, **options) == (1, 1)
 
 
 def test_given_selection_is_used_and_checked():
