@@ -285,3 +285,24 @@ def test_targets_compare_the_hybrid_with_the_baseline():
     assert targets["cache bytes hybrid / full at 131,072"]["met"] is True
     assert targets["hybrid prefills and decodes 1,048,576 tokens"]["met"] is True
     assert targets["full runs out of memory at 1,048,576 tokens"]["met"] is True
+
+
+def test_eager_decode_warms_each_model_up_once(pair, monkeypatch):
+    """The first eager measurement of a model runs an untimed generate on a fresh cache first (kernel compilation and
+    launch tuning stay out of the row); later ones do not, and the timed generate continues the given cache."""
+    _, hybrid = pair
+    monkeypatch.setattr(efficiency, "_EAGER_WARM", set())
+    calls = []
+    original = hybrid.generate
+
+    def counted(ids, **kwargs):
+        calls.append((ids.shape[1], kwargs.get("past_key_values") is not None))
+        return original(ids, **kwargs)
+
+    monkeypatch.setattr(hybrid, "generate", counted)
+    ids = torch.randint(0, 4096, (1, 24))
+    for _ in range(2):
+        _, cache = efficiency.prefill(hybrid, ids[:, :-1], None)
+        assert efficiency.decode_eager(hybrid, cache, ids, 3, "cpu") > 0
+    # warm-up on the last 8 tokens without a cache, then one timed generate per measurement
+    assert calls == [(8, False), (24, True), (24, True)]
