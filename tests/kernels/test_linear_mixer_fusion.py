@@ -97,12 +97,18 @@ def test_gated_rms_norm_matches_the_reference(dtype, norm, gate):
     assert rel_rms(out, ref) < TOL[dtype], rel_rms(out, ref)
 
 
-@pytest.mark.parametrize("kind", ["gdn", "gla"])
-def test_mixer_fused_inference_matches_the_torch_path(tiny_config, monkeypatch, kind):
+@pytest.mark.parametrize("kind, options", [("gdn", None), ("gla", None), ("gdn", {"window": 8, "sink_tokens": 2})])
+def test_mixer_fused_inference_matches_the_torch_path(tiny_config, monkeypatch, kind, options):
     """No-grad forward through the cache (a chunked prefill, then decode steps): the fused kernels (which run) give
-    the torch path's logits. The Triton linear-attention ops run in both, so only the fusion differs."""
+    the torch path's logits. The Triton linear-attention ops run in both, so only the fusion differs. The windowed
+    layout (softmax window and sinks beside the state, as conversions build) keeps its window cache too."""
     torch.manual_seed(0)
-    model = EffAttnForCausalLM(tiny_config([kind, "full", kind])).to(DEVICE).eval()
+    model = EffAttnForCausalLM(tiny_config([kind, "full", kind], {kind: options} if options else None)).to(DEVICE)
+    model = model.eval()
+    if options:
+        with torch.no_grad():
+            for layer in (0, 2):
+                model.model.layers[layer].self_attn.recurrent_scale.normal_(0.0, 1.0)
     ids = torch.randint(1, 97, (2, 72), device=DEVICE)
     calls = []
     original = mixer_linear.fusion_ops
