@@ -160,3 +160,16 @@ def test_results_folder_errors(tmp_path):
     with pytest.raises(CardError, match="not a hub repository id"):
         render_card(load_results(tmp_path), "x", repo_id="/home/me/x")
     assert Path(tmp_path / "conversion_report.json").is_file()
+
+
+def test_index_cell_of_an_efficiency_run_whose_baseline_ran_out_of_memory():
+    """A 1M-token run has no speed-up (the all-full model did not fit): the index says what its targets say."""
+    from hf_effattn.model_cards.catalogue import _efficiency_cell
+    from hf_effattn.model_cards.render import load_results
+
+    results = load_results(ROOT / "results" / "smollm2-gdn")
+    names = [name for name, _ in results.efficiency]
+    assert "efficiency-1.5b-1m.json" in names
+    cell = _efficiency_cell(results)
+    assert "1,048,576 tokens, batch 1: hybrid prefills and decodes 1,048,576 tokens, full runs out of memory" in cell
+    assert ": ;" not in cell and "compiled decode" in cell
