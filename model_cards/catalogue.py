@@ -77,8 +77,7 @@ def _efficiency_cell(results: Results) -> str:
             parts.append(f"cache {ratio['cache_ratio']:.2f}x")
         if not parts:
             # no ratio: the baseline could not run (out of memory); say what the targets say
-            met = [t["target"] for t in data.get("targets", []) if t.get("met") and t.get("value") is True]
-            parts = list(dict.fromkeys(met))
+            parts = [t["target"] for t in data.get("targets", []) if t.get("met") and t.get("value") is True]
         if not parts:
             continue
         cells.append(f"{source}, {ratio['context']:,} tokens, batch {ratio['batch']}: " + ", ".join(parts))
