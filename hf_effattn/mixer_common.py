@@ -181,7 +181,7 @@ class ShortConvolution(nn.Module):
             layer = past_key_values.layers[layer_idx]
             if layer.has_previous_state[0]:
                 # the update below overwrites it in place
-                state = layer.conv_states[0].to(q.dtype).contiguous().clone()
+                state = layer.conv_states[0].to(q.dtype, memory_format=torch.contiguous_format, copy=True)
             tail = torch.cat([q[:, -context:], k[:, -context:], v[:, -context:]], dim=-1).transpose(1, 2)
             past_key_values.update_conv_state(tail, layer_idx, conv_kernel_size=context)
         return kernel(q, k, v, self.weight.to(q.dtype), head_dim, state=state, l2norm=l2norm)
