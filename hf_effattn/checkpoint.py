@@ -24,6 +24,7 @@ REMOTE_CODE_FILES = (
     "linear_attn_kernels.py",
     "linear_attn_ops.py",
     "linear_mixer_fusion.py",
+    "decoder_fusion.py",
     "block_topk.py",
     "block_topk_kernels.py",
     "sliding_window.py",

@@ -132,19 +132,47 @@ def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.where(mask.view(*mask.shape, *([1] * (x.dim() - 2))), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+# which ops RMSNorm and the decoder layers' SwiGLU run: None = the fused Triton kernels (decoder_fusion.py) on CUDA
+# tensors at inference when triton imports, else the torch code; tests set "triton" or "reference" to force one
+DECODER_OPS_OVERRIDE = None
+
+
+def _import_decoder_ops():
+    from .decoder_fusion import rms_norm, silu_mul
+
+    return rms_norm, silu_mul
+
+
+DECODER_OPS = TritonOps("RMSNorm and SwiGLU", _import_decoder_ops, fallback="their torch code")
+
+
+def decoder_fusion_ops(x: torch.Tensor):
+    """(rms_norm, silu_mul), the fused inference kernels of the norms and the MLP, when this forward can use them: no
+    gradient to compute (they have no backward) and outside torch.compile (which fuses the torch code itself). Else
+    None."""
+    if torch.is_grad_enabled() or not DECODER_OPS.use(x, DECODER_OPS_OVERRIDE):
+        return None
+    return DECODER_OPS.get()
+
+
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32, as Llama's."""
+    """RMSNorm computed in fp32, as Llama's. With `residual`, normalises `x + residual` and returns `(normed, sum)`:
+    the decoder layer's residual add and norm, one kernel at inference on a GPU."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        ops = decoder_fusion_ops(x)
+        if ops is not None:
+            return ops[0](x, self.weight, self.eps, residual=residual)
+        total = x if residual is None else x + residual
+        dtype = total.dtype
+        h = total.float()
+        normed = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        return normed if residual is None else (normed, total)
 
 
 class ShortConvolution(nn.Module):

@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedd
 
 from .configuration_effattn import LINEAR_KINDS, EffAttnConfig
 from .mixer_block_topk import BlockTopkAttention
-from .mixer_common import Padding, RMSNorm, ShortConvolution
+from .mixer_common import Padding, RMSNorm, ShortConvolution, decoder_fusion_ops
 from .mixer_full import FullAttention
 from .mixer_hedgehog import HedgehogAttention, HedgehogFeatureMap
 from .mixer_linear import DeltaNet, GatedDeltaNet, GatedLinearAttention, KimiDeltaAttention, LinearMixer
@@ -41,6 +41,8 @@ class EffAttnDecoderLayer(GradientCheckpointingLayer):
         self.mixer_type = config.mixer_types[layer_idx]
         self.self_attn = MIXER_CLASSES[self.mixer_type](config, layer_idx)
         self.mlp = LlamaMLP(config)
+        # SwiGLU (Llama's MLP): its silu(gate) * up runs as one kernel at inference on a GPU
+        self.swiglu = config.hidden_act in ("silu", "swish")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -62,8 +64,15 @@ class EffAttnDecoderLayer(GradientCheckpointingLayer):
             query_start=query_start,
             **kwargs,
         )
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        normed, hidden_states = self.post_attention_layernorm(hidden_states, residual=residual)
+        return hidden_states + self.feed_forward(normed)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = decoder_fusion_ops(x) if self.swiglu else None
+        if ops is None:
+            return self.mlp(x)
+        mlp = self.mlp
+        return mlp.down_proj(ops[1](mlp.gate_proj(x), mlp.up_proj(x)))
 
 
 class EffAttnPreTrainedModel(PreTrainedModel):

@@ -5,6 +5,7 @@ GPU is missing.
 """
 
 from .block_topk import block_topk_attention, block_topk_select
+from .decoder_fusion import rms_norm, silu_mul
 from .linear_attn import (
     chunk_delta_rule,
     chunk_gated_delta_rule,
@@ -34,7 +35,9 @@ __all__ = [
     "fused_recurrent_kda",
     "fused_recurrent_linear_attention",
     "gated_rms_norm",
+    "rms_norm",
     "short_conv_qkv",
+    "silu_mul",
     "sliding_window_attention",
     "sliding_window_decode",
 ]

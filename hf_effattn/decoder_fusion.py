@@ -1,0 +1,1 @@
+../kernels/decoder_fusion.py

@@ -1,0 +1,138 @@
+"""Fused inference kernels of the decoder layer around its mixer: the RMSNorms and the MLP's SiLU gate.
+
+    rms_norm    Llama's RMSNorm of `x`, or of `x + residual` (the attention output added to the residual stream),
+                also returning that sum: one read of each input and one write of each output, instead of about
+                seven fp32 passes in eager torch
+    silu_mul    `silu(gate) * up`, the SwiGLU product between the MLP's projections, in one pass instead of three
+
+Both round where eager torch rounds (the sum and the SiLU to the input dtype, the normalised rows to the input dtype
+before the weight), so they match the torch code up to the order of the fp32 summation. At 128k tokens of a 1.5B
+model the eager versions cost about 0.3 s of a 2 s prefill. They serve inference only (no backward): the decoder
+layer runs them when no gradient is needed, and keeps the torch code (`*_reference` below) for training.
+"""
+
+import torch
+
+from .linear_attn_kernels import tl, triton
+
+# elements per program of the SwiGLU kernel
+SILU_MUL_BLOCK = 2048
+
+
+@triton.jit
+def rms_norm_kernel(
+    x,  # [R, N]
+    residual,  # [R, N] (when HAS_RESIDUAL)
+    weight,  # [N]
+    out,  # [R, N] the normalised rows times the weight
+    total,  # [R, N] x + residual (when HAS_RESIDUAL)
+    R,
+    N,
+    stride_x,
+    stride_r,
+    BR: tl.constexpr,
+    BN: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    EPS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BR + tl.arange(0, BR).to(tl.int64)
+    cols = tl.arange(0, BN)
+    mask = (rows < R)[:, None] & (cols < N)[None, :]
+    h = tl.load(x + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(residual + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # the sum rounded to its dtype, as torch's add
+        h = (h + r).to(total.dtype.element_ty)
+        tl.store(total + rows[:, None] * N + cols[None, :], h, mask=mask)
+        h = h.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(h * h, axis=1) / N + EPS)
+    # rounded to the normalised tensor's dtype before the weight, as Llama's RMSNorm
+    if HAS_RESIDUAL:
+        y = (h * rstd[:, None]).to(total.dtype.element_ty).to(tl.float32)
+    else:
+        y = (h * rstd[:, None]).to(x.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight + cols, mask=cols < N, other=0.0).to(tl.float32)
+    tl.store(out + rows[:, None] * N + cols[None, :], (y * w[None, :]).to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def silu_mul_kernel(gate, up, out, numel, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    g = tl.load(gate + offsets, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up + offsets, mask=mask, other=0.0).to(tl.float32)
+    # SiLU rounded to the gate's dtype, then the product rounded to the output's, as torch's two ops
+    s = (g * tl.sigmoid(g)).to(gate.dtype.element_ty).to(tl.float32)
+    tl.store(out + offsets, (s * u).to(out.dtype.element_ty), mask=mask)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` as `[R, N]` rows with a contiguous last dim (a view where possible)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Llama's RMSNorm over the last dim: `weight * (h * rsqrt(mean(h^2) + eps)).to(h.dtype)` with h = x, or with
+    h = x + residual, in which case `(normed, h)` is returned. The output has the dtype of `weight * h` (the weight's
+    dtype promoted with the input's, as in torch)."""
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,):
+        raise ValueError(f"weight: expected shape ({hidden},), got {tuple(weight.shape)}.")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual: expected shape {tuple(x.shape)}, got {tuple(residual.shape)}.")
+    rows = _rows(x)
+    residual_rows = _rows(residual) if residual is not None else rows
+    # the dtype of x + residual, then of weight * normed, as torch promotes them
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, dtype), device=x.device)
+    total = torch.empty(x.shape, dtype=dtype, device=x.device) if residual is not None else out
+    block_n = triton.next_power_of_2(hidden)
+    # rows per program: about 4k elements per program, at least one row
+    block_r = max(1, min(16, 4096 // block_n))
+    count = rows.shape[0]
+    if count:
+        rms_norm_kernel[(triton.cdiv(count, block_r),)](
+            rows,
+            residual_rows,
+            weight,
+            out,
+            total,
+            count,
+            hidden,
+            rows.stride(0),
+            residual_rows.stride(0),
+            BR=block_r,
+            BN=block_n,
+            HAS_RESIDUAL=residual is not None,
+            EPS=eps,
+            num_warps=4 if block_n <= 2048 else 8,
+        )
+    return (out, total) if residual is not None else out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`silu(gate) * up`, elementwise, with torch's roundings; the output has the dtype of that product in torch."""
+    if gate.shape != up.shape:
+        raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}.")
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    numel = gate.numel()
+    if numel:
+        silu_mul_kernel[(triton.cdiv(numel, SILU_MUL_BLOCK),)](gate, up, out, numel, BLOCK=SILU_MUL_BLOCK, num_warps=8)
+    return out
+
+
+def rms_norm_reference(x, weight, eps=1e-6, residual=None):
+    """`rms_norm` in torch, written as the decoder layer's eager code."""
+    total = x if residual is None else x + residual
+    h = total.float()
+    normed = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(total.dtype)
+    return normed if residual is None else (normed, total)
+
+
+def silu_mul_reference(gate, up):
+    """`silu_mul` in torch."""
+    return torch.nn.functional.silu(gate) * up
