@@ -894,18 +894,7 @@ def run(
         device=device,
         progress=progress,
     )
-    ratio_rows = ratios(rows, *compare) if len(compare) == 2 else []
-    targets = check_targets(rows, ratio_rows, *compare) if len(compare) == 2 else []
-    result = {
-        "environment": environment,
-        "rows": rows,
-        "ratios": ratio_rows,
-        "compare": list(compare),
-        "targets": targets,
-    }
-    pairs = {f"{a} vs {b}": ratios(rows, a, b) for a, b in also_compare if a in models and b in models}
-    if pairs:
-        result["other_ratios"] = pairs
+    result = summarise(environment, rows, compare, [(a, b) for a, b in also_compare if a in models and b in models])
     if breakdown_context is not None and compiled:
         try:
             result["breakdown"] = breakdown(
@@ -915,22 +904,108 @@ def run(
                 decode_steps=decode_steps,
                 device=device,
             )
-            (output / "breakdown.md").write_text(render_breakdown(result["breakdown"]) + "\n")
         except Exception as error:  # noqa: BLE001 (the measurements above are written whatever happens here)
             result["breakdown"] = {"failed": f"{type(error).__name__}: {str(error)[:300]}"}
+    write_report(output, result)
+    return result
+
+
+def summarise(environment: dict, rows: list[dict], compare, also_compare=()) -> dict:
+    """The report of measured rows: ratios and targets of the `compare` pair, speed-ups of the `also_compare` pairs."""
+    compare = tuple(compare)
+    ratio_rows = ratios(rows, *compare) if len(compare) == 2 else []
+    result = {
+        "environment": environment,
+        "rows": rows,
+        "ratios": ratio_rows,
+        "compare": list(compare),
+        "targets": check_targets(rows, ratio_rows, *compare) if len(compare) == 2 else [],
+    }
+    pairs = {f"{a} vs {b}": ratios(rows, a, b) for a, b in also_compare}
+    if pairs:
+        result["other_ratios"] = pairs
+    return result
+
+
+def write_report(output: Path, result: dict) -> None:
+    """efficiency.json, efficiency.md, breakdown.md (when profiled) and the plots of `result` in `output`."""
+    output.mkdir(parents=True, exist_ok=True)
+    environment, rows = result["environment"], result["rows"]
+    if "breakdown" in result and "failed" not in result["breakdown"]:
+        (output / "breakdown.md").write_text(render_breakdown(result["breakdown"]) + "\n")
     write_json_atomic(output / "efficiency.json", result)
     setting = ", ".join(
         f"{key} {environment[key]}"
         for key in ("device", "dtype", "torch", "transformers", "triton")
         if key in environment
     )
-    text = f"{setting}; {decode_steps} decode steps per measurement.\n\n" + render_table(rows)
-    if targets:
-        text += "\n\n## Targets\n\n" + render_targets(targets)
-    if pairs:
-        text += "\n\n## Speed-ups of the other pairs\n\n" + render_ratios(pairs)
+    text = f"{setting}; {environment.get('decode_steps')} decode steps per measurement.\n\n" + render_table(rows)
+    if environment.get("runs", 1) > 1:
+        text += (
+            f"\n\nMerged from {environment['runs']} runs on the same machine, each context measured in one run: every "
+            "ratio compares rows of one run."
+        )
+    if result["targets"]:
+        text += "\n\n## Targets\n\n" + render_targets(result["targets"])
+    if result.get("other_ratios"):
+        text += "\n\n## Speed-ups of the other pairs\n\n" + render_ratios(result["other_ratios"])
     (output / "efficiency.md").write_text(text + "\n")
     plot(rows, output)
+
+
+# environment entries that must agree for runs to be merged into one report
+MERGE_KEYS = ("device", "torch", "transformers", "triton", "dtype", "shape", "full_share", "mixer", "decode_steps",
+              "prefill_chunk", "parameters")
+
+
+def merge_reports(paths, output: Path) -> dict:
+    """One report from several `efficiency.json` of the same models and setting, each measuring other contexts (a
+    sweep split into runs that each fit a time limit). Rows are concatenated; ratios and targets are recomputed, each
+    from rows of one run; a profile is kept from the one run that has it."""
+    reports = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "efficiency.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no efficiency.json there; pass the files (or folders) bench wrote.")
+        report = json.loads(path.read_text())
+        if report.get("partial"):
+            raise ValueError(f"{path} is a partial run (cut short): rerun it before merging.")
+        reports.append((path, report))
+    if len(reports) < 2:
+        raise ValueError("merge needs at least two reports.")
+    first_path, first = reports[0]
+    seen = {}
+    for path, report in reports:
+        for key in MERGE_KEYS:
+            if report["environment"].get(key) != first["environment"].get(key):
+                raise ValueError(
+                    f"{path} was measured with {key} = {report['environment'].get(key)!r}, {first_path} with "
+                    f"{first['environment'].get(key)!r}: only runs of one setting merge into one report."
+                )
+        if report.get("compare") != first.get("compare"):
+            raise ValueError(f"{path} compares {report.get('compare')}, {first_path} {first.get('compare')}.")
+        for context in {row["context"] for row in report["rows"]}:
+            if context in seen:
+                raise ValueError(
+                    f"context {context} was measured by both {seen[context]} and {path}: merged runs must measure "
+                    "different contexts, so that each ratio compares rows of one run."
+                )
+            seen[context] = path
+    profiles = [report["breakdown"] for _, report in reports if "breakdown" in report]
+    if len(profiles) > 1:
+        raise ValueError("more than one of these runs holds a profile (breakdown); keep it in one run only.")
+    rows = [row for _, report in reports for row in report["rows"]]
+    rows.sort(key=lambda row: (list(first["environment"]["parameters"]).index(row["model"])
+                               if row["model"] in first["environment"]["parameters"] else 0, row["context"]))
+    environment = dict(first["environment"])
+    environment["runs"] = len(reports)
+    pairs = [tuple(name.split(" vs ")) for name in first.get("other_ratios", {})]
+    result = summarise(environment, rows, first.get("compare", []), pairs)
+    if profiles:
+        result["breakdown"] = profiles[0]
+    write_report(Path(output), result)
     return result
 
 

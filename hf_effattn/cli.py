@@ -126,6 +126,18 @@ def cmd_bench(args) -> int:
 
     from hf_effattn.evaluation import efficiency
 
+    if args.merge:
+        if args.model is not None or args.shape is not None:
+            raise SystemExit("bench: --merge combines finished runs; it takes no MODEL or --shape.")
+        try:
+            result = efficiency.merge_reports(args.merge, Path(args.output))
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"bench --merge: {error}") from None
+        print(efficiency.render_table(result["rows"]))
+        if result.get("targets"):
+            print(efficiency.render_targets(result["targets"]))
+        print(f"results: {Path(args.output) / 'efficiency.json'}")
+        return 0
     if (args.model is None) == (args.shape is None):
         raise SystemExit("bench: pass a MODEL (optionally with --teacher) or --shape for random weights, not both.")
     if args.plugin_full and not args.shape:
@@ -330,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="default: bfloat16 on CUDA, float32 on CPU")
+    bench.add_argument("--merge", nargs="+", default=None, metavar="RUN",
+                       help="instead of measuring: one report from the efficiency.json of runs of one setting that "
+                            "measured different contexts (a sweep split to fit a time limit)")
     bench.add_argument("--output", required=True, help="folder for efficiency.json, efficiency.md and the plots")
     bench.set_defaults(func=cmd_bench)
 

@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicLayer
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .cache_layers import RowStateLayerMixin, row_state_layer
-from .mixer_common import Padding, RMSNorm, TritonOps
+from .mixer_common import Padding, RMSNorm, TritonOps, apply_rotary
 from .ops_reference import block_topk_attention, block_topk_cached_attention
 
 # which op the prefill runs: None = the Triton kernels on CUDA tensors when triton imports, else the torch reference;
@@ -136,7 +135,7 @@ class BlockTopkAttention(nn.Module):
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q, k = apply_rotary(q, k, cos, sin)
         if past_key_values is None:
             return self.o_proj(self.prefill(q, k, v, padding).flatten(2))
 

@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -138,21 +139,31 @@ DECODER_OPS_OVERRIDE = None
 
 
 def _import_decoder_ops():
-    from .decoder_fusion import rms_norm, silu_mul
+    from .decoder_fusion import rms_norm, rotary, silu_mul
 
-    return rms_norm, silu_mul
+    return rms_norm, silu_mul, rotary
 
 
 DECODER_OPS = TritonOps("RMSNorm and SwiGLU", _import_decoder_ops, fallback="their torch code")
 
 
 def decoder_fusion_ops(x: torch.Tensor):
-    """(rms_norm, silu_mul), the fused inference kernels of the norms and the MLP, when this forward can use them: no
+    """(rms_norm, silu_mul, rotary), the fused inference kernels of the norms, the MLP and the rotary embedding, when
+    this forward can use them: no
     gradient to compute (they have no backward) and outside torch.compile (which fuses the torch code itself). Else
     None."""
     if torch.is_grad_enabled() or not DECODER_OPS.use(x, DECODER_OPS_OVERRIDE):
         return None
     return DECODER_OPS.get()
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """transformers' `apply_rotary_pos_emb` on `[B, T, H, D]` q and k (cos and sin `[B, T, D]`): one kernel each at
+    inference on a GPU."""
+    ops = decoder_fusion_ops(q)
+    if ops is None or cos.shape[-1] != q.shape[-1]:
+        return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    return ops[2](q, cos, sin), ops[2](k, cos, sin)
 
 
 class RMSNorm(nn.Module):

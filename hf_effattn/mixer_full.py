@@ -17,9 +17,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from .mixer_common import RMSNorm, TritonOps
+from .mixer_common import RMSNorm, TritonOps, apply_rotary
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -176,11 +176,11 @@ class FullAttention(nn.Module):
         key_states = self.k_proj(hidden_states).view(hidden_shape)
         if self.config.qk_norm:
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary(query_states, key_states, cos, sin)
         # [B, H, T, D]
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 

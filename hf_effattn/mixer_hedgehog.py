@@ -7,9 +7,8 @@ The cache keeps the window's raw keys/values (transformers' sliding-window part 
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .mixer_common import RMSNorm, key_padding_mask
+from .mixer_common import RMSNorm, apply_rotary, key_padding_mask
 from .ops_reference import hedgehog_attention
 
 
@@ -66,7 +65,7 @@ class HedgehogAttention(nn.Module):
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q, k = apply_rotary(q, k, cos, sin)
 
         initial_state, keep_last = None, self.window - 1
         if past_key_values is not None:

@@ -15,9 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .mixer_common import GatedOutput, Padding, RMSNorm, ShortConvolution, TritonOps, zero_padding
+from .mixer_common import GatedOutput, Padding, RMSNorm, ShortConvolution, TritonOps, apply_rotary, zero_padding
 from .mixer_sliding import windowed_attention
 from .ops_reference import chunk_linear_attention, recurrent_linear_attention
 
@@ -132,7 +131,7 @@ class LinearMixer(nn.Module):
         if position_embeddings is None:
             raise ValueError(f"Layer {self.layer_idx}: a windowed linear mixer needs the rotary position embeddings.")
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q, k = apply_rotary(q, k, cos, sin)
         return windowed_attention(
             q,
             k,

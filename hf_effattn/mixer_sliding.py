@@ -12,10 +12,9 @@ against the bounded cache when no gradient is needed. Anything else runs the tor
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicSlidingWindowLayer, LinearAttentionAndSlidingWindowAttentionLayer
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .cache_layers import RowStateLayerMixin, row_state_layer
-from .mixer_common import Padding, RMSNorm, TritonOps, key_padding_mask
+from .mixer_common import Padding, RMSNorm, TritonOps, apply_rotary, key_padding_mask
 from .ops_reference import sliding_window_attention
 
 # which attention the windowed layers run: None = the Triton kernels on CUDA tensors when triton imports, else the
@@ -242,7 +241,7 @@ class SlidingWindowAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
         # rope in [B, T, H, D] layout
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q, k = apply_rotary(q, k, cos, sin)
 
         o = windowed_attention(
             q,

@@ -4,6 +4,8 @@
                 also returning that sum: one read of each input and one write of each output, instead of about
                 seven fp32 passes in eager torch
     silu_mul    `silu(gate) * up`, the SwiGLU product between the MLP's projections, in one pass instead of three
+    rotary      the rotary position embedding of q or k `[B, T, H, D]` (transformers' rotate-half convention), in one
+                pass instead of six
 
 Both round where eager torch rounds (the sum and the SiLU to the input dtype, the normalised rows to the input dtype
 before the weight), so they match the torch code up to the order of the fp32 summation. At 128k tokens of a 1.5B
@@ -15,8 +17,9 @@ import torch
 
 from .linear_attn_kernels import tl, triton
 
-# elements per program of the SwiGLU kernel
+# elements per program of the SwiGLU kernel; tokens per program of the rotary kernel
 SILU_MUL_BLOCK = 2048
+ROTARY_BLOCK_T = 16
 
 
 @triton.jit
@@ -64,6 +67,46 @@ def silu_mul_kernel(gate, up, out, numel, BLOCK: tl.constexpr):
     # SiLU rounded to the gate's dtype, then the product rounded to the output's, as torch's two ops
     s = (g * tl.sigmoid(g)).to(gate.dtype.element_ty).to(tl.float32)
     tl.store(out + offsets, (s * u).to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rotary_kernel(
+    x,  # [B, T, NH, D]
+    cos,  # [B or 1, T, D]
+    sin,  # [B or 1, T, D]
+    out,  # [B, T, NH, D] contiguous
+    T,
+    stride_xb,
+    stride_xt,
+    stride_xh,
+    stride_cb,
+    stride_ct,
+    NH: tl.constexpr,
+    HALF: tl.constexpr,
+    BT: tl.constexpr,
+    BH: tl.constexpr,
+):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // NH).to(tl.int64), i_bh % NH
+    t = i_t * BT + tl.arange(0, BT).to(tl.int64)
+    d = tl.arange(0, BH)
+    mask = (t < T)[:, None] & (d < HALF)[None, :]
+    x_ptr = x + i_b * stride_xb + t[:, None] * stride_xt + i_h * stride_xh + d[None, :]
+    c_ptr = i_b * stride_cb + t[:, None] * stride_ct + d[None, :]
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(cos + c_ptr, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos + c_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin + c_ptr, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin + c_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    # x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1); each product and the sum rounded to the
+    # output's dtype, as torch's three ops
+    dtype = out.dtype.element_ty
+    o1 = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
+    o2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+    o_ptr = out + ((i_b * T + t[:, None]) * NH + i_h) * (2 * HALF) + d[None, :]
+    tl.store(o_ptr, o1.to(dtype), mask=mask)
+    tl.store(o_ptr + HALF, o2.to(dtype), mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +168,43 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' `apply_rotary_pos_emb` of one tensor `x` `[B, T, H, D]` (any strides with a contiguous last dim)
+    by `cos`, `sin` `[B or 1, T, D]` (the same for every head), with its roundings. Returns a contiguous
+    `[B, T, H, D]` tensor of the dtype torch gives `x * cos`."""
+    batch, seq_len, heads, head_dim = x.shape
+    if head_dim % 2 or cos.shape != sin.shape or cos.dim() != 3 or cos.shape[1:] != (seq_len, head_dim):
+        raise ValueError(
+            f"rotary: expected an even head dim and cos/sin of shape (B or 1, {seq_len}, {head_dim}), got x "
+            f"{tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}."
+        )
+    if cos.shape[0] not in (1, batch):
+        raise ValueError(f"rotary: cos/sin batch {cos.shape[0]} is neither 1 nor {batch}.")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype), device=x.device)
+    if out.numel():
+        half = head_dim // 2
+        rotary_kernel[(triton.cdiv(seq_len, ROTARY_BLOCK_T), batch * heads)](
+            x,
+            cos,
+            sin,
+            out,
+            seq_len,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            cos.stride(0) if cos.shape[0] > 1 else 0,
+            cos.stride(1),
+            NH=heads,
+            HALF=half,
+            BT=ROTARY_BLOCK_T,
+            BH=triton.next_power_of_2(half),
+        )
+    return out
+
+
 def rms_norm_reference(x, weight, eps=1e-6, residual=None):
     """`rms_norm` in torch, written as the decoder layer's eager code."""
     total = x if residual is None else x + residual
@@ -136,3 +216,10 @@ def rms_norm_reference(x, weight, eps=1e-6, residual=None):
 def silu_mul_reference(gate, up):
     """`silu_mul` in torch."""
     return torch.nn.functional.silu(gate) * up
+
+
+def rotary_reference(x, cos, sin):
+    """`rotary` in torch: transformers' rotate-half convention on `[B, T, H, D]`."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin

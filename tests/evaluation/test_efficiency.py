@@ -132,6 +132,42 @@ def test_bench_plugin_full_adds_the_all_full_effattn_model(tmp_path, torch_singl
         main(["bench", "some-model", "--plugin-full", "--output", str(tmp_path)])
 
 
+def test_bench_merge_joins_runs_of_other_contexts(tmp_path, torch_single_thread):
+    """Two runs (as a sweep split to fit a time limit) merge into one report whose ratios are each run's own, and
+    runs that overlap, differ in setting or were cut short are refused."""
+    args = ["bench", "--shape", "tiny", "--decode-steps", "2", "--no-compile", "--plugin-full", "--device", "cpu"]
+    for name, context in (("a", "64"), ("b", "96")):
+        assert main([*args, "--contexts", context, "--output", str(tmp_path / name)]) == 0
+    runs = {name: json.loads((tmp_path / name / "efficiency.json").read_text()) for name in "ab"}
+    assert main(["bench", "--merge", str(tmp_path / "a"), str(tmp_path / "b" / "efficiency.json"),
+                 "--output", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "efficiency.json").read_text())
+    assert merged["environment"]["runs"] == 2
+    assert merged["rows"] == sorted(runs["a"]["rows"] + runs["b"]["rows"],
+                                    key=lambda r: (["full", "hybrid", "full (hf_effattn)"].index(r["model"]),
+                                                   r["context"]))
+    assert merged["ratios"] == runs["a"]["ratios"] + runs["b"]["ratios"]
+    assert merged["targets"] == runs["a"]["targets"] + runs["b"]["targets"]
+    for pair in merged["other_ratios"]:
+        assert merged["other_ratios"][pair] == runs["a"]["other_ratios"][pair] + runs["b"]["other_ratios"][pair]
+    assert "Merged from 2 runs" in (tmp_path / "merged" / "efficiency.md").read_text()
+    # the same context twice: which run's ratio would it be?
+    with pytest.raises(SystemExit, match="context 64 was measured by both"):
+        main(["bench", "--merge", str(tmp_path / "a"), str(tmp_path / "a"), "--output", str(tmp_path / "x")])
+    # another setting
+    other = dict(runs["b"], environment={**runs["b"]["environment"], "dtype": "bfloat16"})
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="dtype"):
+        main(["bench", "--merge", str(tmp_path / "a"), str(tmp_path / "other.json"), "--output", str(tmp_path / "x")])
+    # a run cut short, and a missing file
+    (tmp_path / "partial.json").write_text(json.dumps({**runs["b"], "partial": True}))
+    with pytest.raises(SystemExit, match="partial run"):
+        main(["bench", "--merge", str(tmp_path / "a"), str(tmp_path / "partial.json"), "--output", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="no efficiency.json"):
+        main(["bench", "--merge", str(tmp_path / "a"), str(tmp_path / "nothing"), "--output", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_attention_cache_bytes_predicts_the_keys_and_values(pair):
     full_model, hybrid = pair
     ids = torch.randint(0, 4096, (2, 24))

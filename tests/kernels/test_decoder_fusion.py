@@ -10,8 +10,11 @@ from tests.numerics import rel_rms
 
 pytest.importorskip("hf_effattn.kernels")
 from hf_effattn.kernels.decoder_fusion import (  # noqa: E402
+    ROTARY_BLOCK_T,
     rms_norm,
     rms_norm_reference,
+    rotary,
+    rotary_reference,
     silu_mul,
     silu_mul_reference,
 )
@@ -80,6 +83,26 @@ def test_silu_mul_matches_torch(dtype):
     assert rel_rms(out, ref) < TOL[dtype], rel_rms(out, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim, cos_batch", [(16, 2), (24, 1)])
+def test_rotary_matches_transformers(dtype, head_dim, cos_batch):
+    """The rotate-half embedding of a strided view (a projection's heads), against transformers' own function: the
+    same bits, since each product and the sum round once, as in torch. Head dim 24 has a non-power-of-two half;
+    cos/sin of batch 1 serve every row."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    seq_len = ROTARY_BLOCK_T + 3
+    projection = torch.randn(2, seq_len, 3 * head_dim + 8, device=DEVICE, dtype=dtype)
+    x = projection[..., : 3 * head_dim].view(2, seq_len, 3, head_dim)
+    angles = torch.randn(cos_batch, seq_len, head_dim // 2, device=DEVICE).repeat(1, 1, 2)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    out = rotary(x, cos, sin)
+    expected, _ = apply_rotary_pos_emb(x, x, cos, sin, unsqueeze_dim=2)
+    assert out.is_contiguous() and out.dtype == dtype
+    assert torch.equal(out, expected)
+    assert torch.equal(rotary_reference(x, cos, sin), expected)
+
+
 def test_fused_ops_refuse_mismatched_shapes():
     x = torch.randn(2, 16, device=DEVICE)
     with pytest.raises(ValueError, match="weight: expected shape"):
@@ -88,10 +111,18 @@ def test_fused_ops_refuse_mismatched_shapes():
         rms_norm(x, torch.ones(16, device=DEVICE), residual=x[:1])
     with pytest.raises(ValueError, match="same shape"):
         silu_mul(x, x[:, :8])
+    q = torch.randn(1, 4, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="rotary: expected"):
+        rotary(q, torch.ones(1, 4, 8, device=DEVICE), torch.ones(1, 4, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="neither 1 nor 1"):
+        rotary(q, torch.ones(3, 4, 16, device=DEVICE), torch.ones(3, 4, 16, device=DEVICE))
 
 
-@pytest.mark.parametrize("mixers", [["gdn", "full", "sliding"], ["full", "block_topk"]])
-def test_model_fused_inference_matches_the_torch_path(tiny_config, monkeypatch, mixers):
+# (layout, layers with a rotary embedding: gdn has none by default)
+@pytest.mark.parametrize(
+    "mixers, rotary_layers", [(["gdn", "full", "sliding"], 2), (["full", "block_topk", "hedgehog"], 3)]
+)
+def test_model_fused_inference_matches_the_torch_path(tiny_config, monkeypatch, mixers, rotary_layers):
     """No-grad forward through the cache (a prefill, then decode steps): the fused norms and SwiGLU (which run) give
     the torch path's logits; the mixers run the same ops in both."""
     torch.manual_seed(0)
@@ -101,17 +132,14 @@ def test_model_fused_inference_matches_the_torch_path(tiny_config, monkeypatch, 
     original = mixer_common.DECODER_OPS.load
 
     def counting_load():
-        rms, swiglu = original()
+        def counted(name, op):
+            def run(*args, **kwargs):
+                calls.append(name)
+                return op(*args, **kwargs)
 
-        def counted_rms(*args, **kwargs):
-            calls.append("rms_norm")
-            return rms(*args, **kwargs)
+            return run
 
-        def counted_swiglu(*args, **kwargs):
-            calls.append("silu_mul")
-            return swiglu(*args, **kwargs)
-
-        return counted_rms, counted_swiglu
+        return tuple(counted(name, op) for name, op in zip(("rms_norm", "silu_mul", "rotary"), original()))
 
     monkeypatch.setattr(mixer_common, "DECODER_OPS", mixer_common.TritonOps("test", counting_load))
 
@@ -134,6 +162,8 @@ def test_model_fused_inference_matches_the_torch_path(tiny_config, monkeypatch, 
     layers = len(mixers)
     assert calls.count("rms_norm") == len(norm_calls) >= 3 * (2 * layers + 1), (calls, len(norm_calls))
     assert calls.count("silu_mul") == 3 * layers, calls
+    # q and k of every layer with a rotary embedding
+    assert calls.count("rotary") == 3 * 2 * rotary_layers, calls
     monkeypatch.setattr(mixer_common, "DECODER_OPS_OVERRIDE", "reference")
     reference = decode()
     assert rel_rms(fused, reference) < 1e-5, rel_rms(fused, reference)
