@@ -186,14 +186,19 @@ class FullAttention(nn.Module):
 
         implementation = self.config._attn_implementation
         seq_len = query_states.shape[2]
-        decode = decode_op(query_states) if implementation == "sdpa" and kv_len is not None else None
+        # one query token over keys that are all valid: a static buffer's first `kv_len` slots, or every key when the
+        # model passed no mask (a dynamic cache without padding: a static buffer always gets kv_len or a mask). There,
+        # cuDNN's SDPA builds an execution plan for each new key count (measured: about 7 ms of host time per layer
+        # and step in eager decode); the decode kernel has no such set-up
+        unmasked = kv_len is not None or attention_mask is None
+        decode = decode_op(query_states) if implementation == "sdpa" and unmasked else None
         if (
             decode is not None
             and seq_len == 1
             and not (self.training and self.attention_dropout > 0)
             and not (torch.is_grad_enabled() and any(x.requires_grad for x in (query_states, key_states, value_states)))
         ):
-            # [B, H, 1, D]: the first `kv_len` keys of the static buffer
+            # [B, H, 1, D]: the first `kv_len` keys of the static buffer, or all of them
             attn_output = decode(query_states, key_states, value_states, kv_len, self.scaling)
             return self.o_proj(attn_output.transpose(1, 2).reshape(*input_shape, -1))
         if (

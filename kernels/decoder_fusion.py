@@ -201,6 +201,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
             HALF=half,
             BT=ROTARY_BLOCK_T,
             BH=triton.next_power_of_2(half),
+            # torch rounds each product before the sum: no fused multiply-add
+            enable_fp_fusion=False,
         )
     return out
 

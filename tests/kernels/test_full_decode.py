@@ -1,6 +1,7 @@
-"""The full-attention layers' decode steps on a static cache run the split-KV kernel and give what they give on SDPA
-(the compiled static step: test_compiled_decode.py); steps on a dynamic cache keep SDPA. On a machine
-without a GPU the kernels run through Triton's interpreter."""
+"""The full-attention layers' decode steps over keys that are all valid (a static cache without a mask, a dynamic cache
+without padding) run the split-KV kernel and give what they give on SDPA (the compiled static step:
+test_compiled_decode.py); masked steps keep SDPA. On a machine without a GPU the kernels run through Triton's
+interpreter."""
 
 import pytest
 import torch
@@ -50,13 +51,24 @@ def generate(model, ids, mask, steps=5):
 
 
 @torch.no_grad()
-def test_dynamic_cache_steps_keep_sdpa(tiny_config, kernel_calls):
-    """A dynamic cache holds only valid keys and needs no mask: SDPA's own kernels read it as fast (H100), so greedy
-    generation never calls the split-KV kernel, even when it is forced."""
+def test_dynamic_cache_steps(tiny_config, monkeypatch, kernel_calls):
+    """Greedy generation on a dynamic cache without padding (no mask reaches the layers: every cached key is valid)
+    runs its steps on the kernel and matches SDPA; a left-padded batch has a mask and keeps SDPA."""
     torch.manual_seed(0)
     model = EffAttnForCausalLM(tiny_config(LAYOUT)).to(DEVICE).eval()
     ids = torch.randint(1, 97, (2, 20), device=DEVICE)
-    generate(model, ids, torch.ones_like(ids))
+    sequences, scores = generate(model, ids, torch.ones_like(ids))
+    # 5 new tokens: the prefill gives the first, 4 steps the others, in each of the 2 full layers
+    assert len(kernel_calls) == 4 * 2
+    monkeypatch.setattr(mixer_full, "DECODE_OPS_OVERRIDE", "reference")
+    expected_sequences, expected_scores = generate(model, ids, torch.ones_like(ids))
+    assert torch.equal(sequences, expected_sequences)
+    assert rel_rms(scores, expected_scores) < TOL, rel_rms(scores, expected_scores)
+    monkeypatch.setattr(mixer_full, "DECODE_OPS_OVERRIDE", "triton")
+    kernel_calls.clear()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    generate(model, ids, mask)
     assert kernel_calls == []
 
 
