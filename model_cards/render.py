@@ -393,7 +393,9 @@ def _efficiency_description(name: str, data: dict) -> str:
                 f"model ({params.get('full', 0) / 1e9:.2f}B parameters) beside a hybrid of the same shape "
                 f"({params.get('hybrid', 0) / 1e9:.2f}B parameters; "
                 + ", ".join(f"{count} `{kind}`" for kind, count in counts.items())
-                + f" layers). Measured on {where}, {env.get('decode_steps')} decode steps per measurement.")
+                + f" layers). Measured on {where}, {env.get('decode_steps')} decode steps per measurement"
+                + (f"; merged from {env['runs']} runs of other contexts on the same machine (each ratio within one "
+                   "run)." if env.get("runs", 1) > 1 else "."))
     models = " beside ".join(f"`{role}`" for role in compare) or "the models"
     return f"`{name}`: {models} (this checkpoint and its teacher), measured on {where}, " \
            f"{env.get('decode_steps')} decode steps per measurement."
@@ -538,7 +540,9 @@ def bench_command(data: dict, name: str, file_name: str) -> str:
     env = data.get("environment", {})
     rows = data.get("rows", [])
     contexts = ",".join(str(c) for c in sorted({r["context"] for r in rows}))
-    batches = ",".join(str(b) for b in sorted({r["batch"] for r in rows}))
+    # batches the sweep was given; a largest-batch row's batch comes from the search at its context
+    batches = ",".join(str(b) for b in sorted({r["batch"] for r in rows if not r.get("largest_batch")}))
+    largest = ",".join(str(c) for c in sorted({r["context"] for r in rows if r.get("largest_batch")}))
     if env.get("shape"):
         args = ["hf-effattn", "bench", "--shape", env["shape"], "--full-share", str(env.get("full_share")),
                 "--mixer", str(env.get("mixer"))]
@@ -548,6 +552,10 @@ def bench_command(data: dict, name: str, file_name: str) -> str:
         if isinstance(teacher, dict):
             args += ["--teacher", _teacher_option(teacher.get("spec")) or EMBEDDED_TEACHER]
     args += ["--contexts", contexts, "--batches", batches, "--decode-steps", str(env.get("decode_steps", 16))]
+    if any(r.get("model") == "full (hf_effattn)" for r in rows):
+        args.append("--plugin-full")
+    if largest:
+        args += ["--largest-batch", largest]
     if env.get("prefill_chunk"):
         args += ["--prefill-chunk", str(env["prefill_chunk"])]
     if env.get("dtype"):

@@ -49,14 +49,34 @@ def _ops(tokens: int, device):
     element = 2
     return [
         # name, fused, torch, bytes moved by the fused kernel, exact
-        ("rms_norm", lambda: rms_norm(x, weight), lambda: rms_norm_reference(x, weight), 2 * x.numel() * element,
-         False),
-        ("rms_norm + residual", lambda: rms_norm(x, weight, residual=residual)[0],
-         lambda: rms_norm_reference(x, weight, residual=residual)[0], 4 * x.numel() * element, False),
-        ("silu_mul", lambda: silu_mul(gate, up), lambda: silu_mul_reference(gate, up), 3 * gate.numel() * element,
-         False),
-        ("rotary (q)", lambda: rotary(q, cos, sin), lambda: apply_rotary_pos_emb(q, q, cos, sin, unsqueeze_dim=2)[0],
-         2 * q.numel() * element + 2 * cos.numel() * element, True),
+        (
+            "rms_norm",
+            lambda: rms_norm(x, weight),
+            lambda: rms_norm_reference(x, weight),
+            2 * x.numel() * element,
+            False,
+        ),
+        (
+            "rms_norm + residual",
+            lambda: rms_norm(x, weight, residual=residual)[0],
+            lambda: rms_norm_reference(x, weight, residual=residual)[0],
+            4 * x.numel() * element,
+            False,
+        ),
+        (
+            "silu_mul",
+            lambda: silu_mul(gate, up),
+            lambda: silu_mul_reference(gate, up),
+            3 * gate.numel() * element,
+            False,
+        ),
+        (
+            "rotary (q)",
+            lambda: rotary(q, cos, sin),
+            lambda: apply_rotary_pos_emb(q, q, cos, sin, unsqueeze_dim=2)[0],
+            2 * q.numel() * element + 2 * cos.numel() * element,
+            True,
+        ),
     ]
 
 
@@ -70,9 +90,18 @@ def check_ops(device) -> tuple[list[dict], bool]:
             passed = diff.max().item() <= bound
             ok &= passed
             fused_ms, torch_ms = do_bench(fused), do_bench(reference)
-            rows.append({"op": name, "tokens": tokens, "max_diff": diff.max().item(),
-                         "mismatches": int((diff > 0).sum().item()), "passed": passed, "fused_ms": fused_ms,
-                         "torch_ms": torch_ms, "fused_GBps": nbytes / fused_ms / 1e6})
+            rows.append(
+                {
+                    "op": name,
+                    "tokens": tokens,
+                    "max_diff": diff.max().item(),
+                    "mismatches": int((diff > 0).sum().item()),
+                    "passed": passed,
+                    "fused_ms": fused_ms,
+                    "torch_ms": torch_ms,
+                    "fused_GBps": nbytes / fused_ms / 1e6,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows, ok
 
@@ -102,18 +131,26 @@ def eager_decode(device, profile: bool) -> list[dict]:
             for setting in (None, "reference", None, "reference"):
                 mixer_common.DECODER_OPS_OVERRIDE = setting
                 times = _step_times(model, cache, token)
-                rows.append({"model": name, "decoder_kernels": "off (torch)" if setting else "on",
-                             "ms_per_step": statistics.median(times[5:])})
+                rows.append(
+                    {
+                        "model": name,
+                        "decoder_kernels": "off (torch)" if setting else "on",
+                        "ms_per_step": statistics.median(times[5:]),
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
             if profile:
                 for setting in (None, "reference"):
                     mixer_common.DECODER_OPS_OVERRIDE = setting
                     _step_times(model, cache, token, 3)
-                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    with torch.profiler.profile(
+                        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                    ) as prof:
                         _step_times(model, cache, token, 3)
                     print(f"### {name}, decoder kernels {setting or 'on'}: 3 steps")
-                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+                    print(
+                        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
+                    )
         mixer_common.DECODER_OPS_OVERRIDE = None
         model.cpu()
         torch.cuda.empty_cache()
@@ -130,15 +167,22 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     op_rows, ok = ([], True) if args.decode_only else check_ops(device)
     decode_rows = eager_decode(device, args.profile)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ops": op_rows,
-              "eager_decode": decode_rows, "passed": ok}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "ops": op_rows,
+        "eager_decode": decode_rows,
+        "passed": ok,
+    }
     (args.output / "decoder_fusion_gpu.json").write_text(json.dumps(result, indent=1))
     print("| op | tokens | fused (ms) | torch (ms) | speed-up | fused GB/s | max diff | check |")
     print("|---|---|---|---|---|---|---|---|")
     for r in op_rows:
-        print(f"| {r['op']} | {r['tokens']:,} | {r['fused_ms']:.4f} | {r['torch_ms']:.4f} | "
-              f"{r['torch_ms'] / r['fused_ms']:.2f}x | {r['fused_GBps']:.0f} | {r['max_diff']:.3g} | "
-              f"{'ok' if r['passed'] else 'FAILED'} |")
+        print(
+            f"| {r['op']} | {r['tokens']:,} | {r['fused_ms']:.4f} | {r['torch_ms']:.4f} | "
+            f"{r['torch_ms'] / r['fused_ms']:.2f}x | {r['fused_GBps']:.0f} | {r['max_diff']:.3g} | "
+            f"{'ok' if r['passed'] else 'FAILED'} |"
+        )
     print("\n| model | decoder kernels | eager decode step (ms) |\n|---|---|---|")
     for r in decode_rows:
         print(f"| {r['model']} | {r['decoder_kernels']} | {r['ms_per_step']:.2f} |")

@@ -3,8 +3,9 @@
 # 32k, 128k and 1M tokens, batch 1 and the all-full model's largest batch (at 32k and 128k), eager generate and
 # compiled static-cache decode, Triton kernels on; then a profile of the hybrid at 128k (breakdown.md).
 # Contexts above 128k are prefilled in chunks of 128k tokens; the all-full model at 1M is recorded as out of memory.
-# Usage: scripts/efficiency_gpu.sh OUTPUT_DIR [BENCH OPTIONS...]   (e.g. --plugin-full; about 8 minutes on an H100: ~30 s per compiled decode graph, three
-# graphs per model; the hybrid's 1M-token prefill alone is about a minute)
+# Usage: scripts/efficiency_gpu.sh OUTPUT_DIR [BENCH OPTIONS...]   (e.g. --plugin-full). On an H100 a compiled decode
+# graph takes ~30 s to build: with --plugin-full, 8k and 32k take about 7 minutes, 128k about 6 and 1M about 2.5.
+# Runs of other contexts join into one report with `hf-effattn bench --merge RUN_DIR ... --output DIR`.
 # Override with CONTEXTS, LARGEST_BATCH, EAGER_MAX_CONTEXT (eager generate is skipped above it), BREAKDOWN,
 # PYTHON (default python3); an empty LARGEST_BATCH or BREAKDOWN leaves that part out.
 set -euo pipefail
