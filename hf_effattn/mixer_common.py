@@ -133,8 +133,9 @@ def zero_padding(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.where(mask.view(*mask.shape, *([1] * (x.dim() - 2))), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-# which ops RMSNorm and the decoder layers' SwiGLU run: None = the fused Triton kernels (decoder_fusion.py) on CUDA
-# tensors at inference when triton imports, else the torch code; tests set "triton" or "reference" to force one
+# which ops RMSNorm, the decoder layers' SwiGLU and the mixers' rotary embedding run: None = the fused Triton kernels
+# (decoder_fusion.py) on CUDA tensors at inference when triton imports, else the torch code; tests set "triton" or
+# "reference" to force one
 DECODER_OPS_OVERRIDE = None
 
 
@@ -144,14 +145,13 @@ def _import_decoder_ops():
     return rms_norm, silu_mul, rotary
 
 
-DECODER_OPS = TritonOps("RMSNorm and SwiGLU", _import_decoder_ops, fallback="their torch code")
+DECODER_OPS = TritonOps("RMSNorm, SwiGLU and rotary", _import_decoder_ops, fallback="their torch code")
 
 
 def decoder_fusion_ops(x: torch.Tensor):
     """(rms_norm, silu_mul, rotary), the fused inference kernels of the norms, the MLP and the rotary embedding, when
-    this forward can use them: no
-    gradient to compute (they have no backward) and outside torch.compile (which fuses the torch code itself). Else
-    None."""
+    this forward can use them: no gradient to compute (they have no backward) and outside torch.compile (which fuses
+    the torch code itself). Else None."""
     if torch.is_grad_enabled() or not DECODER_OPS.use(x, DECODER_OPS_OVERRIDE):
         return None
     return DECODER_OPS.get()

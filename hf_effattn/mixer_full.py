@@ -190,11 +190,10 @@ class FullAttention(nn.Module):
         # model passed no mask (a dynamic cache without padding: a static buffer always gets kv_len or a mask). There,
         # cuDNN's SDPA builds an execution plan for each new key count (measured: about 7 ms of host time per layer
         # and step in eager decode); the decode kernel has no such set-up
-        unmasked = kv_len is not None or attention_mask is None
-        decode = decode_op(query_states) if implementation == "sdpa" and unmasked else None
+        unmasked_step = seq_len == 1 and (kv_len is not None or attention_mask is None)
+        decode = decode_op(query_states) if implementation == "sdpa" and unmasked_step else None
         if (
             decode is not None
-            and seq_len == 1
             and not (self.training and self.attention_dropout > 0)
             and not (torch.is_grad_enabled() and any(x.requires_grad for x in (query_states, key_states, value_states)))
         ):

@@ -1,4 +1,5 @@
-"""Fused inference kernels of the decoder layer around its mixer: the RMSNorms and the MLP's SiLU gate.
+"""Fused inference kernels of the decoder layer around its mixer: the RMSNorms, the MLP's SiLU gate and the rotary
+embedding.
 
     rms_norm    Llama's RMSNorm of `x`, or of `x + residual` (the attention output added to the residual stream),
                 also returning that sum: one read of each input and one write of each output, instead of about
@@ -7,10 +8,11 @@
     rotary      the rotary position embedding of q or k `[B, T, H, D]` (transformers' rotate-half convention), in one
                 pass instead of six
 
-Both round where eager torch rounds (the sum and the SiLU to the input dtype, the normalised rows to the input dtype
-before the weight), so they match the torch code up to the order of the fp32 summation. At 128k tokens of a 1.5B
-model the eager versions cost about 0.3 s of a 2 s prefill. They serve inference only (no backward): the decoder
-layer runs them when no gradient is needed, and keeps the torch code (`*_reference` below) for training.
+All three round where eager torch rounds (the sum, the SiLU and each rotary product to the tensor dtype, the
+normalised rows to the input dtype before the weight), so `rotary` gives torch's bits and the others differ only by
+the order of the norm's fp32 summation. At 128k tokens of a 1.5B model the eager versions cost about 0.3 s of a 2 s
+prefill. They serve inference only (no backward): the model runs them when no gradient is needed, and keeps the torch
+code (`*_reference` below) for training.
 """
 
 import torch
