@@ -30,8 +30,9 @@ from .block_topk_kernels import (
 
 MAX_HEAD_DIM = 256
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-# query blocks per selection program, candidate blocks per scoring step
-SELECT_BQ, SELECT_BN = 16, 64
+# query blocks per selection program, candidate blocks per scoring step (also the lanes of the selection's bound),
+# and the slots per query block for candidates at or above the bound (past them, the tile falls back to rounds)
+SELECT_BQ, SELECT_BN, SELECT_CAP = 16, 64, 64
 # query blocks per dk/dv program: longer lists (block 0 is read by every query block) are split and added atomically
 DKV_QUERY_CHUNK = 32
 # launch choices: rows (group heads x block tokens) and warps per program of the forward, dq and dk/dv kernels.
@@ -46,6 +47,8 @@ TUNING = {
     "dq_warps": None,
     "dkv_rows": 64,
     "dkv_warps": 4,
+    "pool_elems": 8192,  # elements of q per load in the block-mean pass
+    "pool_warps": 4,
 }
 
 
@@ -133,9 +136,8 @@ def _pool(q, k, layout, block_size):
         D=head_dim,
         BD=bd,
         BS=block_size,
-        # about 8k elements per load
-        BR=max(1, min(block_size, 8192 // (triton.next_power_of_2(groups) * bd))),
-        num_warps=4,
+        BR=max(1, min(block_size, TUNING["pool_elems"] // (triton.next_power_of_2(groups) * bd))),
+        num_warps=TUNING["pool_warps"],
     )
     return qbar, kbar
 
@@ -143,13 +145,18 @@ def _pool(q, k, layout, block_size):
 def _top_k(qbar, kbar, layout, block_size, top_k, keep_first_block):
     """`[NB, Hkv, top_k]` int32 selection from the block means."""
     num_kv_heads, head_dim = kbar.shape[1], kbar.shape[2]
-    block_indices = torch.full((layout.num_blocks, num_kv_heads, top_k), -1, dtype=torch.int32, device=kbar.device)
+    # every real query block belongs to one tile, whose program writes all its slots
+    block_indices = torch.empty((layout.num_blocks, num_kv_heads, top_k), dtype=torch.int32, device=kbar.device)
     if layout.num_blocks == 0:
         return block_indices
+    kp = max(2, triton.next_power_of_2(top_k))
+    cap = max(SELECT_CAP, 2 * kp)
+    scratch = torch.empty(layout.num_tiles * num_kv_heads * SELECT_BQ, cap, dtype=torch.int64, device=kbar.device)
     block_select_kernel[(layout.num_tiles, num_kv_heads)](
         qbar,
         kbar,
         block_indices,
+        scratch,
         layout.tiles,
         layout.first_blocks,
         layout.cu_seqlens,
@@ -158,9 +165,11 @@ def _top_k(qbar, kbar, layout, block_size, top_k, keep_first_block):
         BD=triton.next_power_of_2(head_dim),
         BS=block_size,
         BQ=SELECT_BQ,
-        BN=SELECT_BN,
+        # at least top_k lanes, so that the bound is the top_k-th largest of distinct candidates
+        BN=max(SELECT_BN, kp),
         TOPK=top_k,
-        KP=max(2, triton.next_power_of_2(top_k)),
+        KP=kp,
+        CAP=cap,
         KEEP_FIRST=keep_first_block,
         num_warps=4,
     )

@@ -5,7 +5,8 @@ Query block i reads its own block (causal), block 0 (KEEP_FIRST, i > 0) and up t
 `block_indices[i, h, :]` (ascending, -1 = empty, empty slots last). One kv head's selection serves its GQA group.
 
   block_pool_kernel        means of every complete block: keys, and queries over the group's heads (fp32);
-  block_select_kernel      scores qbar[i - 1] . kbar[j] for j < i and a running top-TOPK per query block and kv head;
+  block_select_kernel      scores qbar[i - 1] . kbar[j] for j < i and keeps the top TOPK per query block and kv head:
+                           a bound from per-lane maxima, then one sort of the candidates at or above it;
   block_attn_fwd_kernel    one program per (query block, kv head, row tile): flash-style online softmax over the
                            selected blocks; each block's keys/values are loaded once for the tile's BM query rows;
   block_attn_bwd_dq_kernel the same loop for dq;
@@ -117,10 +118,63 @@ def _select_tile(tiles, first_blocks, cu_seqlens, i_t, BS: tl.constexpr, BQ: tl.
 
 
 @triton.jit
+def _chunk_scores(
+    b_q, kbar, first, o_i, m_i, i_h, j0, j_hi, HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr
+):
+    """[BQ, BN] scores qbar[i - 1] . kbar[j] of the candidates j = j0 ... j0 + BN - 1 (-inf where j >= i or
+    j >= j_hi), and their block indices [BN]."""
+    o_j = j0 + tl.arange(0, BN)
+    o_d = tl.arange(0, BD)
+    p_k = kbar + ((first + o_j) * HKV + i_h)[:, None] * D + o_d[None, :]
+    b_k = tl.load(p_k, mask=(o_j < j_hi)[:, None] & (o_d < D)[None, :], other=0.0)
+    # fp32-accurate scores (3xTF32; plain tf32 would differ from decode's fp32 scores at 1e-3)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision="tf32x3")
+    return tl.where((o_j[None, :] < o_i[:, None]) & (o_j < j_hi)[None, :] & m_i[:, None], b_s, float("-inf")), o_j
+
+
+@triton.jit
+def _top_k_rounds(
+    b_q,
+    kbar,
+    first,
+    o_i,
+    m_i,
+    i_h,
+    j_lo,
+    j_hi,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BQ: tl.constexpr,
+    BN: tl.constexpr,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+):
+    """Running top-k (values, block indices) `[BQ, KP]` over every candidate: per chunk, `top_k` rounds at most of
+    max/argmax against the buffer's minimum, skipped when no row can improve."""
+    o_k = tl.arange(0, KP)
+    o_n = tl.arange(0, BN)
+    # slots past TOPK hold +inf so that they are never evicted
+    b_val = tl.where(o_k < TOPK, float("-inf"), float("inf")).to(tl.float32)[None, :] + tl.zeros([BQ, KP], tl.float32)
+    b_idx = (-1 - o_k)[None, :] + tl.zeros([BQ, KP], tl.int32)
+    for j0 in range(j_lo, j_hi, BN):
+        b_s, _ = _chunk_scores(b_q, kbar, first, o_i, m_i, i_h, j0, j_hi, HKV, D, BD, BN)
+        # candidates that beat their row's current minimum bound the rounds needed (the minimum only grows)
+        better = tl.sum((b_s > tl.min(b_val, 1)[:, None]).to(tl.int32), 1)
+        for _round in range(tl.minimum(tl.max(better, 0), TOPK)):
+            # ties within the chunk: the lowest position, i.e. the lowest block index
+            b_top, a_top = tl.max(b_s, 1, return_indices=True, return_indices_tie_break_left=True)
+            b_val, b_idx = _insert(b_val, b_idx, b_top, (j0 + a_top).to(tl.int32))
+            b_s = tl.where(o_n[None, :] == a_top[:, None], float("-inf"), b_s)
+    return b_val, b_idx
+
+
+@triton.jit
 def block_select_kernel(
     qbar,
     kbar,
     block_indices,
+    scratch,
     tiles,
     first_blocks,
     cu_seqlens,
@@ -132,10 +186,18 @@ def block_select_kernel(
     BN: tl.constexpr,
     TOPK: tl.constexpr,
     KP: tl.constexpr,
+    CAP: tl.constexpr,
     KEEP_FIRST: tl.constexpr,
 ):
     """Top-TOPK key blocks j < i (j >= 1 with KEEP_FIRST) by qbar[i - 1] . kbar[j], for BQ query blocks of one
-    sequence and one kv head. Ties go to the lower index; the result is sorted ascending, -1 padded."""
+    sequence and one kv head. Ties go to the lower index; the result is sorted ascending, -1 padded.
+
+    Two passes over the candidates. The first keeps, per row, the maximum of each of the BN lanes (candidate j's
+    lane is its position in its chunk); the lanes hold distinct candidates, so the TOPK-th largest lane maximum is a
+    lower bound of the TOPK-th largest score. The second writes every candidate at or above that bound (about TOPK
+    of them for unordered scores) to the row's CAP slots of `scratch` as one int64 key (score order, then lower
+    index), and one sort picks the top TOPK. A row with more than CAP candidates at the bound (many equal scores)
+    sends its tile to the rounds of `_top_k_rounds` instead."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     first, num_blocks, i_c0, o_i, m_i = _select_tile(tiles, first_blocks, cu_seqlens, i_t, BS, BQ)
     o_d = tl.arange(0, BD)
@@ -143,30 +205,50 @@ def block_select_kernel(
     # [BQ, BD] the query mean that selects for each block: its predecessor's
     p_q = qbar + ((first + o_i - 1) * HKV + i_h)[:, None] * D + o_d[None, :]
     b_q = tl.load(p_q, mask=(m_i & (o_i >= 1))[:, None] & m_d[None, :], other=0.0)
-
-    o_k = tl.arange(0, KP)
-    # running top-k: values and block indices; slots past TOPK hold +inf so that they are never evicted
-    b_val = tl.where(o_k < TOPK, float("-inf"), float("inf")).to(tl.float32)[None, :] + tl.zeros([BQ, KP], tl.float32)
-    b_idx = (-1 - o_k)[None, :] + tl.zeros([BQ, KP], tl.int32)
     j_lo = 1 if KEEP_FIRST else 0
     # candidates j < i for the last valid query block of the tile
     j_hi = tl.minimum(i_c0 + BQ, num_blocks) - 1
     o_n = tl.arange(0, BN)
+
+    b_lane = tl.full([BQ, BN], float("-inf"), tl.float32)
     for j0 in range(j_lo, j_hi, BN):
-        o_j = j0 + o_n
-        p_k = kbar + ((first + o_j) * HKV + i_h)[:, None] * D + o_d[None, :]
-        b_k = tl.load(p_k, mask=(o_j < j_hi)[:, None] & m_d[None, :], other=0.0)
-        # [BQ, BN] fp32-accurate scores (3xTF32; plain tf32 would differ from decode's fp32 scores at 1e-3)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="tf32x3")
-        b_s = tl.where((o_j[None, :] < o_i[:, None]) & (o_j < j_hi)[None, :] & m_i[:, None], b_s, float("-inf"))
-        # candidates that beat their row's current minimum bound the rounds needed (the minimum only grows)
-        better = tl.sum((b_s > tl.min(b_val, 1)[:, None]).to(tl.int32), 1)
-        for _round in range(tl.minimum(tl.max(better, 0), TOPK)):
-            # ties within the chunk: the lowest position, i.e. the lowest block index
-            b_top, a_top = tl.max(b_s, 1, return_indices=True, return_indices_tie_break_left=True)
-            b_val, b_idx = _insert(b_val, b_idx, b_top, (j0 + a_top).to(tl.int32))
-            b_s = tl.where(o_n[None, :] == a_top[:, None], float("-inf"), b_s)
-    _store_selection(block_indices, b_val, b_idx, first, o_i, m_i, i_h, HKV, TOPK, KP)
+        b_s, _ = _chunk_scores(b_q, kbar, first, o_i, m_i, i_h, j0, j_hi, HKV, D, BD, BN)
+        b_lane = tl.maximum(b_lane, b_s)
+    # -inf when the row has fewer than TOPK candidates: then every candidate is kept
+    b_bound = tl.max(tl.where(o_n[None, :] == BN - TOPK, tl.sort(b_lane, 1), float("-inf")), 1)
+
+    o_q = tl.arange(0, BQ)
+    p_row = scratch + ((i_t * HKV + i_h) * BQ + o_q).to(tl.int64)[:, None] * CAP
+    b_cnt = tl.zeros([BQ], dtype=tl.int32)
+    for j0 in range(j_lo, j_hi, BN):
+        b_s, o_j = _chunk_scores(b_q, kbar, first, o_i, m_i, i_h, j0, j_hi, HKV, D, BD, BN)
+        keep = (b_s > float("-inf")) & (b_s >= b_bound[:, None])
+        b_keep = keep.to(tl.int32)
+        b_pos = b_cnt[:, None] + tl.cumsum(b_keep, 1) - 1
+        # order-preserving int32 image of the fp32 score, then 2^31 - 1 - j (lower index first among equal scores)
+        b_bits = b_s.to(tl.int32, bitcast=True)
+        b_ord = tl.where(b_bits >= 0, b_bits, b_bits ^ 0x7FFFFFFF)
+        b_key = (b_ord.to(tl.int64) << 32) | (2147483647 - o_j)[None, :].to(tl.int64)
+        tl.store(p_row + b_pos, b_key, mask=keep & (b_pos < CAP))
+        b_cnt += tl.sum(b_keep, 1)
+
+    if tl.max(b_cnt, 0) > CAP:
+        b_val, b_idx = _top_k_rounds(b_q, kbar, first, o_i, m_i, i_h, j_lo, j_hi, HKV, D, BD, BQ, BN, TOPK, KP)
+        _store_selection(block_indices, b_val, b_idx, first, o_i, m_i, i_h, HKV, TOPK, KP)
+    else:
+        # the stores above came from other threads of the program
+        tl.debug_barrier()
+        o_c = tl.arange(0, CAP)
+        b_keys = tl.load(p_row + o_c[None, :], mask=o_c[None, :] < b_cnt[:, None], other=-9223372036854775808)
+        # a full sort, not tl.topk: Triton 3.6 fails to compile tl.topk here for D = 64 on sm_90
+        b_keys = tl.sort(b_keys, 1, descending=True)
+        big = 2147483647
+        b_sel = (2147483647 - (b_keys & 0xFFFFFFFF)).to(tl.int32)
+        b_sel = tl.where((o_c[None, :] < TOPK) & (o_c[None, :] < b_cnt[:, None]), b_sel, big)
+        b_sel = tl.sort(b_sel, 1)
+        b_sel = tl.where(b_sel == big, -1, b_sel)
+        p_o = block_indices + ((first + o_i) * HKV + i_h)[:, None] * TOPK + o_c[None, :]
+        tl.store(p_o, b_sel, mask=m_i[:, None] & (o_c < TOPK)[None, :])
 
 
 @triton.jit

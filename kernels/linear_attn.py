@@ -79,12 +79,16 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# programs per SM that the fused recurrent kernel's V blocks aim for
+STATE_PROGRAMS_PER_SM = 1
+
+
 def _state_block_v(value_dim: int, programs: int, device) -> int:
-    """V block of the fused recurrent kernel: the largest of 64/32/16 that still gives every SM a program, so that
-    a few sequences run on more than B * HV programs. (The chunked sequential passes use V blocks of 64 and get
-    their programs from segments; see `_state_pass_configs`.)"""
+    """V block of the fused recurrent kernel: the largest of 64/32/16 that still gives every SM
+    `STATE_PROGRAMS_PER_SM` programs, so that a few sequences run on more than B * HV programs. (The chunked
+    sequential passes use V blocks of 64 and get their programs from segments; see `_state_pass_configs`.)"""
     block = _block(value_dim, 64)
-    while block > 16 and programs * triton.cdiv(value_dim, block) < _num_sms(device):
+    while block > 16 and programs * triton.cdiv(value_dim, block) < STATE_PROGRAMS_PER_SM * _num_sms(device):
         block //= 2
     return block
 

@@ -5,8 +5,9 @@
 
 Prefill: bf16, H = 16 heads, D = 128, B * T = 65,536 tokens at T = 2k, 8k, 32k (B = 32, 8, 2) and B = 1 at T = 128k,
 forward and forward + backward of chunk_gated_delta_rule, chunk_gla and chunk_kda, fla's same ops, and causal SDPA
-(flash backend). Decode: one step of fused_recurrent_gated_delta_rule at B = 1, 16, 64 with its fp32 state traffic.
-Times are medians of `triton.testing.do_bench`; the first call of each row (not timed) tunes our launch configs and
+(flash backend). Decode: one step of fused_recurrent_gated_delta_rule at B = 1, 16, 64 with its fp32 state traffic,
+timed as CUDA graph replays that step through state copies of 256 MB or more, so that each step reads its state
+from device memory rather than L2 (eager calls, host launch included, beside them). Other times are medians of `triton.testing.do_bench`; the first call of each row (not timed) tunes our launch configs and
 fla's. Each row also reports the relative RMS difference between our output and fla's. `--profile` prints the CUDA
 time of every kernel of the GDN op, ours and fla's, forward and forward + backward, at B=1, T=128k and B=32, T=2k.
 Rows run in order (decode, SDPA, GDN, the profile, the other ops' forward rows, then their forward + backward rows)
@@ -16,6 +17,7 @@ targets, and writes kernel_bench.json to OUTPUT_DIR after every row. Not a test.
 
 import argparse
 import collections
+import itertools
 import json
 import math
 import time
@@ -60,6 +62,12 @@ def _batch(seq_len: int) -> int:
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bench_graph(fn) -> float:
+    """Median ms of one call of `fn` replayed from a CUDA graph: the kernels alone, without the host's launch cost,
+    as a decode step runs inside a captured model step."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
 def make_inputs(op, batch, seq_len, requires_grad):
@@ -249,14 +257,56 @@ def decode_rows(run: Run, with_fla: bool):
             state = torch.randn(batch, HEADS, DIM, DIM, generator=gen, device="cuda")
             args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": state, "output_final_state": True}
             state_bytes = 2 * state.numel() * 4
+            # the graph steps through enough state copies (>= 256 MB) that every step reads its state from device
+            # memory, not from the 50 MB L2 that one small state would stay in between replays
+            copies = max(1, math.ceil(256e6 / state_bytes))
+            states = [state.clone() for _ in range(copies)]
+
+            def steps(op):
+                return lambda: [op(**{**args, "initial_state": s}) for s in states]
+
             with torch.no_grad():
-                entry["ours_ms"] = bench(lambda: ours.fused_recurrent_gated_delta_rule(**args))
+                # the target's timing: CUDA graph replay; eager calls (host launch included) for contrast
+                entry["ours_ms"] = bench_graph(steps(ours.fused_recurrent_gated_delta_rule)) / copies
                 entry["ours_GBps"] = state_bytes / entry["ours_ms"] / 1e6
+                entry["ours_eager_ms"] = bench(lambda: ours.fused_recurrent_gated_delta_rule(**args))
                 if with_fla:
-                    entry["fla_ms"] = bench(lambda: fla_ops.fused_recurrent_gated_delta_rule(**args))
+                    entry["fla_ms"] = bench_graph(steps(fla_ops.fused_recurrent_gated_delta_rule)) / copies
                     entry["fla_GBps"] = state_bytes / entry["fla_ms"] / 1e6
+                    entry["fla_eager_ms"] = bench(lambda: fla_ops.fused_recurrent_gated_delta_rule(**args))
 
         guarded(run, entry, measure)
+    # the fused recurrent kernel's V blocks, chosen for 1, 2 or 4 programs per SM (graph replay)
+    for batch, factor in itertools.product(DECODE_BATCHES, (2, 4)):
+        entry = {"kind": "decode", "op": f"  V blocks for {factor} programs/SM", "mode": "step", "B": batch, "T": 1}
+
+        def measure_blocks(entry, batch=batch, factor=factor):
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v = (torch.randn(batch, 1, HEADS, DIM, generator=gen, device="cuda").bfloat16() for _ in range(3))
+            g = F.logsigmoid(torch.randn(batch, 1, HEADS, generator=gen, device="cuda"))
+            beta = torch.rand(batch, 1, HEADS, generator=gen, device="cuda").bfloat16()
+            state = torch.randn(batch, HEADS, DIM, DIM, generator=gen, device="cuda")
+            args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": state, "output_final_state": True}
+            saved = linear_attn.STATE_PROGRAMS_PER_SM
+            linear_attn.STATE_PROGRAMS_PER_SM = factor
+            copies = max(1, math.ceil(256e6 / (2 * state.numel() * 4)))
+            states = [state.clone() for _ in range(copies)]
+            try:
+                with torch.no_grad():
+                    entry["ours_ms"] = (
+                        bench_graph(
+                            lambda: [
+                                ours.fused_recurrent_gated_delta_rule(**{**args, "initial_state": s}) for s in states
+                            ]
+                        )
+                        / copies
+                    )
+                    entry["ours_GBps"] = 2 * state.numel() * 4 / entry["ours_ms"] / 1e6
+                    entry["ours_eager_ms"] = bench(lambda: ours.fused_recurrent_gated_delta_rule(**args))
+            finally:
+                linear_attn.STATE_PROGRAMS_PER_SM = saved
+
+        guarded(run, entry, measure_blocks)
 
 
 def kernel_times(prof, calls: int) -> list[tuple[str, float, int]]:
@@ -330,6 +380,9 @@ def print_row(entry):
         extra = f"  {entry['tflops']:.0f} TFLOP/s"
     if "ours_GBps" in entry:
         extra = f"  {entry['ours_GBps']:.0f} GB/s" + (f" (fla {entry['fla_GBps']:.0f})" if "fla_GBps" in entry else "")
+        extra += f"; eager {entry['ours_eager_ms']:.3f} ms" + (
+            f" (fla {entry['fla_eager_ms']:.3f})" if "fla_eager_ms" in entry else ""
+        )
     print(
         f"{entry['op']:<34} {entry['mode']:<8} B={entry['B']:<3} T={entry['T']:<7} {entry['ours_ms']:9.3f}"
         f" {fla_cell} {ratio}{extra}",
@@ -424,7 +477,7 @@ def main():
     print(f"{'op':<34} {'mode':<8} {'shape':<15} {'ours ms':>9} {'fla ms':>9} {'ours/fla':>8}")
     run = Run(args.output_dir, args.budget_s, environment)
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
-    ops = args.ops.split(",")
+    ops = [op for op in args.ops.split(",") if op]  # --ops "": decode (and SDPA) rows only
     if not args.no_decode:
         decode_rows(run, with_fla)
     if not args.no_sdpa:

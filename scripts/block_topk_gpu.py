@@ -12,7 +12,9 @@ SDPA flash and compiled FlexAttention, and decode time per token.
    forward, selection alone, attention alone, forward + backward), SDPA flash causal, SDPA cuDNN causal, compiled
    FlexAttention on the identical selection (own block causal through mask_mod, the others as full blocks); CUDA
    events, median after warm-up; the selection's parts and share; a sweep of the kernels' launch choices at the
-   middle length.
+   middle length. GPU time alone (CUDA graph replay) of the forward, the selection and its parts and the attention,
+   the selection's share of the attention in GPU time, a check of the selection against the torch reference (rows
+   that differ other than by ties fail the run), and the selection's launch choices.
 3. Decode: one token against a cache of 4k ... 128k tokens (`block_topk_cached_attention`), against SDPA over the
    whole cache.
 
@@ -85,6 +87,117 @@ def timed(fn, warmup: int = 2, reps: int = 5) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(stop))
     return sorted(times)[len(times) // 2]
+
+
+def graph_ms(fn, replays: int = 20, reps: int = 5) -> float:
+    """Median GPU milliseconds of `fn()` replayed from a CUDA graph: kernel time without the host's launch cost."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop) / replays)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def selection_check(rows, seq_len, q, k, selected):
+    """Our selection against the torch reference at full length: rows that differ, and how many of them are not
+    ties (the two sets' fp64 score sums differ by more than 1e-6 relative)."""
+    try:
+        from hf_effattn.ops_reference import block_topk_select
+
+        expected = block_topk_select(q, k, BLOCK, TOP_K, KEEP_FIRST)
+        differ = (selected != expected).any(-1)
+        not_ties = 0
+        if differ.any():
+            num_blocks = selected.shape[1]
+            complete = seq_len // BLOCK
+            groups = HEADS // KV_HEADS
+            q_mean = q[0, : complete * BLOCK].double().view(complete, BLOCK, KV_HEADS, groups, HEAD_DIM).mean((1, 3))
+            k_mean = k[0, : complete * BLOCK].double().view(complete, BLOCK, KV_HEADS, HEAD_DIM).mean(1)
+            for i, h in differ[0].nonzero().tolist():
+                sums = []
+                for chosen in (selected[0, i, h], expected[0, i, h]):
+                    chosen = chosen[chosen >= 0].long()
+                    sums.append((k_mean[chosen, h] @ q_mean[i - 1, h]).sum().item() if i < num_blocks else 0.0)
+                not_ties += abs(sums[0] - sums[1]) > 1e-6 * max(1.0, abs(sums[1]))
+        count = int(differ.sum())
+        rows.append(
+            {
+                "section": "selection",
+                "T": seq_len,
+                "name": "selection vs reference",
+                "rows": differ.numel(),
+                "differ": count,
+                "not_ties": int(not_ties),
+                "ok": not_ties == 0,
+            }
+        )
+        print(f"  {seq_len // 1024}k selection check: {count} of {differ.numel()} rows differ, {not_ties} not ties")
+    except Exception as error:  # noqa: BLE001
+        rows.append(
+            {"section": "selection", "T": seq_len, "name": "selection vs reference", "error": repr(error)[:300]}
+        )
+        traceback.print_exc()
+
+
+# selection launch choices timed at every length: (query blocks per program, candidates per step) and the
+# block-mean pass's (q elements per load, warps)
+SELECT_SWEEP = [(16, 64), (32, 64), (8, 64), (16, 128)]
+POOL_SWEEP = [(8192, 4), (16384, 8), (4096, 4), (8192, 8), (16384, 4)]
+
+
+def selection_sweep(rows, seq_len, q, k):
+    saved = (ops.SELECT_BQ, ops.SELECT_BN, dict(ops.TUNING))
+    try:
+        for bq, bn in SELECT_SWEEP:
+            ops.SELECT_BQ, ops.SELECT_BN = bq, bn
+            ops._dense_layout.cache_clear()
+            layout = ops._layout(1, seq_len, BLOCK, None, q.device)
+            means = ops._pool(q, k, layout, BLOCK)
+            ms = graph_ms(lambda: ops._top_k(*means, layout, BLOCK, TOP_K, KEEP_FIRST))  # noqa: B023
+            rows.append(
+                {"section": "prefill", "T": seq_len, "name": f"  scores and top-k, BQ {bq} BN {bn}, GPU", "ms": ms}
+            )
+            print(f"  {seq_len // 1024}k scores and top-k BQ {bq} BN {bn}: {ms:.4f} ms GPU", flush=True)
+        ops.SELECT_BQ, ops.SELECT_BN = saved[0], saved[1]
+        ops._dense_layout.cache_clear()
+        layout = ops._layout(1, seq_len, BLOCK, None, q.device)
+        for elems, warps in POOL_SWEEP:
+            ops.TUNING.update(pool_elems=elems, pool_warps=warps)
+            ms = graph_ms(lambda: ops._pool(q, k, layout, BLOCK))
+            rows.append(
+                {
+                    "section": "prefill",
+                    "T": seq_len,
+                    "name": f"  block means, {elems} per load, {warps} warps, GPU",
+                    "ms": ms,
+                }
+            )
+            print(f"  {seq_len // 1024}k block means {elems} per load, {warps} warps: {ms:.4f} ms GPU", flush=True)
+    except Exception as error:  # noqa: BLE001
+        rows.append({"section": "prefill", "T": seq_len, "name": "selection sweep", "error": repr(error)[:300]})
+        traceback.print_exc()
+    finally:
+        ops.SELECT_BQ, ops.SELECT_BN = saved[0], saved[1]
+        ops.TUNING.clear()
+        ops.TUNING.update(saved[2])
+        ops._dense_layout.cache_clear()
 
 
 def reps_for(ms_estimate: float) -> dict:
@@ -265,6 +378,34 @@ def benchmark(rows, seq_len, sweep):
         rows.append(
             {"section": "prefill", "T": seq_len, "name": "selection / attention time", "share": sel / attention}
         )
+    # GPU time alone (CUDA graph replay): what the kernels cost once launches overlap earlier work, as in a model
+    gpu = {}
+    for name, fn in (
+        ("ours fwd (selection + attention), GPU", ours_fwd),
+        ("ours selection, GPU", ours_select),
+        ("  of which block means, GPU", lambda: ops._pool(q, k, layout, BLOCK)),
+        ("  of which scores and top-k, GPU", lambda: ops._top_k(*means, layout, BLOCK, TOP_K, KEEP_FIRST)),
+        ("ours attention (given selection), GPU", ours_attention),
+    ):
+        try:
+            gpu[name] = graph_ms(fn)
+            rows.append({"section": "prefill", "T": seq_len, "name": name, "ms": gpu[name]})
+            print(f"  {kib}k {name}: {gpu[name]:.4f} ms", flush=True)
+        except Exception as error:  # noqa: BLE001
+            rows.append({"section": "prefill", "T": seq_len, "name": name, "error": repr(error)[:300]})
+            traceback.print_exc()
+    selection_gpu, attention_gpu = gpu.get("ours selection, GPU"), gpu.get("ours attention (given selection), GPU")
+    if selection_gpu and attention_gpu:
+        rows.append(
+            {
+                "section": "prefill",
+                "T": seq_len,
+                "name": "selection / attention, GPU time",
+                "share": selection_gpu / attention_gpu,
+            }
+        )
+    selection_check(rows, seq_len, q, k, selected)
+    selection_sweep(rows, seq_len, q, k)
     if sweep:
         saved = dict(ops.TUNING)
         for choice in FWD_SWEEP:
@@ -341,6 +482,8 @@ def print_table(rows):
                 f"o {row['o']:.1e} dq {row['dq']:.1e} dk {row['dk']:.1e} dv {row['dv']:.1e} "
                 f"{'ok' if row['ok'] else 'FAIL'} (flex bf16 o {flex})"
             )
+        elif row["section"] == "selection":
+            result = f"{row['differ']} of {row['rows']} rows differ, {row['not_ties']} not ties"
         elif "share" in row:
             result = f"{100 * row['share']:.1f} %"
         else:
@@ -405,6 +548,7 @@ def main():
         # a check that failed, raised or never ran fails the run (the report is written first)
         checked = [row for row in rows if row["section"] == "correctness"]
         failed = [row["name"] for row in checked if not row.get("ok")]
+        failed += [f"selection T={row['T']}" for row in rows if row["section"] == "selection" and not row.get("ok")]
         missing = len(CORRECTNESS_CASES) - len(checked)
         if failed or missing:
             sys.exit(f"correctness: {len(failed)} failed {failed}, {missing} did not run")

@@ -103,7 +103,9 @@ def test_given_selection_is_used_and_checked():
     own = kernels.block_topk_attention(q, k, v, 16, 1, False, block_indices=selected)
     other = kernels.block_topk_attention(q, k, v, 16, 1, False, block_indices=forced)
     expected = ops_reference.block_topk_attention(q, k, v, 16, 1, False, block_indices=forced)
-    assert rel_rms(other, expected) <= 1e-4 and rel_rms(own, other) > 1e-3
+    # the fp32 output tolerance (GPUs run fp32 dots in tf32); the two selections differ far beyond it
+    output_tol = TOLERANCE[torch.float32][0]
+    assert rel_rms(other, expected) <= output_tol and rel_rms(own, other) > 10 * output_tol
     with pytest.raises(ValueError, match="block_indices must hold"):
         kernels.block_topk_attention(q, k, v, 16, 1, block_indices=selected[:, :2])
 
