@@ -7,8 +7,8 @@ Prefill: bf16, H = 16 heads, D = 128, B * T = 65,536 tokens at T = 2k, 8k, 32k (
 forward and forward + backward of chunk_gated_delta_rule, chunk_gla and chunk_kda, fla's same ops, and causal SDPA
 (flash backend). Decode: one step of fused_recurrent_gated_delta_rule at B = 1, 16, 64 with its fp32 state traffic,
 timed as CUDA graph replays that step through state copies of 256 MB or more, so that each step reads its state
-from device memory rather than L2 (eager calls, host launch included, beside them). Other times are medians of `triton.testing.do_bench`; the first call of each row (not timed) tunes our launch configs and
-fla's. Each row also reports the relative RMS difference between our output and fla's. `--profile` prints the CUDA
+from device memory rather than L2 (eager calls, host launch included, beside them). Other times are medians of
+`triton.testing.do_bench`; the first call of each row (not timed) tunes our launch configs and fla's. Each row also reports the relative RMS difference between our output and fla's. `--profile` prints the CUDA
 time of every kernel of the GDN op, ours and fla's, forward and forward + backward, at B=1, T=128k and B=32, T=2k.
 Rows run in order (decode, SDPA, GDN, the profile, the other ops' forward rows, then their forward + backward rows)
 until `--budget-s` is spent; the rest are recorded as skipped. Prints a table, the tuned launch configs and the
@@ -244,36 +244,42 @@ def sdpa_rows(run: Run, seq_lens):
             guarded(run, entry, measure)
 
 
+def decode_inputs(batch):
+    """(arguments of one GDN decode step at `batch`, copies of its state): the graph steps through enough state
+    copies (>= 256 MB) that every step reads its state from device memory, not from the 50 MB L2 that one small
+    state would stay in between replays."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(batch, 1, HEADS, DIM, generator=gen, device="cuda").bfloat16() for _ in range(3))
+    q, k = F.normalize(q.float(), dim=-1).bfloat16(), F.normalize(k.float(), dim=-1).bfloat16()
+    g = F.logsigmoid(torch.randn(batch, 1, HEADS, generator=gen, device="cuda"))
+    beta = torch.rand(batch, 1, HEADS, generator=gen, device="cuda").bfloat16()
+    state = torch.randn(batch, HEADS, DIM, DIM, generator=gen, device="cuda")
+    args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": state, "output_final_state": True}
+    copies = max(1, math.ceil(256e6 / (2 * state.numel() * 4)))
+    return args, [state.clone() for _ in range(copies)]
+
+
+def time_decode(entry, prefix, op, args, states):
+    """`{prefix}_ms` per step (CUDA graph replay over the state copies), `{prefix}_GBps` of fp32 state read and
+    written, and `{prefix}_eager_ms` of one eager call (host launch included)."""
+    state_bytes = 2 * states[0].numel() * 4
+    with torch.no_grad():
+        replay = bench_graph(lambda: [op(**{**args, "initial_state": s}) for s in states])
+        entry[f"{prefix}_ms"] = replay / len(states)
+        entry[f"{prefix}_GBps"] = state_bytes / entry[f"{prefix}_ms"] / 1e6
+        entry[f"{prefix}_eager_ms"] = bench(lambda: op(**args))
+
+
 def decode_rows(run: Run, with_fla: bool):
     for batch in DECODE_BATCHES:
         entry = {"kind": "decode", "op": "fused_recurrent_gated_delta_rule", "mode": "step", "B": batch, "T": 1}
 
         def measure(entry, batch=batch):
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            q, k, v = (torch.randn(batch, 1, HEADS, DIM, generator=gen, device="cuda").bfloat16() for _ in range(3))
-            q, k = F.normalize(q.float(), dim=-1).bfloat16(), F.normalize(k.float(), dim=-1).bfloat16()
-            g = F.logsigmoid(torch.randn(batch, 1, HEADS, generator=gen, device="cuda"))
-            beta = torch.rand(batch, 1, HEADS, generator=gen, device="cuda").bfloat16()
-            state = torch.randn(batch, HEADS, DIM, DIM, generator=gen, device="cuda")
-            args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": state, "output_final_state": True}
-            state_bytes = 2 * state.numel() * 4
-            # the graph steps through enough state copies (>= 256 MB) that every step reads its state from device
-            # memory, not from the 50 MB L2 that one small state would stay in between replays
-            copies = max(1, math.ceil(256e6 / state_bytes))
-            states = [state.clone() for _ in range(copies)]
-
-            def steps(op):
-                return lambda: [op(**{**args, "initial_state": s}) for s in states]
-
-            with torch.no_grad():
-                # the target's timing: CUDA graph replay; eager calls (host launch included) for contrast
-                entry["ours_ms"] = bench_graph(steps(ours.fused_recurrent_gated_delta_rule)) / copies
-                entry["ours_GBps"] = state_bytes / entry["ours_ms"] / 1e6
-                entry["ours_eager_ms"] = bench(lambda: ours.fused_recurrent_gated_delta_rule(**args))
-                if with_fla:
-                    entry["fla_ms"] = bench_graph(steps(fla_ops.fused_recurrent_gated_delta_rule)) / copies
-                    entry["fla_GBps"] = state_bytes / entry["fla_ms"] / 1e6
-                    entry["fla_eager_ms"] = bench(lambda: fla_ops.fused_recurrent_gated_delta_rule(**args))
+            args, states = decode_inputs(batch)
+            # the target's timing: CUDA graph replay; eager calls for contrast
+            time_decode(entry, "ours", ours.fused_recurrent_gated_delta_rule, args, states)
+            if with_fla:
+                time_decode(entry, "fla", fla_ops.fused_recurrent_gated_delta_rule, args, states)
 
         guarded(run, entry, measure)
     # the fused recurrent kernel's V blocks, chosen for 1, 2 or 4 programs per SM (graph replay)
@@ -281,28 +287,11 @@ def decode_rows(run: Run, with_fla: bool):
         entry = {"kind": "decode", "op": f"  V blocks for {factor} programs/SM", "mode": "step", "B": batch, "T": 1}
 
         def measure_blocks(entry, batch=batch, factor=factor):
-            gen = torch.Generator(device="cuda").manual_seed(0)
-            q, k, v = (torch.randn(batch, 1, HEADS, DIM, generator=gen, device="cuda").bfloat16() for _ in range(3))
-            g = F.logsigmoid(torch.randn(batch, 1, HEADS, generator=gen, device="cuda"))
-            beta = torch.rand(batch, 1, HEADS, generator=gen, device="cuda").bfloat16()
-            state = torch.randn(batch, HEADS, DIM, DIM, generator=gen, device="cuda")
-            args = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": state, "output_final_state": True}
+            args, states = decode_inputs(batch)
             saved = linear_attn.STATE_PROGRAMS_PER_SM
             linear_attn.STATE_PROGRAMS_PER_SM = factor
-            copies = max(1, math.ceil(256e6 / (2 * state.numel() * 4)))
-            states = [state.clone() for _ in range(copies)]
             try:
-                with torch.no_grad():
-                    entry["ours_ms"] = (
-                        bench_graph(
-                            lambda: [
-                                ours.fused_recurrent_gated_delta_rule(**{**args, "initial_state": s}) for s in states
-                            ]
-                        )
-                        / copies
-                    )
-                    entry["ours_GBps"] = 2 * state.numel() * 4 / entry["ours_ms"] / 1e6
-                    entry["ours_eager_ms"] = bench(lambda: ours.fused_recurrent_gated_delta_rule(**args))
+                time_decode(entry, "ours", ours.fused_recurrent_gated_delta_rule, args, states)
             finally:
                 linear_attn.STATE_PROGRAMS_PER_SM = saved
 

@@ -40,7 +40,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from hf_effattn.kernels import block_topk as ops
 from hf_effattn.kernels.testing import rel_rms
-from hf_effattn.ops_reference import block_topk_cached_attention
+from hf_effattn.ops_reference import block_topk_cached_attention, block_topk_select
 
 BF16 = torch.bfloat16
 BLOCK, TOP_K, KEEP_FIRST = 64, 16, True
@@ -119,13 +119,10 @@ def selection_check(rows, seq_len, q, k, selected):
     """Our selection against the torch reference at full length: rows that differ, and how many of them are not
     ties (the two sets' fp64 score sums differ by more than 1e-6 relative)."""
     try:
-        from hf_effattn.ops_reference import block_topk_select
-
         expected = block_topk_select(q, k, BLOCK, TOP_K, KEEP_FIRST)
         differ = (selected != expected).any(-1)
         not_ties = 0
         if differ.any():
-            num_blocks = selected.shape[1]
             complete = seq_len // BLOCK
             groups = HEADS // KV_HEADS
             q_mean = q[0, : complete * BLOCK].double().view(complete, BLOCK, KV_HEADS, groups, HEAD_DIM).mean((1, 3))
@@ -134,7 +131,7 @@ def selection_check(rows, seq_len, q, k, selected):
                 sums = []
                 for chosen in (selected[0, i, h], expected[0, i, h]):
                     chosen = chosen[chosen >= 0].long()
-                    sums.append((k_mean[chosen, h] @ q_mean[i - 1, h]).sum().item() if i < num_blocks else 0.0)
+                    sums.append((k_mean[chosen, h] @ q_mean[i - 1, h]).sum().item())
                 not_ties += abs(sums[0] - sums[1]) > 1e-6 * max(1.0, abs(sums[1]))
         count = int(differ.sum())
         rows.append(
