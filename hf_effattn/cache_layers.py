@@ -6,6 +6,7 @@ window's sink tokens) caches it on a subclass whose `row_state` attributes follo
 """
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 
 def map_rows(value, fn):
@@ -17,6 +18,18 @@ def map_rows(value, fn):
     if isinstance(value, (tuple, list)):
         return type(value)(map_rows(x, fn) for x in value)
     raise TypeError(f"Per-row cache state holds tensors, tuples, lists and dicts, got {type(value).__name__}.")
+
+
+# transformers 5.17's DynamicLayer zeroes its keys/values on `reset` and keeps reporting their length (5.18 drops them)
+RESET_KEEPS_KEYS = "reset" not in vars(DynamicLayer)
+
+
+def drop_keys(layer) -> None:
+    """Empties a reset `DynamicLayer` (or subclass) whatever the transformers version: a reset layer holds no tokens,
+    and `update` grows its keys from empty again."""
+    if isinstance(layer, DynamicLayer):
+        layer.keys = layer.values = None
+        layer.is_initialized = False
 
 
 class RowStateLayerMixin:
@@ -53,6 +66,7 @@ class RowStateLayerMixin:
 
     def reset(self) -> None:
         super().reset()
+        drop_keys(self)
         for name in self.row_state:
             setattr(self, name, None)
 

@@ -26,16 +26,16 @@ BLOCK_TOPK_OPS_OVERRIDE = None
 
 
 def _import_block_topk():
-    from .block_topk import block_topk_attention as op
+    from .block_topk import block_topk_attention, block_topk_rotary
 
-    return op
+    return block_topk_attention, block_topk_rotary
 
 
 BLOCK_TOPK_OPS = TritonOps("block_topk", _import_block_topk)
 
 
 def triton_block_topk():
-    """The Triton prefill op, or None where triton is missing."""
+    """The Triton ops (prefill attention, rotary with block means), or None where triton is missing."""
     return BLOCK_TOPK_OPS.get()
 
 
@@ -101,13 +101,39 @@ class BlockTopkAttention(nn.Module):
     def options(self) -> dict:
         return {"block_size": self.block_size, "top_k": self.top_k, "keep_first_block": self.keep_first_block}
 
-    def prefill(self, q, k, v, padding: Padding):
-        """Block-sparse attention of a whole sequence; padded rows run as packed sequences of their real tokens."""
+    def fuse_rotary(self, q, k, cos, padding: Padding, layer) -> bool:
+        """Whether this forward runs `block_topk_rotary`: a prefill (no cache or an empty one) of an unpadded batch on
+        the Triton ops, at inference (the fused kernel has no backward), with rotary over the whole head dim."""
+        return (
+            (layer is None or layer.get_seq_length() == 0)
+            and padding.current is None
+            and use_triton(q)
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+            and cos.shape[-1] == self.head_dim
+        )
+
+    def decode_state(self, qbar, kbar, seq_len: int) -> dict:
+        """`block_topk_cached_attention`'s state after a prefill of `seq_len` tokens from their block means (as
+        `block_topk_rotary` returns them): the complete blocks' key means, the query mean of the last complete block
+        and the query sum of the block in progress."""
+        size, complete = self.block_size, seq_len // self.block_size
+        scale = size * (self.num_heads // self.num_kv_heads)
+        zeros = qbar.new_zeros(qbar.shape[0], *qbar.shape[2:])
+        return {
+            "kbar": kbar,
+            "qbar": qbar[:, complete - 1] if complete else zeros,
+            "qsum": qbar[:, complete] * scale if seq_len % size else zeros,
+        }
+
+    def prefill(self, q, k, v, padding: Padding, block_means=None):
+        """Block-sparse attention of a whole sequence; padded rows run as packed sequences of their real tokens.
+        `block_means` (no padding, the Triton op) come from `block_topk_rotary`."""
         batch, seq_len = q.shape[:2]
-        op = triton_block_topk() if use_triton(q) else block_topk_attention
+        op = triton_block_topk()[0] if use_triton(q) else block_topk_attention
         mask = padding.current
         if mask is None:
-            return op(q, k, v, scale=self.scaling, **self.options)
+            given = {} if block_means is None else {"block_means": block_means}
+            return op(q, k, v, scale=self.scaling, **self.options, **given)
         # [N] flat indices of the real tokens, packed row after row
         real = mask.flatten().nonzero().squeeze(1)
         cu_seqlens = F.pad(mask.sum(-1).cumsum(0), (1, 0))
@@ -135,11 +161,16 @@ class BlockTopkAttention(nn.Module):
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
-        q, k = apply_rotary(q, k, cos, sin)
-        if past_key_values is None:
-            return self.o_proj(self.prefill(q, k, v, padding).flatten(2))
+        layer = None if past_key_values is None else block_topk_cache_layer(past_key_values, self.layer_idx)
+        block_means = None
+        if self.fuse_rotary(q, k, cos, padding, layer):
+            # the rotary embedding and the selection's block means in one pass over q and k
+            q, k, block_means = triton_block_topk()[1](q, k, cos, sin, self.block_size)
+        else:
+            q, k = apply_rotary(q, k, cos, sin)
+        if layer is None:
+            return self.o_proj(self.prefill(q, k, v, padding, block_means).flatten(2))
 
-        layer = block_topk_cache_layer(past_key_values, self.layer_idx)
         # [B, L, Hkv, D]: the cached keys/values followed by the current ones
         k_all, v_all = past_key_values.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
         k_all, v_all = k_all.transpose(1, 2), v_all.transpose(1, 2)
@@ -151,7 +182,11 @@ class BlockTopkAttention(nn.Module):
                 "without a cache."
             )
         first_real = padding.first_real
-        if k_all.shape[1] == seq_len:
+        if block_means is not None:
+            # an empty cache, no padding: the prefill op, and the decode state from the block means it used
+            o = self.prefill(q, k, v, padding, block_means)
+            state = self.decode_state(*block_means, seq_len)
+        elif k_all.shape[1] == seq_len:
             # an empty cache: the prefill op, then the block means for the steps that follow
             o = self.prefill(q, k, v, padding)
             _, state = block_topk_cached_attention(

@@ -15,6 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding
 
+from .cache_layers import drop_keys
 from .configuration_effattn import LINEAR_KINDS, EffAttnConfig
 from .mixer_block_topk import BlockTopkAttention
 from .mixer_common import Padding, RMSNorm, ShortConvolution, decoder_fusion_ops
@@ -136,6 +137,8 @@ class EffAttnCache(DynamicCache):
 
     def reset(self) -> None:
         super().reset()
+        for layer in self.layers:
+            drop_keys(layer)
         self.effattn_seen_tokens = 0
 
     def crop(self, tokens_to_remove: int) -> None:

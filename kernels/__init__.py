@@ -4,7 +4,7 @@ Each op has a pure-PyTorch reference in `hf_effattn.ops_reference`; the mixers f
 GPU is missing.
 """
 
-from .block_topk import block_topk_attention, block_topk_select
+from .block_topk import block_topk_attention, block_topk_rotary, block_topk_select
 from .decoder_fusion import rms_norm, silu_mul
 from .linear_attn import (
     chunk_delta_rule,
@@ -23,6 +23,7 @@ from .sliding_window import sliding_window_attention, sliding_window_decode
 
 __all__ = [
     "block_topk_attention",
+    "block_topk_rotary",
     "block_topk_select",
     "chunk_delta_rule",
     "chunk_gated_delta_rule",

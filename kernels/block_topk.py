@@ -2,6 +2,8 @@
 
     block_topk_select     which key blocks each query block reads: `[B, NQ, Hkv, top_k]` block indices
     block_topk_attention  causal softmax over each query block's own block, block 0 and its top-k blocks
+    block_topk_rotary     the rotary embedding of q and k with the block means of the result, in one pass: the
+                          selection then reads neither q nor k again (`block_means=` of the two ops above)
 
 Semantics are those of `hf_effattn.ops_reference.block_topk_select` / `block_topk_attention`: blocks of
 `block_size` tokens from each sequence start; query block i scores key blocks j < i by the mean of block i - 1's
@@ -24,6 +26,7 @@ from .block_topk_kernels import (
     block_attn_bwd_dq_kernel,
     block_attn_fwd_kernel,
     block_pool_kernel,
+    block_rotary_pool_kernel,
     block_select_kernel,
     triton,
 )
@@ -68,6 +71,7 @@ class _Layout:
     sequence's first block, and the selection tiles `[NT, 2]` (sequence, first block) of `SELECT_BQ` blocks."""
 
     def __init__(self, batch: int, seq_len: int, block_size: int, cu_seqlens: torch.Tensor | None, device):
+        self.packed = cu_seqlens is not None
         if cu_seqlens is None:
             self.cu_seqlens = torch.arange(batch + 1, device=device, dtype=torch.int64) * seq_len
             num_seqs, per_row = batch, triton.cdiv(seq_len, block_size)
@@ -176,10 +180,107 @@ def _top_k(qbar, kbar, layout, block_size, top_k, keep_first_block):
     return block_indices
 
 
-def _select(q, k, layout, block_size, top_k, keep_first_block):
-    """`[NB, Hkv, top_k]` int32 selection of packed q `[1, T, H, D]`, k `[1, T, Hkv, D]`."""
-    qbar, kbar = _pool(q, k, layout, block_size)
+def _select(q, k, layout, block_size, top_k, keep_first_block, block_means=None):
+    """`[NB, Hkv, top_k]` int32 selection of packed q `[1, T, H, D]`, k `[1, T, Hkv, D]`, or of their given block
+    means (as `block_topk_rotary` returns them)."""
+    if block_means is None:
+        qbar, kbar = _pool(q, k, layout, block_size)
+    else:
+        qbar, kbar = _given_means(block_means, layout, k.shape[2], k.shape[3])
     return _top_k(qbar, kbar, layout, block_size, top_k, keep_first_block)
+
+
+def _given_means(block_means, layout, num_kv_heads, head_dim):
+    """(qbar, kbar) `[NB, Hkv, D]` fp32 views of `block_means`, checked against the layout."""
+    if layout.packed:
+        raise ValueError(
+            "block_means come from block_topk_rotary on a dense batch, whose blocks count from token 0 of each row; "
+            "with cu_seqlens, leave block_means unset (the op pools each packed sequence's blocks itself)"
+        )
+    expected = (layout.num_blocks, num_kv_heads, head_dim)
+    if not isinstance(block_means, (tuple, list)) or len(block_means) != 2:
+        raise TypeError("block_means must be the (query means, key means) pair that block_topk_rotary returns")
+    means = [m.reshape(-1, *m.shape[-2:]) for m in block_means]
+    for name, m in zip(("query", "key"), means, strict=True):
+        if tuple(m.shape) != expected or m.dtype != torch.float32:
+            raise ValueError(
+                f"block_means: the {name} means must be fp32 of {expected} (blocks, kv heads, head dim) as "
+                f"block_topk_rotary returns them for these inputs, got {m.dtype} {tuple(m.shape)}"
+            )
+    return means[0].contiguous(), means[1].contiguous()
+
+
+def block_topk_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """transformers' rotary embedding of q `[B, T, H, D]` and k `[B, T, Hkv, D]` by cos, sin `[B or 1, T, D]` (with the
+    bits of `decoder_fusion.rotary`), and in the same pass the block means the selection scores: the mean of each
+    complete block's rotated queries over its tokens and the GQA group's heads, and its mean rotated key.
+
+    For inference (no backward). Blocks count from token 0 of each row (a dense batch, no packing). Returns
+    `(q_rot, k_rot, (qbar, kbar))`, the means fp32 `[B, NB, Hkv, D]`, to pass as `block_means=` to
+    `block_topk_attention` / `block_topk_select` with the rotated q and k. The last block of a row, when incomplete,
+    holds its query sum / (block_size * G) and a zero key mean (the decode state's convention; the selection reads
+    neither).
+    """
+    batch, seq_len, num_heads, head_dim = q.shape
+    if k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != head_dim or num_heads % k.shape[2]:
+        raise ValueError(f"expected q [B, T, H, D] and k [B, T, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+    if head_dim % 2 or head_dim > MAX_HEAD_DIM or cos.shape != sin.shape or cos.dim() != 3:
+        raise ValueError(
+            f"expected an even head dim up to {MAX_HEAD_DIM} and cos/sin of shape (B or 1, {seq_len}, {head_dim}), "
+            f"got q {tuple(q.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}"
+        )
+    if cos.shape[1:] != (seq_len, head_dim) or cos.shape[0] not in (1, batch):
+        raise ValueError(f"cos/sin: expected shape (1 or {batch}, {seq_len}, {head_dim}), got {tuple(cos.shape)}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES} (a power of two the kernels tile), got {block_size}")
+    q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
+    cos, sin = cos.contiguous(), sin.contiguous()
+    num_kv_heads, groups = k.shape[2], num_heads // k.shape[2]
+    per_row = triton.cdiv(seq_len, block_size)
+    dtype = torch.promote_types(q.dtype, cos.dtype)
+    q_rot = torch.empty(q.shape, dtype=dtype, device=q.device)
+    k_rot = torch.empty(k.shape, dtype=torch.promote_types(k.dtype, cos.dtype), device=k.device)
+    if k_rot.dtype != dtype:
+        raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    qbar = q.new_empty(batch, per_row, num_kv_heads, head_dim, dtype=torch.float32)
+    kbar = torch.empty_like(qbar)
+    if batch * per_row:
+        half, gp = head_dim // 2, triton.next_power_of_2(groups)
+        hp = triton.next_power_of_2(half)
+        block_rotary_pool_kernel[(batch * per_row, num_kv_heads)](
+            q,
+            k,
+            cos,
+            sin,
+            q_rot,
+            k_rot,
+            qbar,
+            kbar,
+            seq_len,
+            per_row,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            cos.stride(0) if cos.shape[0] > 1 else 0,
+            cos.stride(1),
+            H=num_heads,
+            HKV=num_kv_heads,
+            G=groups,
+            GP=gp,
+            HALF=half,
+            HP=hp,
+            BS=block_size,
+            BR=max(1, min(block_size, TUNING["pool_elems"] // (gp * 2 * hp))),
+            num_warps=TUNING["pool_warps"],
+            # torch rounds each product before the sum: no fused multiply-add
+            enable_fp_fusion=False,
+        )
+    return q_rot, k_rot, (qbar, kbar)
 
 
 def _attention_fwd(q, k, v, block_indices, layout, block_size, keep_first_block, scale):
@@ -391,6 +492,7 @@ def block_topk_select(
     top_k: int = 16,
     keep_first_block: bool = True,
     cu_seqlens: torch.Tensor | None = None,
+    block_means: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Block selection: `[B, NQ, Hkv, top_k]` int32 key-block indices relative to each sequence start, ascending,
     -1 for empty slots (NQ = ceil(T / block_size), or the total over packed sequences). The own block and block 0
@@ -399,7 +501,10 @@ def block_topk_select(
     batch, seq_len = q.shape[:2]
     layout = _layout(batch, seq_len, block_size, cu_seqlens, q.device)
     with torch.no_grad():
-        selected = _select(_packed(q), _packed(k.to(q.dtype)), layout, block_size, top_k, keep_first_block)
+        if block_means is not None:
+            selected = _select(None, k, layout, block_size, top_k, keep_first_block, block_means)
+        else:
+            selected = _select(_packed(q), _packed(k.to(q.dtype)), layout, block_size, top_k, keep_first_block)
     return selected.view(batch, -1, *selected.shape[1:]) if cu_seqlens is None else selected[None]
 
 
@@ -414,6 +519,7 @@ def block_topk_attention(
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     block_indices: torch.Tensor | None = None,
+    block_means: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal block-sparse attention: each query block reads its own block, block 0 (`keep_first_block`) and its
     `top_k` selected earlier blocks, with exact softmax over their union.
@@ -425,6 +531,8 @@ def block_topk_attention(
         cu_seqlens: `[N + 1]` cumulative lengths of sequences packed along T (then B must be 1).
         block_indices: a selection in `block_topk_select`'s layout (valid entries first, each < its query block and
             not block 0 when `keep_first_block`); computed when None.
+        block_means: `(qbar, kbar)` from `block_topk_rotary` on these q and k (dense batches): the selection scores
+            them instead of pooling q and k again. Ignored when `block_indices` is given.
     Returns:
         `[B, T, H, D]` in q's dtype; gradients for q, k and v.
 
@@ -438,7 +546,7 @@ def block_topk_attention(
     qp, kp, vp = _packed(q), _packed(k.to(q.dtype)), _packed(v.to(q.dtype))
     if block_indices is None:
         with torch.no_grad():
-            block_indices = _select(qp.detach(), kp.detach(), layout, block_size, top_k, keep_first_block)
+            block_indices = _select(qp.detach(), kp.detach(), layout, block_size, top_k, keep_first_block, block_means)
     else:
         expected = (layout.num_blocks, k.shape[2])
         block_indices = block_indices.to(device=q.device, dtype=torch.int32).reshape(-1, *block_indices.shape[-2:])

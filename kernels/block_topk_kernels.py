@@ -5,6 +5,7 @@ Query block i reads its own block (causal), block 0 (KEEP_FIRST, i > 0) and up t
 `block_indices[i, h, :]` (ascending, -1 = empty, empty slots last). One kv head's selection serves its GQA group.
 
   block_pool_kernel        means of every complete block: keys, and queries over the group's heads (fp32);
+  block_rotary_pool_kernel the rotary embedding of q and k (a dense batch) with the same means in the same pass;
   block_select_kernel      scores qbar[i - 1] . kbar[j] for j < i and keeps the top TOPK per query block and kv head:
                            a bound from per-lane maxima, then one sort of the candidates at or above it;
   block_attn_fwd_kernel    one program per (query block, kv head, row tile): flash-style online softmax over the
@@ -78,6 +79,98 @@ def block_pool_kernel(
         o_out = (i_b.to(tl.int64) * HKV + i_h) * D + o_d
         tl.store(qbar + o_out, tl.sum(tl.sum(b_qs, 0), 0) / (BS * G), mask=m_d)
         tl.store(kbar + o_out, tl.sum(b_ks, 0) / BS, mask=m_d)
+
+
+@triton.jit
+def _rotate_half(x1, x2, c1, c2, s1, s2, dtype: tl.constexpr):
+    """x * cos + rotate_half(x) * sin by halves, rotate_half(x) = (-x2, x1): each product and the sum rounded to
+    `dtype`, as torch's three ops (the kernel is compiled without fused multiply-adds)."""
+    y1 = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
+    y2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+    return y1.to(dtype), y2.to(dtype)
+
+
+@triton.jit
+def block_rotary_pool_kernel(
+    q,  # [B, T, H, D], last dim contiguous
+    k,  # [B, T, HKV, D], last dim contiguous
+    cos,  # [B or 1, T, D]
+    sin,  # [B or 1, T, D]
+    q_out,  # [B, T, H, D] contiguous
+    k_out,  # [B, T, HKV, D] contiguous
+    qbar,  # [B * NB, HKV, D] fp32
+    kbar,  # [B * NB, HKV, D] fp32
+    T,
+    NB,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_cb,
+    stride_ct,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    HALF: tl.constexpr,
+    HP: tl.constexpr,
+    BS: tl.constexpr,
+    BR: tl.constexpr,
+):
+    """The rotary embedding of one block's queries (the group's heads) and keys, written out, and the block means of
+    the rotated values as `block_pool_kernel` computes them from the written tensors. An incomplete block (the last
+    of a row) gets its query sum / (BS * G) and a zero key mean."""
+    i_blk, i_h = tl.program_id(0), tl.program_id(1)
+    i_b = (i_blk // NB).to(tl.int64)
+    i_c = (i_blk % NB).to(tl.int64)
+    o_r = tl.arange(0, BR).to(tl.int64)
+    o_g = tl.arange(0, GP)
+    o_d = tl.arange(0, HP)
+    m_d = o_d < HALF
+    m_g = o_g < G
+    heads = i_h * G + o_g
+    dtype = q_out.dtype.element_ty
+    b_q1 = tl.zeros([BR, GP, HP], dtype=tl.float32)
+    b_q2 = tl.zeros([BR, GP, HP], dtype=tl.float32)
+    b_k1 = tl.zeros([BR, HP], dtype=tl.float32)
+    b_k2 = tl.zeros([BR, HP], dtype=tl.float32)
+    for r0 in range(0, BS, BR):
+        t = i_c * BS + r0 + o_r
+        m_td = (t < T)[:, None] & m_d[None, :]
+        # [BR, HP] halves of cos and sin, shared by every head of the token
+        o_c = i_b * stride_cb + t[:, None] * stride_ct + o_d[None, :]
+        c1 = tl.load(cos + o_c, mask=m_td, other=0.0).to(tl.float32)
+        c2 = tl.load(cos + o_c + HALF, mask=m_td, other=0.0).to(tl.float32)
+        s1 = tl.load(sin + o_c, mask=m_td, other=0.0).to(tl.float32)
+        s2 = tl.load(sin + o_c + HALF, mask=m_td, other=0.0).to(tl.float32)
+        m_q = m_td[:, None, :] & m_g[None, :, None]
+        o_q = i_b * stride_qb + t[:, None, None] * stride_qt + heads[None, :, None] * stride_qh + o_d[None, None, :]
+        x1 = tl.load(q + o_q, mask=m_q, other=0.0).to(tl.float32)
+        x2 = tl.load(q + o_q + HALF, mask=m_q, other=0.0).to(tl.float32)
+        y1, y2 = _rotate_half(x1, x2, c1[:, None, :], c2[:, None, :], s1[:, None, :], s2[:, None, :], dtype)
+        o_qo = ((i_b * T + t)[:, None, None] * H + heads[None, :, None]) * (2 * HALF) + o_d[None, None, :]
+        tl.store(q_out + o_qo, y1, mask=m_q)
+        tl.store(q_out + o_qo + HALF, y2, mask=m_q)
+        b_q1 += y1.to(tl.float32)
+        b_q2 += y2.to(tl.float32)
+        o_k = i_b * stride_kb + t[:, None] * stride_kt + i_h * stride_kh + o_d[None, :]
+        x1 = tl.load(k + o_k, mask=m_td, other=0.0).to(tl.float32)
+        x2 = tl.load(k + o_k + HALF, mask=m_td, other=0.0).to(tl.float32)
+        y1, y2 = _rotate_half(x1, x2, c1, c2, s1, s2, dtype)
+        o_ko = ((i_b * T + t)[:, None] * HKV + i_h) * (2 * HALF) + o_d[None, :]
+        tl.store(k_out + o_ko, y1, mask=m_td)
+        tl.store(k_out + o_ko + HALF, y2, mask=m_td)
+        b_k1 += y1.to(tl.float32)
+        b_k2 += y2.to(tl.float32)
+    o_out = (i_blk.to(tl.int64) * HKV + i_h) * (2 * HALF) + o_d
+    tl.store(qbar + o_out, tl.sum(tl.sum(b_q1, 0), 0) / (BS * G), mask=m_d)
+    tl.store(qbar + o_out + HALF, tl.sum(tl.sum(b_q2, 0), 0) / (BS * G), mask=m_d)
+    # an incomplete block has no mean key yet (zeros, as in the decode state)
+    complete = (i_c + 1) * BS <= T
+    tl.store(kbar + o_out, tl.where(complete, tl.sum(b_k1, 0) / BS, 0.0), mask=m_d)
+    tl.store(kbar + o_out + HALF, tl.where(complete, tl.sum(b_k2, 0) / BS, 0.0), mask=m_d)
 
 
 @triton.jit

@@ -8,7 +8,7 @@ import torch
 from test_generation import build_model, random_ids
 from transformers import DynamicCache
 
-from hf_effattn.cache_layers import RowStateLayerMixin
+from hf_effattn.cache_layers import RESET_KEEPS_KEYS, RowStateLayerMixin
 from hf_effattn.modeling_effattn import EffAttnCache
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -105,9 +105,14 @@ CACHE_CLASSES = {"DynamicCache": DynamicCache, "EffAttnCache": EffAttnCache}
 
 @pytest.mark.parametrize("cache_class", list(CACHE_CLASSES))
 @pytest.mark.parametrize("layout", [*LAYOUTS, "all-linear"])
-def test_a_reset_cache_starts_over(tiny_config, layout, cache_class):
+def test_a_reset_cache_starts_over(tiny_config, layout, cache_class, request):
     if layout == "all-linear" and cache_class == "DynamicCache":
         pytest.skip("an all-linear model counts its tokens in an EffAttnCache only (generate and forward build one)")
+    if RESET_KEEPS_KEYS and cache_class == "DynamicCache" and layout != "all-linear":
+        # our layers and EffAttnCache empty themselves; a plain DynamicCache's full-attention layers are transformers'
+        request.applymarker(
+            pytest.mark.xfail(reason="transformers 5.17's DynamicLayer.reset keeps stale keys", strict=True)
+        )
     if layout == "all-linear":
         model = build_model(tiny_config, ["gdn", "deltanet", "gla"])
     else:

@@ -4,6 +4,7 @@ kernels run through Triton's interpreter."""
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from hf_effattn import EffAttnForCausalLM, mixer_block_topk, ops_reference
 from tests.numerics import rel_rms
@@ -153,3 +154,102 @@ def test_mixer_on_the_kernels_matches_the_reference(tiny_config, monkeypatch):
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         assert rel_rms(grad, ref_grads[name]) <= MODEL_TOL, name
+
+
+def rotary_tables(batch, seq_len, head_dim, dtype, seed=5):
+    """cos/sin `[batch, T, D]` of rotate-half rotary angles at random positions, in `dtype`."""
+    gen = torch.Generator().manual_seed(seed)
+    positions = torch.rand(batch, seq_len, 1, generator=gen) * 1000
+    freqs = 10000.0 ** (-torch.arange(0, head_dim, 2) / head_dim)
+    angles = torch.cat([positions * freqs, positions * freqs], dim=-1)
+    return angles.cos().to(dtype).to(DEVICE), angles.sin().to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    ("batch", "seq_len", "heads", "kv_heads", "head_dim", "block", "dtype", "cos_batch"),
+    [
+        pytest.param(2, 100, 6, 2, 24, 16, torch.float32, 2, id="B2-T100-G3-D24-fp32"),
+        pytest.param(1, 64, 4, 4, 16, 32, torch.bfloat16, 1, id="T64-MHA-bf16-shared-cos"),
+    ],
+)
+def test_rotary_with_block_means(batch, seq_len, heads, kv_heads, head_dim, block, dtype, cos_batch):
+    """One pass gives the rotary kernel's bits, the block means of its output, and through them the selection and
+    output of the op that pools q and k itself."""
+    from hf_effattn.kernels.decoder_fusion import rotary
+
+    q, k, v = inputs(batch, seq_len, heads, kv_heads, head_dim, dtype, seed=6)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided heads, as a transposed projection gives them
+    cos, sin = rotary_tables(cos_batch, seq_len, head_dim, dtype)
+    q_rot, k_rot, (qbar, kbar) = kernels.block_topk_rotary(q, k, cos, sin, block_size=block)
+    assert torch.equal(q_rot, rotary(q, cos, sin)) and torch.equal(k_rot, rotary(k, cos, sin))
+
+    groups, complete = heads // kv_heads, seq_len // block
+    blocks = -(-seq_len // block)
+    assert qbar.shape == kbar.shape == (batch, blocks, kv_heads, head_dim) and qbar.dtype == torch.float32
+    padded = torch.nn.functional.pad(q_rot.float(), (0, 0, 0, 0, 0, blocks * block - seq_len))
+    q_sums = padded.view(batch, blocks, block, kv_heads, groups, head_dim).sum(dim=(2, 4))
+    k_means = k_rot[:, : complete * block].float().view(batch, complete, block, kv_heads, head_dim).mean(dim=2)
+    # fp32 sums in another order
+    torch.testing.assert_close(qbar, q_sums / (block * groups), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kbar[:, :complete], k_means, rtol=1e-5, atol=1e-6)
+    assert not kbar[:, complete:].any()
+
+    options = {"block_size": block, "top_k": 2}
+    selected = kernels.block_topk_select(q_rot, k_rot, **options)
+    assert torch.equal(kernels.block_topk_select(q_rot, k_rot, block_means=(qbar, kbar), **options), selected)
+    o = kernels.block_topk_attention(q_rot, k_rot, v, block_means=(qbar, kbar), **options)
+    assert torch.equal(o, kernels.block_topk_attention(q_rot, k_rot, v, block_indices=selected, **options))
+
+
+def test_bad_block_means_and_rotary_inputs_raise():
+    q, k, v = inputs(1, 40, 4, 2, 16, torch.float32)
+    cos, sin = rotary_tables(1, 40, 16, torch.float32)
+    _, _, means = kernels.block_topk_rotary(q, k, cos, sin, block_size=16)
+    with pytest.raises(ValueError, match="with cu_seqlens, leave block_means unset"):
+        kernels.block_topk_attention(q, k, v, 16, 1, cu_seqlens=torch.tensor([0, 20, 40]), block_means=means)
+    with pytest.raises(ValueError, match="the key means must be fp32 of"):
+        kernels.block_topk_select(q, k, 16, 1, block_means=(means[0], means[1][:, :2]))
+    with pytest.raises(TypeError, match=r"\(query means, key means\) pair"):
+        kernels.block_topk_select(q, k, 16, 1, block_means=means[0])
+    with pytest.raises(ValueError, match="cos/sin: expected shape"):
+        kernels.block_topk_rotary(q, k, cos[:, :20], sin[:, :20], block_size=16)
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        kernels.block_topk_rotary(q, k, cos, sin, block_size=24)
+
+
+def test_fused_rotary_prefill_and_its_decode_state(tiny_config, monkeypatch):
+    """At inference on the kernels, an unpadded prefill takes its rotary embedding and block means from one kernel;
+    the cache's decode state built from those means matches the one the reference builds from q and k."""
+    torch.manual_seed(0)
+    options = {"block_topk": {"block_size": 16, "top_k": 1}}
+    model = EffAttnForCausalLM(tiny_config(["block_topk", "full"], options)).to(DEVICE).eval()
+    # 4 complete blocks and 6 tokens of the fifth, then two decode steps
+    ids = torch.randint(1, 97, (2, 70), device=DEVICE)
+    steps = torch.randint(1, 97, (2, 2), device=DEVICE)
+    attention, rotary = mixer_block_topk.triton_block_topk()
+    fused = []
+    monkeypatch.setattr(mixer_block_topk.BLOCK_TOPK_OPS, "ops", (attention, lambda *a: fused.append(1) or rotary(*a)))
+
+    def run(ops):
+        monkeypatch.setattr(mixer_block_topk, "BLOCK_TOPK_OPS_OVERRIDE", ops)
+        with torch.no_grad():
+            cache = DynamicCache(config=model.config)
+            logits = [model(ids, past_key_values=cache, use_cache=True).logits]
+            state = {name: x.clone() for name, x in cache.layers[0].block_means.items()}
+            logits += [model(steps[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(2)]
+            # the cache-free forward
+            logits.append(model(ids).logits)
+        return torch.cat(logits, dim=1), state
+
+    ref_logits, ref_state = run("reference")
+    assert not fused
+    logits, state = run("triton")
+    # the cached prefill and the cache-free forward
+    assert len(fused) == 2
+    assert rel_rms(logits, ref_logits) <= MODEL_TOL
+    # the reference keeps room for the next blocks (zeros); fp32 means summed in another order
+    blocks = state["kbar"].shape[1]
+    assert blocks == 5 and not ref_state["kbar"][:, blocks:].any()
+    for name in ("kbar", "qbar", "qsum"):
+        expected = ref_state[name][:, :blocks] if name == "kbar" else ref_state[name]
+        torch.testing.assert_close(state[name], expected, rtol=1e-4, atol=1e-5, msg=name)
