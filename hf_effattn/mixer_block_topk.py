@@ -9,6 +9,10 @@ forward selects for its position (up to floating-point ties); the selection is p
 The projections, rope, GQA and optional q/k norm are those of `full`, so a converted layer starts from the teacher's
 attention weights. The cache is a full KV cache whose layer (`BlockTopkCacheLayer`) also keeps the block means, so that
 a decode step scores O(T / block_size) pooled keys and reads O((top_k + 2) * block_size) keys.
+
+On the Triton ops at inference, an unpadded prefill applies the rotary embedding with `block_topk_rotary`, which
+writes the block means in the same pass: the selection then reads neither q nor k again, and an empty cache takes its
+decode state from those means.
 """
 
 import torch
