@@ -107,12 +107,16 @@ class BlockTopkAttention(nn.Module):
 
     def fuse_rotary(self, q, k, cos, padding: Padding, layer) -> bool:
         """Whether this forward runs `block_topk_rotary`: a prefill (no cache or an empty one) of an unpadded batch on
-        the Triton ops, at inference (the fused kernel has no backward), with rotary over the whole head dim."""
+        the Triton ops, at inference (the fused kernel has no backward; eval mode, no gradient), with rotary over the whole
+        head dim."""
         return (
             (layer is None or layer.get_seq_length() == 0)
             and padding.current is None
             and use_triton(q)
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+            # no gradient now, nor later: reentrant gradient checkpointing reruns a training forward with gradients,
+            # where the selection must come from the same pooled means
+            and not torch.is_grad_enabled()
+            and not self.training
             and cos.shape[-1] == self.head_dim
         )
 

@@ -200,8 +200,16 @@ def _given_means(block_means, layout, num_kv_heads, head_dim):
     expected = (layout.num_blocks, num_kv_heads, head_dim)
     if not isinstance(block_means, (tuple, list)) or len(block_means) != 2:
         raise TypeError("block_means must be the (query means, key means) pair that block_topk_rotary returns")
+    if not all(isinstance(m, torch.Tensor) for m in block_means):
+        raise TypeError(
+            "block_means must be the (query means, key means) pair of tensors that block_topk_rotary returns"
+        )
     means = [m.reshape(-1, *m.shape[-2:]) for m in block_means]
     for name, m in zip(("query", "key"), means, strict=True):
+        if m.device != layout.cu_seqlens.device:
+            raise ValueError(
+                f"block_means: the {name} means are on {m.device}, the inputs on {layout.cu_seqlens.device}"
+            )
         if tuple(m.shape) != expected or m.dtype != torch.float32:
             raise ValueError(
                 f"block_means: the {name} means must be fp32 of {expected} (blocks, kv heads, head dim) as "

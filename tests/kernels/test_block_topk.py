@@ -169,7 +169,9 @@ def rotary_tables(batch, seq_len, head_dim, dtype, seed=5):
     ("batch", "seq_len", "heads", "kv_heads", "head_dim", "block", "dtype", "cos_batch"),
     [
         pytest.param(2, 100, 6, 2, 24, 16, torch.float32, 2, id="B2-T100-G3-D24-fp32"),
-        pytest.param(1, 64, 4, 4, 16, 32, torch.bfloat16, 1, id="T64-MHA-bf16-shared-cos"),
+        pytest.param(1, 100, 4, 4, 16, 16, torch.bfloat16, 1, id="T100-MHA-bf16"),
+        # the model's tiles: 16 rows per load, 4 loads per block; one cos/sin row shared by the batch
+        pytest.param(2, 150, 8, 2, 128, 64, torch.bfloat16, 1, id="B2-T150-G4-D128-block64-shared-cos"),
     ],
 )
 def test_rotary_with_block_means(batch, seq_len, heads, kv_heads, head_dim, block, dtype, cos_batch):
@@ -178,7 +180,8 @@ def test_rotary_with_block_means(batch, seq_len, heads, kv_heads, head_dim, bloc
     from hf_effattn.kernels.decoder_fusion import rotary
 
     q, k, v = inputs(batch, seq_len, heads, kv_heads, head_dim, dtype, seed=6)
-    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # strided heads, as a transposed projection gives them
+    # strided heads, as a transposed projection gives them
+    q, k = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))
     cos, sin = rotary_tables(cos_batch, seq_len, head_dim, dtype)
     q_rot, k_rot, (qbar, kbar) = kernels.block_topk_rotary(q, k, cos, sin, block_size=block)
     assert torch.equal(q_rot, rotary(q, cos, sin)) and torch.equal(k_rot, rotary(k, cos, sin))
@@ -196,6 +199,7 @@ def test_rotary_with_block_means(batch, seq_len, heads, kv_heads, head_dim, bloc
 
     options = {"block_size": block, "top_k": 2}
     selected = kernels.block_topk_select(q_rot, k_rot, **options)
+    assert (selected >= 0).any()
     assert torch.equal(kernels.block_topk_select(q_rot, k_rot, block_means=(qbar, kbar), **options), selected)
     o = kernels.block_topk_attention(q_rot, k_rot, v, block_means=(qbar, kbar), **options)
     assert torch.equal(o, kernels.block_topk_attention(q_rot, k_rot, v, block_indices=selected, **options))
@@ -211,21 +215,34 @@ def test_bad_block_means_and_rotary_inputs_raise():
         kernels.block_topk_select(q, k, 16, 1, block_means=(means[0], means[1][:, :2]))
     with pytest.raises(TypeError, match=r"\(query means, key means\) pair"):
         kernels.block_topk_select(q, k, 16, 1, block_means=means[0])
+    with pytest.raises(TypeError, match="pair of tensors"):
+        kernels.block_topk_select(q, k, 16, 1, block_means=(1.0, 2.0))
+    with pytest.raises(ValueError, match="the query means must be fp32 of"):
+        kernels.block_topk_select(q, k, 16, 1, block_means=(means[0].double(), means[1]))
+    with pytest.raises(ValueError, match="must share a dtype"):
+        kernels.block_topk_rotary(q, k.double(), cos, sin, block_size=16)
+    with pytest.raises(ValueError, match="even head dim"):
+        kernels.block_topk_rotary(q[..., :15], k[..., :15], cos[..., :15], sin[..., :15], block_size=16)
     with pytest.raises(ValueError, match="cos/sin: expected shape"):
         kernels.block_topk_rotary(q, k, cos[:, :20], sin[:, :20], block_size=16)
     with pytest.raises(ValueError, match="block_size must be one of"):
         kernels.block_topk_rotary(q, k, cos, sin, block_size=24)
 
 
-def test_fused_rotary_prefill_and_its_decode_state(tiny_config, monkeypatch):
+@pytest.mark.parametrize(
+    ("prompt", "num_steps"),
+    # (4 complete blocks + 6 tokens, then steps that complete the fifth), (whole blocks only), (no complete block)
+    [(70, 12), (64, 3), (10, 7)],
+)
+def test_fused_rotary_prefill_and_its_decode_state(tiny_config, monkeypatch, prompt, num_steps):
     """At inference on the kernels, an unpadded prefill takes its rotary embedding and block means from one kernel;
-    the cache's decode state built from those means matches the one the reference builds from q and k."""
+    the cache's decode state built from those means matches the one the reference builds from q and k, and so do
+    the decode steps that read it, past the next block boundary."""
     torch.manual_seed(0)
     options = {"block_topk": {"block_size": 16, "top_k": 1}}
-    model = EffAttnForCausalLM(tiny_config(["block_topk", "full"], options)).to(DEVICE).eval()
-    # 4 complete blocks and 6 tokens of the fifth, then two decode steps
-    ids = torch.randint(1, 97, (2, 70), device=DEVICE)
-    steps = torch.randint(1, 97, (2, 2), device=DEVICE)
+    model = EffAttnForCausalLM(tiny_config(["block_topk", "full", "block_topk"], options)).to(DEVICE).eval()
+    ids = torch.randint(1, 97, (2, prompt), device=DEVICE)
+    steps = torch.randint(1, 97, (2, num_steps), device=DEVICE)
     attention, rotary = mixer_block_topk.triton_block_topk()
     fused = []
     monkeypatch.setattr(mixer_block_topk.BLOCK_TOPK_OPS, "ops", (attention, lambda *a: fused.append(1) or rotary(*a)))
@@ -236,7 +253,9 @@ def test_fused_rotary_prefill_and_its_decode_state(tiny_config, monkeypatch):
             cache = DynamicCache(config=model.config)
             logits = [model(ids, past_key_values=cache, use_cache=True).logits]
             state = {name: x.clone() for name, x in cache.layers[0].block_means.items()}
-            logits += [model(steps[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(2)]
+            logits += [
+                model(steps[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(num_steps)
+            ]
             # the cache-free forward
             logits.append(model(ids).logits)
         return torch.cat(logits, dim=1), state
@@ -244,12 +263,12 @@ def test_fused_rotary_prefill_and_its_decode_state(tiny_config, monkeypatch):
     ref_logits, ref_state = run("reference")
     assert not fused
     logits, state = run("triton")
-    # the cached prefill and the cache-free forward
-    assert len(fused) == 2
+    # two layers, each in the cached prefill and in the cache-free forward
+    assert len(fused) == 4
     assert rel_rms(logits, ref_logits) <= MODEL_TOL
     # the reference keeps room for the next blocks (zeros); fp32 means summed in another order
     blocks = state["kbar"].shape[1]
-    assert blocks == 5 and not ref_state["kbar"][:, blocks:].any()
+    assert blocks == -(-prompt // 16) and not ref_state["kbar"][:, blocks:].any()
     for name in ("kbar", "qbar", "qsum"):
         expected = ref_state[name][:, :blocks] if name == "kbar" else ref_state[name]
         torch.testing.assert_close(state[name], expected, rtol=1e-4, atol=1e-5, msg=name)
