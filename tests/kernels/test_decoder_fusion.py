@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from hf_effattn import EffAttnForCausalLM, mixer_common
+from hf_effattn import EffAttnForCausalLM, mixer_block_topk, mixer_common
 from tests.numerics import rel_rms
 
 pytest.importorskip("hf_effattn.kernels")
@@ -142,6 +142,19 @@ def test_model_fused_inference_matches_the_torch_path(tiny_config, monkeypatch, 
         return tuple(counted(name, op) for name, op in zip(("rms_norm", "silu_mul", "rotary"), original()))
 
     monkeypatch.setattr(mixer_common, "DECODER_OPS", mixer_common.TritonOps("test", counting_load))
+    # a block_topk prefill on its kernels rotates q and k in the kernel that also takes the block means
+    block_topk_ops = mixer_block_topk.triton_block_topk
+
+    def counting_block_topk():
+        attention, rotary = block_topk_ops()
+
+        def run(*args):
+            calls.extend(["rotary", "rotary"])
+            return rotary(*args)
+
+        return attention, run
+
+    monkeypatch.setattr(mixer_block_topk, "triton_block_topk", counting_block_topk)
 
     @torch.no_grad()
     def decode():
