@@ -27,6 +27,8 @@ try:
 except ImportError as error:  # the importer falls back to the torch reference
     raise ImportError("the block top-k kernels need triton (`pip install triton`)") from error
 
+from .decoder_fusion import rotate_half_rounded
+
 
 @triton.jit
 def _locate_block(i_b, blocks, cu_seqlens):
@@ -79,15 +81,6 @@ def block_pool_kernel(
         o_out = (i_b.to(tl.int64) * HKV + i_h) * D + o_d
         tl.store(qbar + o_out, tl.sum(tl.sum(b_qs, 0), 0) / (BS * G), mask=m_d)
         tl.store(kbar + o_out, tl.sum(b_ks, 0) / BS, mask=m_d)
-
-
-@triton.jit
-def _rotate_half(x1, x2, c1, c2, s1, s2, dtype: tl.constexpr):
-    """x * cos + rotate_half(x) * sin by halves, rotate_half(x) = (-x2, x1): each product and the sum rounded to
-    `dtype`, as torch's three ops (the kernel is compiled without fused multiply-adds)."""
-    y1 = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
-    y2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
-    return y1.to(dtype), y2.to(dtype)
 
 
 @triton.jit
@@ -149,7 +142,7 @@ def block_rotary_pool_kernel(
         o_q = i_b * stride_qb + t[:, None, None] * stride_qt + heads[None, :, None] * stride_qh + o_d[None, None, :]
         x1 = tl.load(q + o_q, mask=m_q, other=0.0).to(tl.float32)
         x2 = tl.load(q + o_q + HALF, mask=m_q, other=0.0).to(tl.float32)
-        y1, y2 = _rotate_half(x1, x2, c1[:, None, :], c2[:, None, :], s1[:, None, :], s2[:, None, :], dtype)
+        y1, y2 = rotate_half_rounded(x1, x2, c1[:, None, :], c2[:, None, :], s1[:, None, :], s2[:, None, :], dtype)
         o_qo = ((i_b * T + t)[:, None, None] * H + heads[None, :, None]) * (2 * HALF) + o_d[None, None, :]
         tl.store(q_out + o_qo, y1, mask=m_q)
         tl.store(q_out + o_qo + HALF, y2, mask=m_q)
@@ -158,7 +151,7 @@ def block_rotary_pool_kernel(
         o_k = i_b * stride_kb + t[:, None] * stride_kt + i_h * stride_kh + o_d[None, :]
         x1 = tl.load(k + o_k, mask=m_td, other=0.0).to(tl.float32)
         x2 = tl.load(k + o_k + HALF, mask=m_td, other=0.0).to(tl.float32)
-        y1, y2 = _rotate_half(x1, x2, c1, c2, s1, s2, dtype)
+        y1, y2 = rotate_half_rounded(x1, x2, c1, c2, s1, s2, dtype)
         o_ko = ((i_b * T + t)[:, None] * HKV + i_h) * (2 * HALF) + o_d[None, :]
         tl.store(k_out + o_ko, y1, mask=m_td)
         tl.store(k_out + o_ko + HALF, y2, mask=m_td)

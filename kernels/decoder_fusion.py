@@ -72,6 +72,16 @@ def silu_mul_kernel(gate, up, out, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def rotate_half_rounded(x1, x2, c1, c2, s1, s2, dtype: tl.constexpr):
+    """x * cos + rotate_half(x) * sin by halves (fp32 inputs), rotate_half(x) = (-x2, x1): each product and the sum
+    rounded to `dtype`, as torch's three ops, when the kernel is compiled without fused multiply-adds. Also used by
+    `block_topk_kernels.block_rotary_pool_kernel`, which must give the same bits."""
+    y1 = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
+    y2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+    return y1.to(dtype), y2.to(dtype)
+
+
+@triton.jit
 def rotary_kernel(
     x,  # [B, T, NH, D]
     cos,  # [B or 1, T, D]
@@ -101,14 +111,10 @@ def rotary_kernel(
     c2 = tl.load(cos + c_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
     s1 = tl.load(sin + c_ptr, mask=mask, other=0.0).to(tl.float32)
     s2 = tl.load(sin + c_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    # x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1); each product and the sum rounded to the
-    # output's dtype, as torch's three ops
-    dtype = out.dtype.element_ty
-    o1 = (x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)
-    o2 = (x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)
+    o1, o2 = rotate_half_rounded(x1, x2, c1, c2, s1, s2, out.dtype.element_ty)
     o_ptr = out + ((i_b * T + t[:, None]) * NH + i_h) * (2 * HALF) + d[None, :]
-    tl.store(o_ptr, o1.to(dtype), mask=mask)
-    tl.store(o_ptr + HALF, o2.to(dtype), mask=mask)
+    tl.store(o_ptr, o1, mask=mask)
+    tl.store(o_ptr + HALF, o2, mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

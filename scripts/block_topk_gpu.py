@@ -216,7 +216,7 @@ def mixer_selection(rows, seq_len, q, k, gpu):
         "rotary of q and k with block means (one kernel), GPU": lambda: ops.block_topk_rotary(q, k, cos, sin, BLOCK),
     }
     try:
-        _, _, means = ops.block_topk_rotary(q, k, cos, sin, BLOCK)
+        q_rot, k_rot, means = ops.block_topk_rotary(q, k, cos, sin, BLOCK)
         flat = ops._given_means(means, layout, KV_HEADS, HEAD_DIM)
         parts["scores and top-k from the fused means, GPU"] = lambda: ops._top_k(
             *flat, layout, BLOCK, TOP_K, KEEP_FIRST
@@ -225,7 +225,6 @@ def mixer_selection(rows, seq_len, q, k, gpu):
             gpu[name] = graph_ms(fn)
             rows.append({"section": "prefill", "T": seq_len, "name": name, "ms": gpu[name]})
             print(f"  {seq_len // 1024}k {name}: {gpu[name]:.4f} ms", flush=True)
-        q_rot, k_rot, means = ops.block_topk_rotary(q, k, cos, sin, BLOCK)
         fused = ops.block_topk_select(q_rot, k_rot, BLOCK, TOP_K, KEEP_FIRST, block_means=means)
         selection_check(rows, seq_len, q_rot, k_rot, fused, "selection from fused means vs reference")
         extra = (
