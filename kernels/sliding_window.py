@@ -26,21 +26,34 @@ from .sliding_window_kernels import (
     triton,
 )
 
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 MAX_HEAD_DIM = 256
 # tiles (rows BM x keys BN) and launch options per kernel and head-dim bound, for 16-bit inputs on a GPU; fp32 tiles
 # are twice as large, so they run halved; the interpreter (CPU) runs small tiles. D = 128 by sweep on an H100 (bf16,
 # T = 32k, window 4096; `scripts/sliding_window_gpu.py --sweep`): fwd 4.62 ms against 4.69-6.68 for the other six;
-# backward 15.9 ms with dq (128, 128, 8, 2) against 16.7-24.0, and 16.4 ms with dk/dv (32, 64, 4, 4) against 16.8-48.8
+# backward 15.9 ms with dq (128, 128, 8, 2) against 16.7-24.0; dk/dv (32, 64, 4, 3) with tensor descriptors by the
+# per-kernel sweep of 2026-11-23 (35.1 ms at T = 128k against 35.3-44.0 for the other nine, 7.95 ms at 32k)
 GPU_TILES = {
     "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
     "dq": {64: (128, 128, 4, 2), 128: (128, 128, 8, 2), 256: (64, 64, 8, 2)},
-    "dkdv": {64: (32, 64, 4, 4), 128: (32, 64, 4, 4), 256: (32, 64, 8, 2)},
+    "dkdv": {64: (32, 64, 4, 4), 128: (32, 64, 4, 3), 256: (32, 64, 8, 2)},
 }
 CPU_TILES = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
 # decode: key tile, and programs per SM to aim for when splitting the cache
 DECODE_BLOCK_N = 64
 DECODE_PROGRAMS_PER_SM = 2
 DECODE_OPTIONS = {"num_warps": 4, "num_stages": 2}
+# fully visible tiles can load k/v (forward, dq) and q/do (dk/dv) through TMA tensor descriptors, on GPUs of compute
+# capability 9 (Hopper) and later when the head dim is a power of two. Per kernel, by measurement on an H100 (bf16,
+# window 4096, profiler GPU times): dk/dv gains (37.97 -> 35.80 ms at T = 128k), the forward loses (20.2 -> 21.1 ms)
+# and dq does not change. USE_TENSOR_DESCRIPTORS = True or False forces every kernel (True also runs under the
+# interpreter, which is how CPU tests cover that path).
+# the forward and dq kernels put the query heads of a GQA group in one tile (rows = (query, head) pairs), so each k/v
+# tile they load serves the whole group and a tile spans fewer queries (less of the window's edges is masked)
+PACK_GQA_HEADS = True
+TENSOR_DESCRIPTOR_KERNELS = {"fwd": False, "dq": False, "dkdv": True}
+USE_TENSOR_DESCRIPTORS = None
 
 
 def _block(dim: int) -> int:
@@ -66,6 +79,33 @@ def _tiles(kind: str, head_dim: int, dtype: torch.dtype, device) -> dict:
     return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
 
 
+def _use_descriptors(kind: str, x: torch.Tensor, head_dim: int) -> bool:
+    """Whether kernel `kind` ("fwd", "dq", "dkdv") loads its fully visible tiles through tensor descriptors."""
+    if _block(head_dim) != head_dim:
+        return False
+    if USE_TENSOR_DESCRIPTORS is not None:
+        return bool(USE_TENSOR_DESCRIPTORS)
+    hopper = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return hopper and TENSOR_DESCRIPTOR_KERNELS[kind]
+
+
+def _descriptor(x: torch.Tensor, rows: int, use: bool):
+    """A 2-D tensor descriptor of contiguous `[B, T, heads, D]` x as `[B * T, heads * D]` in `[rows, D]` tiles, or
+    x itself when descriptors are off (the kernel then never reads it)."""
+    if not use:
+        return x
+    return TensorDescriptor.from_tensor(x.view(x.shape[0] * x.shape[1], -1), [rows, x.shape[3]])
+
+
+def _pack(num_heads: int, num_kv_heads: int, rows: int) -> int:
+    """Query heads per tile of the forward and dq kernels: the whole GQA group when PACK_GQA_HEADS is on, the group
+    size is a power of two and a tile keeps at least 8 queries; else 1."""
+    groups = num_heads // num_kv_heads
+    if PACK_GQA_HEADS and groups > 1 and groups & (groups - 1) == 0 and rows // groups >= 8:
+        return groups
+    return 1
+
+
 def _launch_options(tiles: dict) -> dict:
     return {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
 
@@ -88,16 +128,20 @@ def _forward(q, k, v, sink_logits, window, num_sinks, scale, cu_seqlens, seq_len
     num_kv_heads = k.shape[2]
     tokens = batch * seq_len
     tiles = _tiles("fwd", head_dim, q.dtype, q.device)
-    blocks = _Blocks(seq_len, seq_lens, tiles["BM"], q.device)
+    pack = _pack(num_heads, num_kv_heads, tiles["BM"])
+    blocks = _Blocks(seq_len, seq_lens, tiles["BM"] // pack, q.device)
     o = torch.empty_like(q)
     lse = torch.empty(num_heads, tokens, dtype=torch.float32, device=q.device)
-    sliding_fwd_kernel[(blocks.count, (1 if seq_lens else batch) * num_heads)](
+    use_desc = _use_descriptors("fwd", q, head_dim)
+    sliding_fwd_kernel[(blocks.count, (1 if seq_lens else batch) * num_heads // pack)](
         q,
         k,
         v,
         o,
         lse,
         sink_logits,
+        _descriptor(k, tiles["BN"], use_desc),
+        _descriptor(v, tiles["BN"], use_desc),
         cu_seqlens,
         blocks.index,
         key_bounds,
@@ -116,6 +160,8 @@ def _forward(q, k, v, sink_logits, window, num_sinks, scale, cu_seqlens, seq_len
         IS_VARLEN=seq_lens is not None,
         HAS_BOUNDS=key_bounds is not None,
         HAS_SINK_LOGITS=sink_logits is not None,
+        USE_DESC=use_desc,
+        PACK=pack,
         **_launch_options(tiles),
     )
     return o, lse
@@ -152,16 +198,18 @@ def _backward(q, k, v, o, lse, do, sink_logits, window, num_sinks, scale, cu_seq
     )
 
     tiles = _tiles("dq", head_dim, q.dtype, q.device)
-    blocks = _Blocks(seq_len, seq_lens, tiles["BM"], q.device)
+    use_desc = _use_descriptors("dq", q, head_dim)
+    pack = _pack(num_heads, num_kv_heads, tiles["BM"])
+    blocks = _Blocks(seq_len, seq_lens, tiles["BM"] // pack, q.device)
     dq = torch.empty_like(q)
     sink_dk = sink_dv = None
     if num_sinks:
-        # one partial per query block and query head; blocks whose queries never see a sink out of the window
-        # leave theirs at zero
-        partial_shape = (blocks.count, rows * num_heads, num_sinks, head_dim)
+        # one partial per query block and tile of query heads; blocks whose queries never see a sink out of the
+        # window leave theirs at zero
+        partial_shape = (blocks.count, rows * num_heads // pack, num_sinks, head_dim)
         sink_dk = torch.zeros(partial_shape, dtype=torch.float32, device=q.device)
         sink_dv = torch.zeros(partial_shape, dtype=torch.float32, device=q.device)
-    sliding_bwd_dq_kernel[(blocks.count, rows * num_heads)](
+    sliding_bwd_dq_kernel[(blocks.count, rows * num_heads // pack)](
         q,
         k,
         v,
@@ -171,6 +219,8 @@ def _backward(q, k, v, o, lse, do, sink_logits, window, num_sinks, scale, cu_seq
         dq,
         sink_dk,
         sink_dv,
+        _descriptor(k, tiles["BN"], use_desc),
+        _descriptor(v, tiles["BN"], use_desc),
         cu_seqlens,
         blocks.index,
         key_bounds,
@@ -181,23 +231,27 @@ def _backward(q, k, v, o, lse, do, sink_logits, window, num_sinks, scale, cu_seq
         BM=tiles["BM"],
         BN=tiles["BN"],
         BS=_block(num_sinks),
+        USE_DESC=use_desc,
+        PACK=pack,
         **shape,
         **_launch_options(tiles),
     )
     if num_sinks:
-        # [num_seqs, HKV, S, D]: summed over the query blocks of each sequence and the query heads of each group
+        # [num_seqs, HKV, S, D]: summed over the query blocks of each sequence and the head tiles of each group
         sums = []
+        tiles_per_group = groups // pack
         for partial in (sink_dk, sink_dv):
             if seq_lens is None:
-                partial = partial.view(blocks.count, batch, num_heads, num_sinks, head_dim).sum(0)
+                partial = partial.view(blocks.count, batch, num_heads // pack, num_sinks, head_dim).sum(0)
             else:
-                partial = partial.new_zeros(num_seqs, num_heads, num_sinks, head_dim).index_add_(
+                partial = partial.new_zeros(num_seqs, num_heads // pack, num_sinks, head_dim).index_add_(
                     0, blocks.seq_ids, partial
                 )
-            sums.append(partial.view(num_seqs, num_kv_heads, groups, num_sinks, head_dim).sum(2).contiguous())
+            sums.append(partial.view(num_seqs, num_kv_heads, tiles_per_group, num_sinks, head_dim).sum(2).contiguous())
         sink_dk, sink_dv = sums
 
     tiles = _tiles("dkdv", head_dim, q.dtype, q.device)
+    use_desc = _use_descriptors("dkdv", q, head_dim)
     blocks = _Blocks(seq_len, seq_lens, tiles["BN"], q.device)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -212,6 +266,8 @@ def _backward(q, k, v, o, lse, do, sink_logits, window, num_sinks, scale, cu_seq
         dv,
         sink_dk,
         sink_dv,
+        _descriptor(q, tiles["BM"], use_desc),
+        _descriptor(do, tiles["BM"], use_desc),
         cu_seqlens,
         blocks.index,
         key_bounds,
@@ -221,6 +277,7 @@ def _backward(q, k, v, o, lse, do, sink_logits, window, num_sinks, scale, cu_seq
         tokens,
         BM=tiles["BM"],
         BN=tiles["BN"],
+        USE_DESC=use_desc,
         **shape,
         **_launch_options(tiles),
     )

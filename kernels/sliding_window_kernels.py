@@ -104,18 +104,27 @@ def _fwd_tile(
     k_hi,
     window,
     qk_scale,
+    k_desc,
+    v_desc,
+    desc_row,
+    desc_col,
     MODE: tl.constexpr,
     S: tl.constexpr,
     MASK_D: tl.constexpr,
+    USE_DESC: tl.constexpr,
 ):
     """One online-softmax step over keys `o_s`. MODE 0: fully visible; 1: window, causal and key-bound masks;
-    2: sink keys (o_s = first + j), visible once out of the window."""
+    2: sink keys (o_s = first + j), visible once out of the window. With USE_DESC, MODE 0 loads its k and v tiles
+    through tensor descriptors (TMA) at row `desc_row` (= the flat token of o_s[0]) and column `desc_col`."""
     # full pointer tiles per step: hoisting the [BN, BD] offsets out of the loop (as dq and dk/dv do) made this
     # kernel 19% slower on an H100 (4.59 -> 5.48 ms at T = 32k)
     p_k = k_base + o_s[:, None] * stride_kv + o_d[None, :]
     p_v = v_base + o_s[:, None] * stride_kv + o_d[None, :]
     if MODE == 0:
-        b_k = _load_tile(p_k, o_s, m_d, False, MASK_D)
+        if USE_DESC:
+            b_k = k_desc.load([desc_row, desc_col])
+        else:
+            b_k = _load_tile(p_k, o_s, m_d, False, MASK_D)
     else:
         m_s = (o_s >= k_lo) & (o_s < k_hi)
         if MODE == 2:
@@ -141,7 +150,10 @@ def _fwd_tile(
     b_alpha = tl.exp2(b_m - b_ms)
     b_l = b_l * b_alpha + tl.sum(b_p, 1)
     if MODE == 0:
-        b_v = _load_tile(p_v, o_s, m_d, False, MASK_D)
+        if USE_DESC:
+            b_v = v_desc.load([desc_row, desc_col])
+        else:
+            b_v = _load_tile(p_v, o_s, m_d, False, MASK_D)
     else:
         b_v = _load_tile(p_v, m_s, m_d, True, MASK_D)
     b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None])
@@ -156,6 +168,8 @@ def sliding_fwd_kernel(
     o,
     lse,
     sink_logits,
+    k_desc,
+    v_desc,
     cu_seqlens,
     block_index,
     key_bounds,
@@ -174,27 +188,35 @@ def sliding_fwd_kernel(
     IS_VARLEN: tl.constexpr,
     HAS_BOUNDS: tl.constexpr,
     HAS_SINK_LOGITS: tl.constexpr,
+    USE_DESC: tl.constexpr,
+    PACK: tl.constexpr,
 ):
-    """o and the log2-sum-exp of one [BM]-query block of one head."""
+    """o and the log2-sum-exp of one tile of BM rows: BM // PACK queries of PACK query heads of one GQA group (row r
+    is query m0 + r // PACK of head i_hp * PACK + r % PACK), so the group's heads share every k/v tile they load."""
+    BT: tl.constexpr = BM // PACK
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hkv = i_h // (H // HKV)
+    i_b, i_hp = i_bh // (H // PACK), i_bh % (H // PACK)
+    i_hkv = i_hp * PACK // (H // HKV)
     bos, seq_len, m0, k_lo, k_hi, _i_seq = _locate(
-        i_m, i_b, T, cu_seqlens, block_index, key_bounds, BM, IS_VARLEN, HAS_BOUNDS
+        i_m, i_b, T, cu_seqlens, block_index, key_bounds, BT, IS_VARLEN, HAS_BOUNDS
     )
     MASK_D: tl.constexpr = BD != D
-    o_t = m0 + tl.arange(0, BM)
+    o_r = tl.arange(0, BM)
+    o_t = m0 + o_r // PACK
+    o_h = i_hp * PACK + o_r % PACK
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     m_t = o_t < seq_len
-    p_q = q + (bos * H + i_h) * D + o_t[:, None] * (H * D) + o_d[None, :]
+    # [BM, BD] offsets of the rows' q and o
+    o_qd = (bos * H) * D + (o_t * H + o_h)[:, None] * D + o_d[None, :]
+    p_q = q + o_qd
     # [BM, BD]
     b_q = _load_tile(p_q, m_t, m_d, True, MASK_D)
     k_base = k + (bos * HKV + i_hkv) * D
     v_base = v + (bos * HKV + i_hkv) * D
     qk_scale = scale * LOG2E
     if HAS_SINK_LOGITS:
-        b_m = tl.zeros([BM], dtype=tl.float32) + tl.load(sink_logits + i_h).to(tl.float32) * LOG2E
+        b_m = tl.load(sink_logits + o_h).to(tl.float32) * LOG2E
         b_l = tl.full([BM], 1.0, dtype=tl.float32)
     else:
         b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -203,7 +225,7 @@ def sliding_fwd_kernel(
 
     if S > 0:  # noqa: SIM102 (compile-time test outside, run-time test inside)
         # the sinks join only for rows where they have left the window
-        if m0 + BM - 1 - window >= k_lo:
+        if m0 + BT - 1 - window >= k_lo:
             o_j = k_lo + tl.arange(0, BS)
             b_acc, b_m, b_l = _fwd_tile(
                 b_acc,
@@ -221,11 +243,16 @@ def sliding_fwd_kernel(
                 k_hi,
                 window,
                 qk_scale,
+                k_desc,
+                v_desc,
+                0,
+                0,
                 2,
                 S,
                 MASK_D,
+                False,
             )
-    lo, a, b, hi = _window_phases(m0, k_lo, k_hi, window, BM, BN)
+    lo, a, b, hi = _window_phases(m0, k_lo, k_hi, window, BT, BN)
     for n0 in range(lo, a, BN):
         b_acc, b_m, b_l = _fwd_tile(
             b_acc,
@@ -243,9 +270,14 @@ def sliding_fwd_kernel(
             k_hi,
             window,
             qk_scale,
+            k_desc,
+            v_desc,
+            0,
+            0,
             1,
             S,
             MASK_D,
+            False,
         )
     for n0 in range(a, b, BN):
         b_acc, b_m, b_l = _fwd_tile(
@@ -264,9 +296,14 @@ def sliding_fwd_kernel(
             k_hi,
             window,
             qk_scale,
+            k_desc,
+            v_desc,
+            (bos + n0).to(tl.int32),
+            i_hkv * D,
             0,
             S,
             MASK_D,
+            USE_DESC,
         )
     for n0 in range(b, hi, BN):
         b_acc, b_m, b_l = _fwd_tile(
@@ -285,18 +322,22 @@ def sliding_fwd_kernel(
             k_hi,
             window,
             qk_scale,
+            k_desc,
+            v_desc,
+            0,
+            0,
             1,
             S,
             MASK_D,
+            False,
         )
 
     # rows with no visible key (padding) give 0 and lse = +inf, so that the backward sees p = 0
     m_any = b_l > 0.0
     b_o = b_acc / tl.where(m_any, b_l, 1.0)[:, None]
     b_lse = tl.where(m_any, b_m + tl.log2(tl.where(m_any, b_l, 1.0)), float("inf"))
-    p_o = o + (bos * H + i_h) * D + o_t[:, None] * (H * D) + o_d[None, :]
-    tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
-    tl.store(lse + i_h.to(tl.int64) * N + bos + o_t, b_lse, mask=m_t)
+    tl.store(o + o_qd, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+    tl.store(lse + o_h.to(tl.int64) * N + bos + o_t, b_lse, mask=m_t)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -333,17 +374,27 @@ def _dq_tile(
     k_hi,
     window,
     qk_scale,
+    k_desc,
+    v_desc,
+    desc_row0,
+    desc_col,
     MODE: tl.constexpr,
     S: tl.constexpr,
     MASK_D: tl.constexpr,
+    USE_DESC: tl.constexpr,
 ):
-    """dq += ds k over keys o_s = n0 + o_n (MODE as in `_fwd_tile`); also returns p and ds for the sink partials."""
+    """dq += ds k over keys o_s = n0 + o_n (MODE and the descriptors as in `_fwd_tile`; desc_row0 is the flat token
+    of the sequence's first key); also returns p and ds for the sink partials."""
     o_s = n0 + o_n
     p_k = (k_base + n0 * stride_kv) + o_kv
     p_v = (v_base + n0 * stride_kv) + o_kv
     if MODE == 0:
-        b_k = _load_tile(p_k, o_s, m_d, False, MASK_D)
-        b_v = _load_tile(p_v, o_s, m_d, False, MASK_D)
+        if USE_DESC:
+            b_k = k_desc.load([desc_row0 + n0, desc_col])
+            b_v = v_desc.load([desc_row0 + n0, desc_col])
+        else:
+            b_k = _load_tile(p_k, o_s, m_d, False, MASK_D)
+            b_v = _load_tile(p_v, o_s, m_d, False, MASK_D)
     else:
         m_s = (o_s >= k_lo) & (o_s < k_hi)
         if MODE == 2:
@@ -376,6 +427,8 @@ def sliding_bwd_dq_kernel(
     dq,
     sink_dk,
     sink_dv,
+    k_desc,
+    v_desc,
     cu_seqlens,
     block_index,
     key_bounds,
@@ -393,34 +446,40 @@ def sliding_bwd_dq_kernel(
     BD: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     HAS_BOUNDS: tl.constexpr,
+    USE_DESC: tl.constexpr,
+    PACK: tl.constexpr,
 ):
-    """dq of one [BM]-query block of one head; with sinks, also this block's share of the sink keys' dk
-    (unscaled) and dv from the queries outside their window, into `sink_dk/sink_dv[i_m, b * H + h, j]`."""
+    """dq of one tile of BM rows (BM // PACK queries of PACK heads, as in `sliding_fwd_kernel`); with sinks, also
+    this tile's share of the sink keys' dk (unscaled) and dv from the queries outside their window, into
+    `sink_dk/sink_dv[i_m, b * (H / PACK) + i_hp, j]`."""
+    BT: tl.constexpr = BM // PACK
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_hkv = i_h // (H // HKV)
+    i_b, i_hp = i_bh // (H // PACK), i_bh % (H // PACK)
+    i_hkv = i_hp * PACK // (H // HKV)
     bos, seq_len, m0, k_lo, k_hi, _i_seq = _locate(
-        i_m, i_b, T, cu_seqlens, block_index, key_bounds, BM, IS_VARLEN, HAS_BOUNDS
+        i_m, i_b, T, cu_seqlens, block_index, key_bounds, BT, IS_VARLEN, HAS_BOUNDS
     )
     MASK_D: tl.constexpr = BD != D
-    o_t = m0 + tl.arange(0, BM)
+    o_r = tl.arange(0, BM)
+    o_t = m0 + o_r // PACK
+    o_h = i_hp * PACK + o_r % PACK
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     m_t = o_t < seq_len
-    p_q = (bos * H + i_h) * D + o_t[:, None] * (H * D) + o_d[None, :]
+    p_q = (bos * H) * D + (o_t * H + o_h)[:, None] * D + o_d[None, :]
     # [BM, BD]
     b_q = _load_tile(q + p_q, m_t, m_d, True, MASK_D)
     b_do = _load_tile(do + p_q, m_t, m_d, True, MASK_D)
     # rows past the end get lse = +inf: p = 0
-    b_lse = tl.load(lse + i_h.to(tl.int64) * N + bos + o_t, mask=m_t, other=float("inf"))
-    b_delta = tl.load(delta + i_h.to(tl.int64) * N + bos + o_t, mask=m_t, other=0.0)
+    b_lse = tl.load(lse + o_h.to(tl.int64) * N + bos + o_t, mask=m_t, other=float("inf"))
+    b_delta = tl.load(delta + o_h.to(tl.int64) * N + bos + o_t, mask=m_t, other=0.0)
     k_base = k + (bos * HKV + i_hkv) * D
     v_base = v + (bos * HKV + i_hkv) * D
     qk_scale = scale * LOG2E
     b_dq = tl.zeros([BM, BD], dtype=tl.float32)
 
     if S > 0:  # noqa: SIM102 (compile-time test outside, run-time test inside)
-        if m0 + BM - 1 - window >= k_lo:
+        if m0 + BT - 1 - window >= k_lo:
             o_j = tl.arange(0, BS)
             b_dq, b_p, b_ds = _dq_tile(
                 b_dq,
@@ -440,9 +499,14 @@ def sliding_bwd_dq_kernel(
                 k_hi,
                 window,
                 qk_scale,
+                k_desc,
+                v_desc,
+                0,
+                0,
                 2,
                 S,
                 MASK_D,
+                False,
             )
             # [BS, BD]
             b_sdv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
@@ -452,7 +516,7 @@ def sliding_bwd_dq_kernel(
             m_s = (o_j < S)[:, None] & m_d[None, :]
             tl.store(sink_dk + p_s, b_sdk, mask=m_s)
             tl.store(sink_dv + p_s, b_sdv, mask=m_s)
-    lo, a, b, hi = _window_phases(m0, k_lo, k_hi, window, BM, BN)
+    lo, a, b, hi = _window_phases(m0, k_lo, k_hi, window, BT, BN)
     o_n = tl.arange(0, BN)
     o_kv = o_n[:, None] * (HKV * D) + o_d[None, :]
     for n0 in range(lo, a, BN):
@@ -474,9 +538,14 @@ def sliding_bwd_dq_kernel(
             k_hi,
             window,
             qk_scale,
+            k_desc,
+            v_desc,
+            0,
+            0,
             1,
             S,
             MASK_D,
+            False,
         )
     for n0 in range(a, b, BN):
         b_dq, _b_p, _b_ds = _dq_tile(
@@ -497,9 +566,14 @@ def sliding_bwd_dq_kernel(
             k_hi,
             window,
             qk_scale,
+            k_desc,
+            v_desc,
+            bos.to(tl.int32),
+            i_hkv * D,
             0,
             S,
             MASK_D,
+            USE_DESC,
         )
     for n0 in range(b, hi, BN):
         b_dq, _b_p, _b_ds = _dq_tile(
@@ -520,9 +594,14 @@ def sliding_bwd_dq_kernel(
             k_hi,
             window,
             qk_scale,
+            k_desc,
+            v_desc,
+            0,
+            0,
             1,
             S,
             MASK_D,
+            False,
         )
     tl.store(dq + p_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
@@ -545,17 +624,27 @@ def _dkdv_tile(
     seq_len,
     window,
     qk_scale,
+    q_desc,
+    do_desc,
+    desc_row0,
+    desc_col,
     H: tl.constexpr,
     D: tl.constexpr,
     MASKED: tl.constexpr,
     MASK_D: tl.constexpr,
+    USE_DESC: tl.constexpr,
 ):
     """dk += ds^T q, dv += p^T do over queries o_t = m0 + o_m (tile offsets `o_qd`, loop-invariant; MASKED:
-    causal, window and sequence-end masks)."""
+    causal, window and sequence-end masks). With USE_DESC an unmasked tile loads q and do through tensor
+    descriptors at row desc_row0 + m0 (desc_row0: the flat token of the sequence's first query), column desc_col."""
     o_t = m0 + o_m
     m_t = o_t < seq_len
-    b_q = _load_tile((q_base + m0 * (H * D)) + o_qd, m_t, m_d, MASKED, MASK_D)
-    b_do = _load_tile((do_base + m0 * (H * D)) + o_qd, m_t, m_d, MASKED, MASK_D)
+    if USE_DESC and not MASKED:
+        b_q = q_desc.load([desc_row0 + m0, desc_col])
+        b_do = do_desc.load([desc_row0 + m0, desc_col])
+    else:
+        b_q = _load_tile((q_base + m0 * (H * D)) + o_qd, m_t, m_d, MASKED, MASK_D)
+        b_do = _load_tile((do_base + m0 * (H * D)) + o_qd, m_t, m_d, MASKED, MASK_D)
     if MASKED:
         b_lse = tl.load(lse_base + o_t, mask=m_t, other=float("inf"))
         b_delta = tl.load(delta_base + o_t, mask=m_t, other=0.0)
@@ -586,6 +675,8 @@ def sliding_bwd_dkdv_kernel(
     dv,
     sink_dk,
     sink_dv,
+    q_desc,
+    do_desc,
     cu_seqlens,
     block_index,
     key_bounds,
@@ -602,6 +693,7 @@ def sliding_bwd_dkdv_kernel(
     BD: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     HAS_BOUNDS: tl.constexpr,
+    USE_DESC: tl.constexpr,
 ):
     """dk, dv of one [BN]-key block of one kv head: every query head of the group, every query block inside the
     keys' window; the sink keys add the partials of `sliding_bwd_dq_kernel` (summed per sequence and kv head)."""
@@ -658,10 +750,15 @@ def sliding_bwd_dkdv_kernel(
                     seq_len,
                     window,
                     qk_scale,
+                    q_desc,
+                    do_desc,
+                    bos.to(tl.int32),
+                    i_h * D,
                     H,
                     D,
                     True,
                     MASK_D,
+                    USE_DESC,
                 )
             for m0 in range(c, d, BM):
                 b_dk, b_dv = _dkdv_tile(
@@ -681,10 +778,15 @@ def sliding_bwd_dkdv_kernel(
                     seq_len,
                     window,
                     qk_scale,
+                    q_desc,
+                    do_desc,
+                    bos.to(tl.int32),
+                    i_h * D,
                     H,
                     D,
                     False,
                     MASK_D,
+                    USE_DESC,
                 )
             for m0 in range(d, e, BM):
                 b_dk, b_dv = _dkdv_tile(
@@ -704,10 +806,15 @@ def sliding_bwd_dkdv_kernel(
                     seq_len,
                     window,
                     qk_scale,
+                    q_desc,
+                    do_desc,
+                    bos.to(tl.int32),
+                    i_h * D,
                     H,
                     D,
                     True,
                     MASK_D,
+                    USE_DESC,
                 )
         if S > 0:  # noqa: SIM102 (compile-time test outside, run-time test inside)
             if n0 < k_lo + S:

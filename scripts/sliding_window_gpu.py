@@ -3,6 +3,7 @@ SDPA's flash backend on full causal attention.
 
     python scripts/sliding_window_gpu.py OUTPUT_DIR            # correctness, prefill and decode tables (~2-3 min)
     python scripts/sliding_window_gpu.py OUTPUT_DIR --sweep    # also times candidate tiles of each kernel at T=32k
+    python scripts/sliding_window_gpu.py OUTPUT_DIR --profile  # also per-kernel GPU times, ours and Flex's
 
 1. Correctness, bf16 inputs: ours against FlexAttention (eager, fp32 upcast of the same inputs, the same mask):
    outputs and dq/dk/dv as relative RMS error (bounds 0.005 / 0.01); odd lengths, GQA, sinks, packed sequences.
@@ -203,9 +204,11 @@ def window_flops(seq_len, window, num_sinks):
 
 
 def bench(fn):
+    """Median ms of fn() over at least 5 calls: do_bench sizes its repeats from `rep`, so 100 ms would time a 90 ms
+    call once, and one call at 128k tokens moves with the GPU's clock (it runs at its power cap there)."""
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return do_bench(fn, warmup=25, rep=500, return_mode="median")
 
 
 def attempt(fn, *args):
@@ -335,69 +338,114 @@ def run_decode(results):
         results.append(row)
 
 
-def run_sweep(results):
-    """Times candidate (BM, BN, warps, stages) of each kernel at T = 32k (D = 128, bf16), and decode split counts."""
-    candidates = {
-        "fwd": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
-        "dq": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)],
-        "dkdv": [
-            (32, 64, 4, 4),
-            (32, 64, 4, 3),
-            (32, 64, 4, 5),
-            (64, 64, 4, 4),
-            (32, 128, 4, 4),
-            (64, 128, 8, 3),
-            (16, 64, 4, 4),
-            (64, 64, 8, 3),
-        ],
-    }
-    q, k, v, do = inputs(1, 32768, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16)
+def kernel_times(fn, steps=3):
+    """{kernel: GPU ms per call of fn()} from the profiler (one warm-up call first)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if total > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.key[:60]] = total / steps / 1000
+    return dict(sorted(times.items(), key=lambda item: -item[1]))
+
+
+def run_profile(results):
+    """Per-kernel GPU times of the forward and backward, ours and Flex's, at 32k and 128k; plus the medians of whole
+    calls."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex_compiled = torch.compile(flex_attention, dynamic=False)
+    for seq_len in (32768, 131072):
+        q, k, v, do = inputs(1, seq_len, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16)
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+
+        def ours(leaves=leaves, do=do):
+            return torch.autograd.grad(ops.sliding_window_attention(*leaves, WINDOW, SINKS), leaves, do)
+
+        row = {"T": seq_len, "provider": "ours"}
+        row["fwd_ms"], row["fwd_bwd_ms"] = attempt(
+            fwd_and_bwd, lambda: ops.sliding_window_attention(*leaves, WINDOW, SINKS), leaves, do
+        )
+        row["kernels"] = attempt(kernel_times, ours)
+        results.append(row)
+        block_mask = window_block_mask(seq_len, WINDOW, SINKS, "cuda")
+        qt, kt, vt = (x.transpose(1, 2) for x in leaves)
+
+        def flex(qt=qt, kt=kt, vt=vt, block_mask=block_mask, leaves=leaves, do=do):
+            o = flex_compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
+            return torch.autograd.grad(o, leaves, do)
+
+        results.append({"T": seq_len, "provider": "flex", "kernels": attempt(kernel_times, flex)})
+        torch.cuda.empty_cache()
+
+
+SWEEP = {
+    "fwd": [(128, 64, 8, 3), (256, 64, 16, 3), (256, 64, 16, 2), (256, 128, 16, 2), (128, 64, 4, 3)],
+    "dq": [(128, 128, 8, 2), (256, 64, 16, 2), (256, 128, 16, 2)],
+    "dkdv": [(32, 64, 4, 3), (32, 64, 4, 4)],
+}
+# the option each candidate runs with off and on: GQA heads packed per tile (forward, dq), tensor descriptors (dk/dv)
+SWEEP_OPTION = {"fwd": "PACK_GQA_HEADS", "dq": "PACK_GQA_HEADS", "dkdv": "TENSOR_DESCRIPTOR_KERNELS"}
+KERNEL_NAMES = {"fwd": "sliding_fwd_kernel", "dq": "sliding_bwd_dq_kernel", "dkdv": "sliding_bwd_dkdv_kernel"}
+
+
+def _set_option(kind, on):
+    if SWEEP_OPTION[kind] == "TENSOR_DESCRIPTOR_KERNELS":
+        ops.TENSOR_DESCRIPTOR_KERNELS[kind] = on
+    else:
+        setattr(ops, SWEEP_OPTION[kind], on)
+
+
+def run_sweep(results, seq_len, kernels, rounds=3):
+    """Per-kernel GPU times (profiler) of candidate (BM, BN, warps, stages), each with its kernel's option (SWEEP_OPTION)
+    off and on, at one length (D = 128, bf16). Rounds interleave the candidates, so that the GPU's clock changes (long
+    runs of heavy tensor-core work hit the power cap and lower them) spread over all of them; the rows give every
+    round and the median."""
+    q, k, v, do = inputs(1, seq_len, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16)
     leaves = [x.requires_grad_() for x in (q, k, v)]
-    default = {kind: dict(tiles) for kind, tiles in ops.GPU_TILES.items()}
-    try:
-        base_fwd = bench_forward(lambda: ops.sliding_window_attention(q, k, v, WINDOW, SINKS))
-        for kind, configs in candidates.items():
-            for config in configs:
-                ops.GPU_TILES[kind][128] = config
-                if kind == "fwd":
-                    ms = attempt(bench_forward, lambda: ops.sliding_window_attention(q, k, v, WINDOW, SINKS))
-                else:
-                    ms = attempt(
-                        bench,
-                        lambda: torch.autograd.grad(ops.sliding_window_attention(*leaves, WINDOW, SINKS), leaves, do),
-                    )
-                    ms = ms - base_fwd if isinstance(ms, float) else ms
-                results.append({"kernel": kind, "tiles": config, "ms": ms})
-                print(f"sweep {kind} {config}: {ms}", flush=True)
-            ops.GPU_TILES[kind] = dict(default[kind])
-    finally:
-        for kind, tiles in default.items():
-            ops.GPU_TILES[kind] = tiles
-    # decode: programs per SM that the cache is split for
-    default_programs = ops.DECODE_PROGRAMS_PER_SM
-    cache_k, cache_v = k[:, :WINDOW].detach(), v[:, :WINDOW].detach()
-    sink_index = torch.arange(SINKS, device="cuda")[None]
-    try:
-        for programs in (0.25, 0.5, 1, 2):
-            ops.DECODE_PROGRAMS_PER_SM = programs
+    tiles = {kind: dict(x) for kind, x in ops.GPU_TILES.items()}
+    options = (dict(ops.TENSOR_DESCRIPTOR_KERNELS), ops.PACK_GQA_HEADS)
 
-            def step():
-                return ops.sliding_window_decode(
-                    q[:, WINDOW - 1 : WINDOW].detach(),
-                    cache_k,
-                    cache_v,
-                    WINDOW,
-                    WINDOW - 1,
-                    cache_k[:, :SINKS],
-                    cache_v[:, :SINKS],
-                    sink_index,
-                )
+    def restore():
+        for kind, x in tiles.items():
+            ops.GPU_TILES[kind] = dict(x)
+        ops.TENSOR_DESCRIPTOR_KERNELS.update(options[0])
+        ops.PACK_GQA_HEADS = options[1]
 
-            ms = attempt(time_decode, step)
-            results.append({"kernel": "decode", "programs_per_sm": programs, "ms": ms})
-            print(f"sweep decode programs/SM {programs}: {ms}", flush=True)
+    def forward():
+        with torch.no_grad():
+            return ops.sliding_window_attention(*leaves, WINDOW, SINKS)
+
+    def forward_backward():
+        return torch.autograd.grad(ops.sliding_window_attention(*leaves, WINDOW, SINKS), leaves, do)
+
+    measured = {}
+    try:
+        for _ in range(rounds):
+            for kind in kernels:
+                for config in SWEEP[kind]:
+                    for on in (False, True):
+                        ops.GPU_TILES[kind][HEAD_DIM] = config
+                        _set_option(kind, on)
+                        times = attempt(kernel_times, forward if kind == "fwd" else forward_backward, 2)
+                        ms = times.get(KERNEL_NAMES[kind], "not run") if isinstance(times, dict) else times
+                        measured.setdefault((kind, config, on), []).append(ms)
+                        restore()
     finally:
-        ops.DECODE_PROGRAMS_PER_SM = default_programs
+        restore()
+    for (kind, config, on), times in measured.items():
+        numbers = sorted(x for x in times if isinstance(x, float))
+        median = numbers[len(numbers) // 2] if len(numbers) == len(times) else None
+        row = {"T": seq_len, "kernel": kind, "tiles": config, "option": f"{SWEEP_OPTION[kind]} {'on' if on else 'off'}"}
+        results.append({**row, "ms": median, "rounds": times})
+        print(f"sweep {row}: median {median} of {times}", flush=True)
 
 
 def fmt(x, digits=2):
@@ -434,12 +482,42 @@ def print_tables(report):
     decode = [row["ours_graph_ms"] for row in report["decode"] if isinstance(row.get("ours_graph_ms"), float)]
     if decode:
         print(f"decode spread (graph, max/min - 1): {max(decode) / min(decode) - 1:.1%}")
+    if report.get("profile"):
+        print("\n== per-kernel GPU ms (profiler, mean of 3 forward+backward calls) ==")
+        for row in report["profile"]:
+            calls = f" fwd {fmt(row['fwd_ms'])} fwd+bwd {fmt(row['fwd_bwd_ms'])} (medians)" if "fwd_ms" in row else ""
+            print(f"T={row['T']} {row['provider']}:{calls}")
+            kernels = row["kernels"] if isinstance(row["kernels"], dict) else {"error": row["kernels"]}
+            for name, ms in list(kernels.items())[:8]:
+                print(f"    {fmt(ms, 3):>8}  {name}")
+    if report.get("sweep"):
+        print("\n== sweep: kernel GPU ms (profiler), median of the rounds ==")
+        for row in report["sweep"]:
+            rounds = " ".join(fmt(x, 2) for x in row["rounds"])
+            print(
+                f"T={row['T']} {row['kernel']:<5} {str(row['tiles']):<18} {row['option']:<30} {fmt(row['ms'], 3):>8}"
+                f"   ({rounds})"
+            )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", type=Path)
-    parser.add_argument("--sweep", action="store_true", help="also time candidate tiles of each kernel at T=32k")
+    parser.add_argument("--sweep", action="store_true", help="also time candidate tiles of each kernel")
+    parser.add_argument(
+        "--sweep-seq-lens", type=int, nargs="+", default=[32768], help="the lengths --sweep times (default 32768)"
+    )
+    parser.add_argument(
+        "--sweep-kernels", nargs="+", choices=sorted(SWEEP), default=sorted(SWEEP), help="the kernels --sweep times"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also list per-kernel GPU times, ours and Flex's, at 32k and 128k"
+    )
+    parser.add_argument(
+        "--only-extras",
+        action="store_true",
+        help="skip the correctness, prefill and decode tables (with --sweep or --profile)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -452,25 +530,34 @@ def main():
         "triton": triton.__version__,
         "python": platform.python_version(),
         "tiles": {kind: {str(k): v for k, v in tiles.items()} for kind, tiles in ops.GPU_TILES.items()},
+        "pack_gqa_heads": ops.PACK_GQA_HEADS,
+        "tensor_descriptors": {
+            kind: ops._use_descriptors(kind, torch.empty(0, device="cuda"), HEAD_DIM) for kind in ops.GPU_TILES
+        },
         "correctness": [],
         "prefill": [],
         "decode": [],
     }
     print(f"{report['device']}, torch {report['torch']}, triton {report['triton']}", flush=True)
     start = time.time()
-    for name, run in (("correctness", run_correctness), ("prefill", run_prefill), ("decode", run_decode)):
-        attempt(run, report[name])
-        print(f"{name} done at {time.time() - start:.0f} s", flush=True)
+    if not args.only_extras:
+        for name, run in (("correctness", run_correctness), ("prefill", run_prefill), ("decode", run_decode)):
+            attempt(run, report[name])
+            print(f"{name} done at {time.time() - start:.0f} s", flush=True)
+    if args.profile:
+        report["profile"] = []
+        attempt(run_profile, report["profile"])
     if args.sweep:
         report["sweep"] = []
-        run_sweep(report["sweep"])
+        for seq_len in args.sweep_seq_lens:
+            attempt(run_sweep, report["sweep"], seq_len, args.sweep_kernels)
     print_tables(report)
     path = args.output_dir / "sliding_window_gpu.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {path} ({time.time() - start:.0f} s)")
     # a check that failed, raised or never ran fails the run (the report is written first)
     failed = [row["case"] for row in report["correctness"] if not row.get("ok")]
-    missing = len(CORRECTNESS) - len(report["correctness"])
+    missing = 0 if args.only_extras else len(CORRECTNESS) - len(report["correctness"])
     if failed or missing:
         sys.exit(f"correctness: {len(failed)} failed {failed}, {missing} did not run")
 

@@ -47,6 +47,11 @@ CASES = [
     ("varlen-1-64-1-64", (1, 130, 2, 1, 16, 17, 2, True, torch.float32, [0, 1, 65, 66, 130], None)),
     ("padding-left-right", (2, 70, 2, 1, 16, 19, 3, True, torch.float32, None, [[5, 70], [0, 50]])),
     ("T100-bf16", (1, 100, 2, 1, 32, 33, 2, True, torch.bfloat16, None, None)),
+    # windows wider than a query tile plus a key tile: every kernel also runs fully visible tiles mid-sequence
+    ("T200-window90-GQA-bf16", (2, 200, 4, 2, 32, 90, 3, True, torch.bfloat16, None, None)),
+    ("varlen-window70", (1, 260, 2, 1, 16, 70, 2, False, torch.float32, [0, 1, 150, 260], None)),
+    # a group of 4 heads: the forward and dq tiles hold 8 queries x 4 heads
+    ("T150-G4-sinks-logits-padding", (2, 150, 8, 2, 32, 60, 2, True, torch.float32, None, [[3, 150], [0, 141]])),
 ]
 
 
@@ -87,6 +92,58 @@ def test_matches_naive(
     check_against_naive(
         batch, seq_len, heads, kv_heads, head_dim, window, num_sinks, sink_logits, dtype, cu_seqlens, key_bounds
     )
+
+
+def some_cases(*names):
+    return [pytest.param(case, id=name) for name, case in CASES if name in names]
+
+
+@pytest.mark.parametrize("case", some_cases("window>T", "T200-window90-GQA-bf16", "varlen-window70"))
+def test_matches_naive_through_tensor_descriptors(case, monkeypatch):
+    """Tensor-descriptor (TMA) loads of the fully visible tiles, forced on in all three kernels (on Hopper GPUs the
+    dk/dv kernel uses them by default), read the same tiles as the pointer loads: each kernel builds its two
+    descriptors, and the results match the naive op."""
+    monkeypatch.setattr(ops, "USE_TENSOR_DESCRIPTORS", True)
+    built = []
+    from_tensor = ops.TensorDescriptor.from_tensor
+    monkeypatch.setattr(
+        ops.TensorDescriptor,
+        "from_tensor",
+        staticmethod(lambda *args, **kw: built.append(args[1]) or from_tensor(*args, **kw)),
+    )
+    check_against_naive(*case)
+    # k and v in `BN`-key tiles (forward, dq), q and do in `BM`-query tiles (dk/dv)
+    head_dim, dtype = case[4], case[8]
+    fwd, dq, dkdv = (ops._tiles(kind, head_dim, dtype, torch.device(DEVICE)) for kind in ("fwd", "dq", "dkdv"))
+    rows = [fwd["BN"]] * 2 + [dq["BN"]] * 2 + [dkdv["BM"]] * 2
+    assert built == [[n, head_dim] for n in rows]
+
+
+@pytest.mark.parametrize("case", some_cases("T63-GQA", "T200-window90-GQA-bf16", "T150-G4-sinks-logits-padding"))
+def test_matches_naive_with_one_head_per_tile(case, monkeypatch):
+    """GQA layers run with the group's heads packed into each forward and dq tile (`test_matches_naive`); groups that
+    cannot be packed (not a power of two, or too large for a tile) run one head per tile, as here."""
+    monkeypatch.setattr(ops, "PACK_GQA_HEADS", False)
+    heads, kv_heads = case[2], case[3]
+    assert ops._pack(heads, kv_heads, 32) == 1
+    check_against_naive(*case)
+
+
+def test_heads_packed_per_tile():
+    assert ops._pack(32, 8, 128) == 4 and ops._pack(8, 8, 128) == 1
+    # a tile keeps at least 8 queries; groups that are not powers of two are not packed
+    assert ops._pack(64, 1, 128) == 1 and ops._pack(16, 1, 128) == 16 and ops._pack(12, 4, 128) == 1
+
+
+def test_tensor_descriptors_need_a_power_of_two_head_dim(monkeypatch):
+    monkeypatch.setattr(ops, "USE_TENSOR_DESCRIPTORS", True)
+    x = torch.zeros(1, 4, 2, 24, device=DEVICE)
+    assert not ops._use_descriptors("dkdv", x, 24) and ops._use_descriptors("dkdv", x, 32)
+    monkeypatch.setattr(ops, "USE_TENSOR_DESCRIPTORS", None)
+    # by default: the kernels chosen for Hopper, on Hopper and later GPUs only
+    hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    for kind, chosen in ops.TENSOR_DESCRIPTOR_KERNELS.items():
+        assert ops._use_descriptors(kind, x, 32) == (hopper and chosen)
 
 
 @pytest.mark.gpu
