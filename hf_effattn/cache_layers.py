@@ -6,7 +6,7 @@ window's sink tokens) caches it on a subclass whose `row_state` attributes follo
 """
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
 
 
 def map_rows(value, fn):
@@ -32,6 +32,15 @@ def drop_keys(layer) -> None:
         layer.is_initialized = False
 
 
+def take_over(cls, layer):
+    """A new `cls` object holding the attributes of `layer`, whose class must be a base class of `cls`."""
+    if type(layer) not in cls.__mro__:
+        raise TypeError(f"{cls.__name__} cannot take over a {type(layer).__name__}.")
+    adopted = cls.__new__(cls)
+    adopted.__dict__.update(layer.__dict__)
+    return adopted
+
+
 class RowStateLayerMixin:
     """Mixed in before a transformers cache layer class: each attribute named in `row_state` holds None or
     batch-first tensors `[B, ...]` (possibly in tuples and dicts).
@@ -50,10 +59,7 @@ class RowStateLayerMixin:
     @classmethod
     def adopt(cls, layer):
         """A layer of this class holding what `layer` (of a base class of this one) holds, and no row state yet."""
-        if type(layer) not in cls.__mro__:
-            raise TypeError(f"{cls.__name__} cannot take over a {type(layer).__name__}.")
-        adopted = cls.__new__(cls)
-        adopted.__dict__.update(layer.__dict__)
+        adopted = take_over(cls, layer)
         for name in cls.row_state:
             setattr(adopted, name, None)
         return adopted
@@ -81,6 +87,54 @@ class RowStateLayerMixin:
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         self._map_row_state(lambda x: x.repeat_interleave(repeats, dim=0))
+
+
+class LinearStateRowsMixin:
+    """Mixed in before a transformers linear-attention cache layer class (`LinearAttentionLayer` and its subclasses
+    with keys/values): batch selection and repetition move the convolution and recurrent states with their rows.
+
+    transformers moves those states on reorders only: its hybrid layers select and repeat their keys/values alone,
+    which silently pairs the states of some rows with the keys of others, and `LinearAttentionLayer` has no batch
+    selection or repetition at all.
+    """
+
+    @classmethod
+    def adopt(cls, layer):
+        """A layer of this class holding what `layer` (of a base class of this one) holds."""
+        return take_over(cls, layer)
+
+    def _map_linear_states(self, fn) -> None:
+        for i in range(self.number_of_states):
+            if self.is_conv_states_initialized[i]:
+                self.conv_states[i] = fn(self.conv_states[i])
+            if self.is_recurrent_states_initialized[i]:
+                self.recurrent_states[i] = fn(self.recurrent_states[i])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        keys_values = getattr(super(), "batch_select_indices", None)
+        if keys_values is not None:
+            keys_values(indices)
+        self._map_linear_states(lambda x: x[indices.to(x.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        keys_values = getattr(super(), "batch_repeat_interleave", None)
+        if keys_values is not None:
+            keys_values(repeats)
+        self._map_linear_states(lambda x: x.repeat_interleave(repeats, dim=0))
+
+
+class LinearStateLayer(LinearStateRowsMixin, LinearAttentionLayer):
+    """transformers' linear-attention cache layer (recurrent and convolution states) with batch selection and
+    repetition."""
+
+
+def adopt_layers(past_key_values, classes: dict) -> None:
+    """Replaces each layer of `past_key_values` whose exact class `classes` maps by a layer of the mapped class holding
+    what it holds (`adopt`)."""
+    for layer_idx, layer in enumerate(past_key_values.layers):
+        row_class = classes.get(type(layer))
+        if row_class is not None:
+            past_key_values.layers[layer_idx] = row_class.adopt(layer)
 
 
 def row_state_layer(past_key_values, layer_idx: int, classes: dict, mixer: str, state: str):

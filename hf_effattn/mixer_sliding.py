@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicSlidingWindowLayer, LinearAttentionAndSlidingWindowAttentionLayer
 
-from .cache_layers import RowStateLayerMixin, row_state_layer
+from .cache_layers import LinearStateRowsMixin, RowStateLayerMixin, row_state_layer
 from .mixer_common import Padding, RMSNorm, TritonOps, apply_rotary, key_padding_mask
 from .ops_reference import sliding_window_attention
 
@@ -81,8 +81,9 @@ class SinkWindowLayer(SinkState, DynamicSlidingWindowLayer):
     """transformers' sliding-window cache layer (the `sliding` mixer) with the sink tokens."""
 
 
-class SinkLinearWindowLayer(SinkState, LinearAttentionAndSlidingWindowAttentionLayer):
-    """transformers' recurrent-state plus sliding-window cache layer (a linear mixer's window) with the sink tokens."""
+class SinkLinearWindowLayer(SinkState, LinearStateRowsMixin, LinearAttentionAndSlidingWindowAttentionLayer):
+    """transformers' recurrent-state plus sliding-window cache layer (a linear mixer's window, hedgehog) with the sink
+    tokens, and batch selection and repetition of its recurrent and convolution states."""
 
 
 SINK_LAYER_CLASSES = {

@@ -9,20 +9,28 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, StaticLayer
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicCache,
+    DynamicLayer,
+    LinearAttentionAndSlidingWindowAttentionLayer,
+    LinearAttentionLayer,
+    StaticLayer,
+)
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding
 
-from .cache_layers import drop_keys
+from .cache_layers import LinearStateLayer, adopt_layers, drop_keys
 from .configuration_effattn import LINEAR_KINDS, EffAttnConfig
 from .mixer_block_topk import BlockTopkAttention
 from .mixer_common import Padding, RMSNorm, ShortConvolution, decoder_fusion_ops
 from .mixer_full import FullAttention
 from .mixer_hedgehog import HedgehogAttention, HedgehogFeatureMap
 from .mixer_linear import DeltaNet, GatedDeltaNet, GatedLinearAttention, KimiDeltaAttention, LinearMixer
-from .mixer_sliding import SlidingWindowAttention
+from .mixer_sliding import SinkLinearWindowLayer, SlidingWindowAttention
 
 MIXER_CLASSES = {
     "full": FullAttention,
@@ -116,6 +124,14 @@ class EffAttnPreTrainedModel(PreTrainedModel):
         if isinstance(module, LinearMixer) and module.window:
             # a windowed linear layer starts as softmax attention over its window and sinks
             init.zeros_(module.recurrent_scale)
+
+
+# transformers' cache layers of the linear mixers (with or without a window) and hedgehog, and the subclasses that
+# replace them in a cache the model runs on (`adopt_layers`)
+STATE_LAYER_CLASSES = {
+    LinearAttentionLayer: LinearStateLayer,
+    LinearAttentionAndSlidingWindowAttentionLayer: SinkLinearWindowLayer,
+}
 
 
 def _has_attention_layer(cache: Cache) -> bool:
@@ -243,6 +259,9 @@ class EffAttnModel(EffAttnPreTrainedModel):
             past_key_values = EffAttnCache(config=self.config)
         if not use_cache:
             past_key_values = None
+        if past_key_values is not None:
+            # our subclasses of transformers' linear-state layers move those states in batch selection and repetition
+            adopt_layers(past_key_values, STATE_LAYER_CLASSES)
         seq_len = inputs_embeds.shape[1]
         past_length = _past_length(past_key_values)
         static_cache = isinstance(past_length, torch.Tensor)
@@ -256,7 +275,11 @@ class EffAttnModel(EffAttnPreTrainedModel):
             position_ids = (past_length + torch.arange(seq_len, device=inputs_embeds.device)).unsqueeze(0)
         if static_cache:
             pass  # the mask below covers the whole static buffer; a 2-D mask is checked by transformers
-        elif attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past_length + seq_len:
+        elif (
+            attention_mask is not None
+            and attention_mask.dim() == 2
+            and attention_mask.shape[1] != past_length + seq_len
+        ):
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[1]} positions but the cache holds {past_length} tokens "
                 f"and {seq_len} are new: pass a 2-D mask over all {past_length + seq_len} positions."
