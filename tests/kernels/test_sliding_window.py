@@ -24,6 +24,9 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter computes fp32 dots exactly; GPUs run them in tf32; 16-bit inputs round p and ds to 16 bits
 TOLERANCE = {torch.float32: (1e-4, 1e-4) if DEVICE == "cpu" else (5e-3, 1e-2), torch.bfloat16: (5e-3, 1e-2)}
+# (logits, parameter gradients) of the fp32 model on the kernels against the model on the reference: the same tf32
+# rounding on GPUs, through the rest of the model
+MIXER_TOLERANCE = (1e-4, 1e-3) if DEVICE == "cpu" else (5e-3, 1e-2)
 
 
 def attention_inputs(batch, seq_len, heads, kv_heads, head_dim, dtype, sink_logits, seed=0):
@@ -278,10 +281,11 @@ def test_mixer_forward_and_gradients_match_the_reference(tiny_config, monkeypatc
     (ref_logits, ref_grads), _ = run_with("reference", monkeypatch, loss_and_grads)
     (logits, grads), calls = run_with("triton", monkeypatch, loss_and_grads)
     assert calls == {"prefill": 2, "decode": 0}
-    assert rel_rms(logits, ref_logits) < 1e-4
+    logits_tol, grad_tol = MIXER_TOLERANCE
+    assert rel_rms(logits, ref_logits) < logits_tol, rel_rms(logits, ref_logits)
     assert grads.keys() == ref_grads.keys()
-    for name, grad in grads.items():
-        assert rel_rms(grad, ref_grads[name]) < 1e-3, name
+    errors = {name: rel_rms(grad, ref_grads[name]) for name, grad in grads.items()}
+    assert all(error < grad_tol for error in errors.values()), errors
 
 
 def test_mixer_cached_decode_matches_the_reference(tiny_config, monkeypatch):
@@ -305,4 +309,4 @@ def test_mixer_cached_decode_matches_the_reference(tiny_config, monkeypatch):
     expected, _ = run_with("reference", monkeypatch, decode)
     actual, calls = run_with("triton", monkeypatch, decode)
     assert calls == {"prefill": 2, "decode": 2 * 12}
-    assert rel_rms(actual, expected) < 1e-4
+    assert rel_rms(actual, expected) < MIXER_TOLERANCE[0], rel_rms(actual, expected)
