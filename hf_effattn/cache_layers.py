@@ -6,7 +6,7 @@ window's sink tokens) caches it on a subclass whose `row_state` attributes follo
 """
 
 import torch
-from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin, LinearAttentionLayer
 
 
 def map_rows(value, fn):
@@ -110,16 +110,24 @@ class LinearStateRowsMixin:
             if self.is_recurrent_states_initialized[i]:
                 self.recurrent_states[i] = fn(self.recurrent_states[i])
 
+    def _keys_values_class(self):
+        """The attention layer class that holds this layer's keys/values (None without): its batch operations are
+        called directly, so that the states move once even if a later transformers moves them in the hybrid class."""
+        for cls in type(self).__mro__:
+            if issubclass(cls, DynamicLayer) and not issubclass(cls, LinearAttentionCacheLayerMixin):
+                return cls
+        return None
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        keys_values = getattr(super(), "batch_select_indices", None)
+        keys_values = self._keys_values_class()
         if keys_values is not None:
-            keys_values(indices)
+            keys_values.batch_select_indices(self, indices)
         self._map_linear_states(lambda x: x[indices.to(x.device)])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        keys_values = getattr(super(), "batch_repeat_interleave", None)
+        keys_values = self._keys_values_class()
         if keys_values is not None:
-            keys_values(repeats)
+            keys_values.batch_repeat_interleave(self, repeats)
         self._map_linear_states(lambda x: x.repeat_interleave(repeats, dim=0))
 
 

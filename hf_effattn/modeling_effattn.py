@@ -259,8 +259,9 @@ class EffAttnModel(EffAttnPreTrainedModel):
             past_key_values = EffAttnCache(config=self.config)
         if not use_cache:
             past_key_values = None
-        if past_key_values is not None:
-            # our subclasses of transformers' linear-state layers move those states in batch selection and repetition
+        if past_key_values is not None and not torch.compiler.is_compiling():
+            # our subclasses of transformers' linear-state layers move those states in batch selection and repetition;
+            # not inside a compiled forward, where a layer changing class between steps would recompile the graph
             adopt_layers(past_key_values, STATE_LAYER_CLASSES)
         seq_len = inputs_embeds.shape[1]
         past_length = _past_length(past_key_values)

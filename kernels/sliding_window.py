@@ -26,7 +26,10 @@ from .sliding_window_kernels import (
     triton,
 )
 
-from triton.tools.tensor_descriptor import TensorDescriptor
+try:  # remote-code checkpoints may meet a Triton older than the package's pin
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 MAX_HEAD_DIM = 256
 # tiles (rows BM x keys BN) and launch options per kernel and head-dim bound, for 16-bit inputs on a GPU; fp32 tiles
@@ -81,11 +84,13 @@ def _tiles(kind: str, head_dim: int, dtype: torch.dtype, device) -> dict:
 
 def _use_descriptors(kind: str, x: torch.Tensor, head_dim: int) -> bool:
     """Whether kernel `kind` ("fwd", "dq", "dkdv") loads its fully visible tiles through tensor descriptors."""
-    if _block(head_dim) != head_dim:
+    if TensorDescriptor is None or _block(head_dim) != head_dim or x.numel() == 0:
         return False
     if USE_TENSOR_DESCRIPTORS is not None:
         return bool(USE_TENSOR_DESCRIPTORS)
-    hopper = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+    hopper = (
+        x.device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
     return hopper and TENSOR_DESCRIPTOR_KERNELS[kind]
 
 
@@ -94,7 +99,7 @@ def _descriptor(x: torch.Tensor, rows: int, use: bool):
     x itself when descriptors are off (the kernel then never reads it)."""
     if not use:
         return x
-    return TensorDescriptor.from_tensor(x.view(x.shape[0] * x.shape[1], -1), [rows, x.shape[3]])
+    return TensorDescriptor.from_tensor(x.view(x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]), [rows, x.shape[3]])
 
 
 def _pack(num_heads: int, num_kv_heads: int, rows: int) -> int:

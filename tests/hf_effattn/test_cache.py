@@ -173,9 +173,12 @@ def test_a_cache_layer_of_another_kind_is_refused(tiny_config):
         model(random_ids(1, 3), past_key_values=cache, use_cache=True)
 
 
-def test_a_cache_without_the_sink_tokens_is_refused(tiny_config):
-    model = layout_model(tiny_config, "sliding-sinks")
+@pytest.mark.parametrize("layout", ["sliding-sinks", "linear-window-sinks"])
+def test_a_cache_without_the_sink_tokens_is_refused(tiny_config, layout):
+    model = layout_model(tiny_config, layout)
     cache = DynamicCache(config=model.config)
+    # keys/values from elsewhere, without the sink tokens (a windowed linear layer is taken over by the model's own
+    # layer class first: its sinks must still be missing, not silently empty)
     cache.update(torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 5, 16), 0)
     with pytest.raises(ValueError, match="sink tokens"):
         model(random_ids(1, 1), past_key_values=cache, use_cache=True)

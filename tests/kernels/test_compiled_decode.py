@@ -63,8 +63,8 @@ def test_op_traces_into_one_graph():
 
 
 def compiled_static_step(model, before_eager=None):
-    """(the call targets of the one graph a compiled static-cache decode step makes, its logits, the logits of the
-    eager dynamic-cache step) after a 20-token prefill; `before_eager()` runs before the eager step."""
+    """(the call targets of the one graph two compiled static-cache decode steps make, the first step's logits, the
+    logits of the eager dynamic-cache step) after a 20-token prefill; `before_eager()` runs before the eager step."""
     from transformers import StaticCache
 
     from hf_effattn.evaluation import efficiency
@@ -84,6 +84,8 @@ def compiled_static_step(model, before_eager=None):
         compiled = torch.compile(model.forward, backend=backend, fullgraph=True)
         positions = torch.full((2, 1), 20, device=DEVICE)
         actual = compiled(input_ids=token, position_ids=positions, past_key_values=static, use_cache=True).logits
+        # a second step reuses the graph: nothing in the cache (its layers' classes included) changes between steps
+        compiled(input_ids=token, position_ids=positions + 1, past_key_values=static, use_cache=True)
         if before_eager is not None:
             before_eager()
         expected = model(token, past_key_values=cache, use_cache=True).logits
@@ -111,6 +113,9 @@ def test_compiled_static_decode_runs_the_decode_attention_op(tiny_config, monkey
     torch.manual_seed(0)
     model = EffAttnForCausalLM(tiny_config(["full", "gdn", "full"])).to(DEVICE).eval()
     monkeypatch.setattr(mixer_full, "DECODE_OPS_OVERRIDE", "triton")
+    # imported before compiling, as the linear test does: the first compiled step would import them and the second
+    # recompile (dynamo guards the import flag)
+    mixer_full.DECODE_OPS.get()
     targets, actual, expected = compiled_static_step(
         model, lambda: monkeypatch.setattr(mixer_full, "DECODE_OPS_OVERRIDE", "reference")
     )

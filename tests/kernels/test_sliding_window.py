@@ -98,7 +98,9 @@ def test_matches_naive(
 
 
 def some_cases(*names):
-    return [pytest.param(case, id=name) for name, case in CASES if name in names]
+    found = [pytest.param(case, id=name) for name, case in CASES if name in names]
+    assert len(found) == len(names), f"unknown cases among {names}"
+    return found
 
 
 @pytest.mark.parametrize("case", some_cases("window>T", "T200-window90-GQA-bf16", "varlen-window70"))
@@ -142,6 +144,8 @@ def test_tensor_descriptors_need_a_power_of_two_head_dim(monkeypatch):
     monkeypatch.setattr(ops, "USE_TENSOR_DESCRIPTORS", True)
     x = torch.zeros(1, 4, 2, 24, device=DEVICE)
     assert not ops._use_descriptors("dkdv", x, 24) and ops._use_descriptors("dkdv", x, 32)
+    # an empty batch has nothing to describe
+    assert not ops._use_descriptors("dkdv", x[:0], 32)
     monkeypatch.setattr(ops, "USE_TENSOR_DESCRIPTORS", None)
     # by default: the kernels chosen for Hopper, on Hopper and later GPUs only
     hopper = DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
