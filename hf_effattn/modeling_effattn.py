@@ -276,11 +276,7 @@ class EffAttnModel(EffAttnPreTrainedModel):
             position_ids = (past_length + torch.arange(seq_len, device=inputs_embeds.device)).unsqueeze(0)
         if static_cache:
             pass  # the mask below covers the whole static buffer; a 2-D mask is checked by transformers
-        elif (
-            attention_mask is not None
-            and attention_mask.dim() == 2
-            and attention_mask.shape[1] != past_length + seq_len
-        ):
+        elif attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past_length + seq_len:
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[1]} positions but the cache holds {past_length} tokens "
                 f"and {seq_len} are new: pass a 2-D mask over all {past_length + seq_len} positions."

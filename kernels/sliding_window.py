@@ -47,14 +47,14 @@ CPU_TILES = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)
 DECODE_BLOCK_N = 64
 DECODE_PROGRAMS_PER_SM = 2
 DECODE_OPTIONS = {"num_warps": 4, "num_stages": 2}
+# the forward and dq kernels put the query heads of a GQA group in one tile (rows = (query, head) pairs), so each k/v
+# tile they load serves the whole group and a tile spans fewer queries (less of the window's edges is masked)
+PACK_GQA_HEADS = True
 # fully visible tiles can load k/v (forward, dq) and q/do (dk/dv) through TMA tensor descriptors, on GPUs of compute
 # capability 9 (Hopper) and later when the head dim is a power of two. Per kernel, by measurement on an H100 (bf16,
 # window 4096, profiler GPU times): dk/dv gains (37.97 -> 35.80 ms at T = 128k), the forward loses (20.2 -> 21.1 ms)
 # and dq does not change. USE_TENSOR_DESCRIPTORS = True or False forces every kernel (True also runs under the
 # interpreter, which is how CPU tests cover that path).
-# the forward and dq kernels put the query heads of a GQA group in one tile (rows = (query, head) pairs), so each k/v
-# tile they load serves the whole group and a tile spans fewer queries (less of the window's edges is masked)
-PACK_GQA_HEADS = True
 TENSOR_DESCRIPTOR_KERNELS = {"fwd": False, "dq": False, "dkdv": True}
 USE_TENSOR_DESCRIPTORS = None
 

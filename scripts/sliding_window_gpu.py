@@ -227,18 +227,26 @@ def bench_forward(forward):
         return bench(forward)
 
 
+def with_backward(forward, leaves, do):
+    """A call of `forward()` (output of `do`'s shape) and of its backward to `leaves`."""
+    return lambda: torch.autograd.grad(forward(), leaves, do)
+
+
 def fwd_and_bwd(forward, leaves, do):
     """(forward ms, forward+backward ms) of `forward()` whose output has `do`'s shape."""
-    return bench_forward(forward), bench(lambda: torch.autograd.grad(forward(), leaves, do))
+    return bench_forward(forward), bench(with_backward(forward, leaves, do))
 
 
-def time_flex(flex_compiled, q, k, v, do, seq_len):
+def flex_forward(flex_compiled, q, k, v, seq_len):
+    """Compiled FlexAttention on the window's BlockMask, as a call taking and returning `[B, T, H, D]`."""
     block_mask = window_block_mask(seq_len, WINDOW, SINKS, "cuda")
     # [B, H, T, D] views of the same leaves
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    return fwd_and_bwd(
-        lambda: flex_compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=True).transpose(1, 2), [q, k, v], do
-    )
+    return lambda: flex_compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
+
+
+def time_flex(flex_compiled, q, k, v, do, seq_len):
+    return fwd_and_bwd(flex_forward(flex_compiled, q, k, v, seq_len), [q, k, v], do)
 
 
 def time_sdpa_full(q, k, v, do):
@@ -366,22 +374,15 @@ def run_profile(results):
         q, k, v, do = inputs(1, seq_len, HEADS, KV_HEADS, HEAD_DIM, torch.bfloat16)
         leaves = [x.requires_grad_() for x in (q, k, v)]
 
-        def ours(leaves=leaves, do=do):
-            return torch.autograd.grad(ops.sliding_window_attention(*leaves, WINDOW, SINKS), leaves, do)
+        def ours(leaves=leaves):
+            return ops.sliding_window_attention(*leaves, WINDOW, SINKS)
 
         row = {"T": seq_len, "provider": "ours"}
-        row["fwd_ms"], row["fwd_bwd_ms"] = attempt(
-            fwd_and_bwd, lambda: ops.sliding_window_attention(*leaves, WINDOW, SINKS), leaves, do
-        )
-        row["kernels"] = attempt(kernel_times, ours)
+        times = attempt(fwd_and_bwd, ours, leaves, do)
+        row["fwd_ms"], row["fwd_bwd_ms"] = times if isinstance(times, tuple) else (times, times)
+        row["kernels"] = attempt(kernel_times, with_backward(ours, leaves, do))
         results.append(row)
-        block_mask = window_block_mask(seq_len, WINDOW, SINKS, "cuda")
-        qt, kt, vt = (x.transpose(1, 2) for x in leaves)
-
-        def flex(qt=qt, kt=kt, vt=vt, block_mask=block_mask, leaves=leaves, do=do):
-            o = flex_compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
-            return torch.autograd.grad(o, leaves, do)
-
+        flex = with_backward(flex_forward(flex_compiled, *leaves, seq_len), leaves, do)
         results.append({"T": seq_len, "provider": "flex", "kernels": attempt(kernel_times, flex)})
         torch.cuda.empty_cache()
 
@@ -423,8 +424,7 @@ def run_sweep(results, seq_len, kernels, rounds=3):
         with torch.no_grad():
             return ops.sliding_window_attention(*leaves, WINDOW, SINKS)
 
-    def forward_backward():
-        return torch.autograd.grad(ops.sliding_window_attention(*leaves, WINDOW, SINKS), leaves, do)
+    forward_backward = with_backward(lambda: ops.sliding_window_attention(*leaves, WINDOW, SINKS), leaves, do)
 
     measured = {}
     try:
