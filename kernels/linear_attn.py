@@ -33,6 +33,7 @@ from .linear_attn_kernels import (
     chunk_segment_fwd_kernel,
     chunk_state_bwd_kernel,
     chunk_state_fwd_kernel,
+    chunk_wu_fwd_kernel,
     chunk_wy_fwd_kernel,
     fused_recurrent_fwd_kernel,
     triton,
@@ -48,6 +49,9 @@ MAX_HEAD_DIM = 256
 # decay its rounding accumulates in the state: DeltaNet's final state 1.2e-3 off at T = 640 in bf16, 4e-6 in fp32);
 # w h is formed from two bf16 halves of h (`_dot_split`).
 W_DTYPE: torch.dtype | None = None
+# forwards without a backward form the pseudo-values in the state passes from Ai, beta, k and v (False), instead of
+# storing w and u and reading them back (True: the training forward's path)
+WY_IN_MEMORY = False
 
 # tune launch configs on CUDA devices (the first candidate of each list is used otherwise)
 TUNE = True
@@ -327,11 +331,26 @@ def _shape(q, v, chunks) -> dict:
 
 
 def _join_segments(
-    k, w, y, b, initial_state, final_state, segments, chunks, shape, value_dim, gate, delta, reverse, maps=None
+    k,
+    w,
+    y,
+    b,
+    initial_state,
+    final_state,
+    segments,
+    chunks,
+    shape,
+    value_dim,
+    gate,
+    delta,
+    reverse,
+    maps=None,
+    ai=None,
+    beta=None,
 ):
     """The state (reverse: state gradient) at every segment boundary: the map M S + C across each segment, then a
-    sequential pass over the segments. y: the segments' C (reverse) or the writes (u or v) to compute it from.
-    Returns (hs `[NS, HV, K, V]`, M)."""
+    sequential pass over the segments. y: the segments' C (reverse) or the writes (u, or v for additive writes and
+    when the delta rule's writes come from `ai` and `beta`) to compute it from. Returns (hs `[NS, HV, K, V]`, M)."""
     seq_len, num_v_heads, key_dim = k.shape[1], shape["HV"], shape["K"]
     device = k.device
     common = (chunks.cu_seqlens, chunks.offsets, segments.table, seq_len, segments.per_seq, segments.length)
@@ -340,7 +359,7 @@ def _join_segments(
         maps = k.new_empty(segments.total, num_v_heads, key_dim, key_dim, dtype=torch.float32)
         # reverse: M only (the columns past K are not launched)
         ct = maps if reverse else k.new_empty(segments.total, num_v_heads, key_dim, value_dim, dtype=torch.float32)
-        kwargs = {"V": value_dim, "GATE": gate, "DELTA": delta, **shape}
+        kwargs = {"V": value_dim, "GATE": gate, "DELTA": delta, "FROM_AI": ai is not None, **shape}
         _launch(
             chunk_segment_fwd_kernel,
             lambda c: (
@@ -349,7 +368,7 @@ def _join_segments(
             ),
             _configs(k.dtype, max(key_dim, value_dim), ((64, 4, 2), (64, 8, 2))),
             (*key, reverse),
-            (k, w, y, b, maps, ct, *common),
+            (k, w, y, b, ai, beta, maps, ct, *common),
             kwargs,
             (maps, ct),
             device,
@@ -392,8 +411,12 @@ def _state_pass_configs(dtype, value_dim):
     return _configs(dtype, value_dim, ((64, 4, 2), (64, 8, 2), (64, 4, 1)))
 
 
-def _state_fwd(q, k, v, w, u, b, aqk, o, h, vn, initial_state, final_state, scale, chunks, shape, gate, delta):
-    """The forward sequential pass: o, and h and vn when given (for the backward); final_state when given."""
+def _state_fwd(
+    q, k, v, w, u, b, ai, beta, aqk, o, h, vn, initial_state, final_state, scale, chunks, shape, gate, delta
+):
+    """The forward sequential pass: o, and h and vn when given (for the backward); final_state when given. The delta
+    rule's pseudo-values come from w and u, or from `ai` and `beta` when w and u are None."""
+    from_ai = delta and w is None
     seq_len, num_v_heads, key_dim, value_dim = q.shape[1], v.shape[2], q.shape[3], v.shape[3]
     device = q.device
 
@@ -403,7 +426,7 @@ def _state_fwd(q, k, v, w, u, b, aqk, o, h, vn, initial_state, final_state, scal
             h0, _ = _join_segments(
                 k,
                 w,
-                u if delta else v,
+                u if delta and not from_ai else v,
                 b,
                 initial_state,
                 final_state,
@@ -414,6 +437,8 @@ def _state_fwd(q, k, v, w, u, b, aqk, o, h, vn, initial_state, final_state, scal
                 gate,
                 delta,
                 reverse=False,
+                ai=ai if from_ai else None,
+                beta=beta,
             )
             init = 2
         else:
@@ -431,6 +456,8 @@ def _state_fwd(q, k, v, w, u, b, aqk, o, h, vn, initial_state, final_state, scal
                 w,
                 u,
                 b,
+                ai,
+                beta,
                 aqk,
                 o,
                 h,
@@ -449,6 +476,7 @@ def _state_fwd(q, k, v, w, u, b, aqk, o, h, vn, initial_state, final_state, scal
                 "V": value_dim,
                 "GATE": gate,
                 "DELTA": delta,
+                "FROM_AI": from_ai,
                 "INIT": init,
                 "STORE_FINAL_STATE": final_state is not None and not segments.split,
                 "STORE_STATES": h is not None,
@@ -590,20 +618,32 @@ def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
         )
     ai = w = u = None
     if delta:
-        ai = q.new_empty(pair_shape, dtype=torch.float32) if needs_grad else None
-        w_dtype = W_DTYPE or (k.dtype if gate else torch.float32)
-        w = k.new_empty(batch, seq_len, num_v_heads, key_dim, dtype=w_dtype)
-        u = torch.empty_like(v, dtype=torch.float32)
+        ai = q.new_empty(pair_shape, dtype=torch.float32)
         _launch(
             chunk_wy_fwd_kernel,
             lambda c: (chunks.per_row * batch * num_v_heads,),
-            _configs(q.dtype, value_dim, ((64, 4, 3), (128, 8, 3))),
+            [{"num_warps": 4, "num_stages": 1}, {"num_warps": 8, "num_stages": 1}, {"num_warps": 2, "num_stages": 1}],
             (_size_class(chunks.total * num_v_heads),),
-            (k, v, b, beta, akk, ai, w, u, cu_seqlens, chunks.indices, seq_len, batch * num_v_heads),
-            {"V": value_dim, "GATE": gate, "STORE_AI": needs_grad, **shape},
-            (w, u, ai),
+            (k, b, beta, akk, ai, cu_seqlens, chunks.indices, seq_len, batch * num_v_heads),
+            {"GATE": gate, **shape},
+            (ai,),
             device,
         )
+        # w and u only for the backward: without one the state passes form vn from Ai
+        if needs_grad or WY_IN_MEMORY:
+            w_dtype = W_DTYPE or (k.dtype if gate else torch.float32)
+            w = k.new_empty(batch, seq_len, num_v_heads, key_dim, dtype=w_dtype)
+            u = torch.empty_like(v, dtype=torch.float32)
+            _launch(
+                chunk_wu_fwd_kernel,
+                lambda c: (chunks.per_row * batch * num_v_heads,),
+                _configs(q.dtype, value_dim, ((64, 4, 1), (128, 8, 1), (32, 4, 1))),
+                (_size_class(chunks.total * num_v_heads),),
+                (k, v, b, beta, ai, w, u, cu_seqlens, chunks.indices, seq_len, batch * num_v_heads),
+                {"V": value_dim, "GATE": gate, **shape},
+                (w, u),
+                device,
+            )
 
     o = torch.empty_like(v)
     h = k.new_empty(chunks.total, num_v_heads, key_dim, value_dim) if needs_grad else None
@@ -613,7 +653,7 @@ def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
         if output_final_state
         else None
     )
-    _state_fwd(q, k, v, w, u, b, aqk, o, h, vn, initial_state, ht, scale, chunks, shape, gate, delta)
+    _state_fwd(q, k, v, w, u, b, ai, beta, aqk, o, h, vn, initial_state, ht, scale, chunks, shape, gate, delta)
     return o, ht, (b, aqk, akk, ai, w, u, h, vn)
 
 

@@ -224,6 +224,24 @@ def _decay_state(b_h, b_k, b_g, b_gl, b_x, m_t, GATE: tl.constexpr):
         return _dot_split(tl.trans(b_k), b_x * _masked_exp(b_gl - b_g, m_t[:, None]), b_h * tl.exp(b_gl))
 
 
+@triton.jit
+def _pseudo_values(
+    ai, beta, b_k, b_g, b_h, b_y, bos, seq_len, o_t, i_hv, HV: tl.constexpr, BT: tl.constexpr, GATE: tl.constexpr
+):
+    """vn = u - w S = Ai (beta (y - (k exp(b)) S)) for chunk rows o_t, from Ai instead of w and u: [BT, BV], fp32.
+    k enters the MMA exactly (per-head decays scale its rows after it; per-channel ones round k exp(b) to k's
+    dtype) against two bf16 halves of S, and Ai multiplies the residual, which is small where S predicts y."""
+    m_t = o_t < seq_len
+    if GATE == 2:
+        b_kd = (b_k.to(tl.float32) * _masked_exp(b_g, m_t[:, None])).to(b_k.dtype)
+        b_x = -_dot_split(b_kd, b_h, -b_y)
+    else:
+        b_x = b_y - _dot_split(b_k, b_h, tl.zeros(b_y.shape, dtype=tl.float32)) * tl.exp(b_g)
+    b_x = b_x * _load_tokens(beta, bos, seq_len, o_t, i_hv, HV)[:, None]
+    b_ai = _load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, tl.arange(0, BT))
+    return tl.dot(b_ai, b_x)
+
+
 @triton.jit(do_not_specialize=["T", "NBH"])
 def chunk_cumsum_kernel(
     x,
@@ -335,14 +353,27 @@ def chunk_pairwise_fwd_kernel(
 
 
 @triton.jit
-def _invert_unit_lower(b_a, BC: tl.constexpr):
-    """(I + a)^-1 of a strictly lower-triangular [BC, BC] block, by forward substitution."""
+def _invert_diagonal_blocks(a, beta, bos, seq_len, i_c, i_hv, HV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """(I + A_II)^-1 of the BT // BC diagonal [BC, BC] blocks of A (strictly lower; A without beta in a
+    `[.., HV, BT]` buffer, beta applied to its rows here), all blocks at once by forward substitution: row r of
+    every block's inverse per step, from row r of every block of A read from memory. Returns the blocks transposed,
+    [block, column, row], so that each step reduces along the fastest axis (inside a warp): [BT // BC, BC, BC],
+    fp32."""
+    NB: tl.constexpr = BT // BC
+    o_b = tl.arange(0, NB)
     o_i = tl.arange(0, BC)
-    b_t = (o_i[:, None] == o_i[None, :]).to(tl.float32)
+    b_t = tl.zeros([NB, BC, BC], dtype=tl.float32) + (o_i[:, None] == o_i[None, :]).to(tl.float32)[None, :, :]
     for r in range(1, BC):
-        b_row_a = tl.sum(tl.where(o_i[:, None] == r, b_a, 0.0), axis=0)
-        b_row = -tl.sum(b_row_a[:, None] * b_t, axis=0) + (o_i == r).to(tl.float32)
-        b_t = tl.where(o_i[:, None] == r, b_row[None, :], b_t)
+        # [NB]: token of row r of each block
+        o_row = i_c * BT + o_b * BC + r
+        m_row = o_row < seq_len
+        b_beta = tl.load(beta + (bos + o_row) * HV + i_hv, mask=m_row, other=0.0).to(tl.float32)
+        p_a = ((bos + o_row) * HV + i_hv)[:, None] * BT + (o_b * BC)[:, None] + o_i[None, :]
+        # [NB, BC]: A[row r, columns m < r] of each block (columns before a valid row are valid)
+        b_a = tl.load(a + p_a, mask=m_row[:, None] & (o_i < r)[None, :], other=0.0) * b_beta[:, None]
+        # T[r, :] = e_r - sum_{m < r} A[r, m] T[m, :], the rows m < r being final
+        b_row = (o_i == r).to(tl.float32)[None, :] - tl.sum(b_a[:, None, :] * b_t, axis=2)
+        b_t = tl.where((o_i == r)[None, None, :], b_row[:, :, None], b_t)
     return b_t
 
 
@@ -352,46 +383,30 @@ def _dot_ieee(a, b):
 
 
 @triton.jit
-def _akk_block(
-    k,
-    b,
+def _a_block(
+    a,
     beta,
-    akk,
     bos,
     seq_len,
-    i_h,
     i_hv,
     i_c,
-    I: tl.constexpr,
-    J: tl.constexpr,
-    H: tl.constexpr,
+    BI: tl.constexpr,
+    BJ: tl.constexpr,
     HV: tl.constexpr,
-    K: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
-    BK: tl.constexpr,
-    GATE: tl.constexpr,
+    BETA: tl.constexpr,
 ):
-    """Block (I, J) of A = beta_s sum_k k_s k_r exp(b_s - b_r), r < s: [BC, BC], fp32."""
+    """Block (BI, BJ) of a `[.., HV, BT]` per-chunk matrix: [BC, BC], fp32, zero outside the sequence; BETA: A
+    (stored without beta), its rows scaled by beta."""
     o_i = tl.arange(0, BC)
-    o_k = tl.arange(0, BK)
-    o_r = i_c * BT + I * BC + o_i
-    o_s = i_c * BT + J * BC + o_i
+    o_r = i_c * BT + BI * BC + o_i
+    o_s = i_c * BT + BJ * BC + o_i
     m_a = (o_r < seq_len)[:, None] & (o_s < seq_len)[None, :]
-    if I == J:
-        m_a = m_a & (o_i[:, None] > o_i[None, :])
-    b_beta = _load_tokens(beta, bos, seq_len, o_r, i_hv, HV)
-    if GATE == 2:
-        b_a = tl.load(akk + _tile_offsets(bos, o_r, i_hv, HV, BT, J * BC + o_i), mask=m_a, other=0.0)
-    else:
-        b_kr = _load_tile(k, bos, seq_len, o_r, i_h, H, K, o_k)
-        b_ks = _load_tile(k, bos, seq_len, o_s, i_h, H, K, o_k)
-        b_a = tl.dot(b_kr, tl.trans(b_ks))
-        if GATE == 1:
-            b_br = _load_tokens(b, bos, seq_len, o_r, i_hv, HV)
-            b_bs = _load_tokens(b, bos, seq_len, o_s, i_hv, HV)
-            b_a = b_a * tl.exp(tl.where(m_a, b_br[:, None] - b_bs[None, :], 0.0))
-    return tl.where(m_a, b_a * b_beta[:, None], 0.0)
+    b_a = tl.load(a + _tile_offsets(bos, o_r, i_hv, HV, BT, BJ * BC + o_i), mask=m_a, other=0.0)
+    if BETA:
+        b_a = b_a * _load_tokens(beta, bos, seq_len, o_r, i_hv, HV)[:, None]
+    return b_a
 
 
 @triton.jit
@@ -421,26 +436,108 @@ def _wy_keys(
     return b_y * b_beta[:, None]
 
 
-@triton.jit
-def _wy_row(t0, t1, t2, t3, y0, y1, y2, y3, N: tl.constexpr):
-    """sum_{j < N} T_j Y_j over the sub-blocks of one row of the block-triangular inverse (fp32 dots)."""
-    b_x = tl.dot(t0, y0)
-    if N > 1:
-        b_x += tl.dot(t1, y1)
-    if N > 2:
-        b_x += tl.dot(t2, y2)
-    if N > 3:
-        b_x += tl.dot(t3, y3)
-    return b_x
+@triton.jit(do_not_specialize=["T", "NBH"])
+def chunk_wy_fwd_kernel(
+    k,
+    b,
+    beta,
+    akk,
+    ai,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    NBH,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    GATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Delta rule, per chunk: Ai = (I + A)^-1 in fp32, for the state passes (which form vn from it) and the backward.
+
+    A without beta comes from akk, where the pairwise kernel wrote it (per-channel decays), or from one
+    [BT, K] x [K, BT] product written to ai first (per-head or no decay), which Ai then overwrites block by block.
+    The four 16 x 16 diagonal blocks of Ai are forward-substituted at once, the six below them follow from block
+    products (fp32, IEEE).
+    """
+    BC: tl.constexpr = 16
+    i_t, _, i_bh = _chunk_program(NBH, 1)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h = i_hv // (HV // H)
+    bos, seq_len, i_c, _ = _locate_chunk(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    o_t = i_c * BT + tl.arange(0, BT)
+    o_s = tl.arange(0, BT)
+    if GATE == 2:
+        a_src = akk
+    else:
+        m_t = o_t < seq_len
+        b_kt = _load_tile(k, bos, seq_len, o_t, i_h, H, K, tl.arange(0, BK))
+        b_a = tl.dot(b_kt, tl.trans(b_kt))
+        m_a = (o_s[:, None] > o_s[None, :]) & m_t[:, None] & m_t[None, :]
+        if GATE == 1:
+            b_bt = _load_tokens(b, bos, seq_len, o_t, i_hv, HV)
+            b_a = b_a * tl.exp(tl.where(m_a, b_bt[:, None] - b_bt[None, :], 0.0))
+        # zeros on and above the diagonal: those of Ai's upper blocks are final
+        _store_tile(ai, tl.where(m_a, b_a, 0.0), bos, seq_len, o_t, i_hv, HV, BT, o_s)
+        tl.debug_barrier()
+        a_src = ai
+    a10 = _a_block(a_src, beta, bos, seq_len, i_hv, i_c, 1, 0, HV, BT, BC, True)
+    a20 = _a_block(a_src, beta, bos, seq_len, i_hv, i_c, 2, 0, HV, BT, BC, True)
+    a21 = _a_block(a_src, beta, bos, seq_len, i_hv, i_c, 2, 1, HV, BT, BC, True)
+    a30 = _a_block(a_src, beta, bos, seq_len, i_hv, i_c, 3, 0, HV, BT, BC, True)
+    a31 = _a_block(a_src, beta, bos, seq_len, i_hv, i_c, 3, 1, HV, BT, BC, True)
+    a32 = _a_block(a_src, beta, bos, seq_len, i_hv, i_c, 3, 2, HV, BT, BC, True)
+    b_d = _invert_diagonal_blocks(a_src, beta, bos, seq_len, i_c, i_hv, HV, BT, BC)
+    # the diagonal blocks go to ai and come back one by one (after every thread has read its rows of A)
+    o_b = tl.arange(0, BT // BC)
+    o_i = tl.arange(0, BC)
+    # [block, column, row]
+    o_rows = i_c * BT + o_b[:, None, None] * BC + o_i[None, None, :]
+    p_d = ((bos + o_rows) * HV + i_hv) * BT + o_b[:, None, None] * BC + o_i[None, :, None]
+    tl.debug_barrier()
+    tl.store(ai + p_d, b_d, mask=o_rows < seq_len)
+    tl.debug_barrier()
+    t00 = _a_block(ai, beta, bos, seq_len, i_hv, i_c, 0, 0, HV, BT, BC, False)
+    t11 = _a_block(ai, beta, bos, seq_len, i_hv, i_c, 1, 1, HV, BT, BC, False)
+    t22 = _a_block(ai, beta, bos, seq_len, i_hv, i_c, 2, 2, HV, BT, BC, False)
+    t33 = _a_block(ai, beta, bos, seq_len, i_hv, i_c, 3, 3, HV, BT, BC, False)
+    # T_ij = -T_ii sum_{j <= m < i} A_im T_mj
+    t10 = -_dot_ieee(t11, _dot_ieee(a10, t00))
+    t21 = -_dot_ieee(t22, _dot_ieee(a21, t11))
+    t32 = -_dot_ieee(t33, _dot_ieee(a32, t22))
+    t20 = -_dot_ieee(t22, _dot_ieee(a20, t00) + _dot_ieee(a21, t10))
+    t31 = -_dot_ieee(t33, _dot_ieee(a31, t11) + _dot_ieee(a32, t21))
+    t30 = -_dot_ieee(t33, _dot_ieee(a30, t00) + _dot_ieee(a31, t10) + _dot_ieee(a32, t20))
+
+    o_0 = i_c * BT + o_i
+    o_1 = o_0 + BC
+    o_2 = o_0 + 2 * BC
+    o_3 = o_0 + 3 * BC
+    _store_tile(ai, t10, bos, seq_len, o_1, i_hv, HV, BT, o_i)
+    _store_tile(ai, t20, bos, seq_len, o_2, i_hv, HV, BT, o_i)
+    _store_tile(ai, t21, bos, seq_len, o_2, i_hv, HV, BT, BC + o_i)
+    _store_tile(ai, t30, bos, seq_len, o_3, i_hv, HV, BT, o_i)
+    _store_tile(ai, t31, bos, seq_len, o_3, i_hv, HV, BT, BC + o_i)
+    _store_tile(ai, t32, bos, seq_len, o_3, i_hv, HV, BT, 2 * BC + o_i)
+    if GATE == 2:
+        # the zero blocks above the diagonal: the buffer is not cleared beforehand
+        zero = tl.zeros([BC, BC], dtype=tl.float32)
+        _store_tile(ai, zero, bos, seq_len, o_0, i_hv, HV, BT, BC + o_i)
+        _store_tile(ai, zero, bos, seq_len, o_0, i_hv, HV, BT, 2 * BC + o_i)
+        _store_tile(ai, zero, bos, seq_len, o_0, i_hv, HV, BT, 3 * BC + o_i)
+        _store_tile(ai, zero, bos, seq_len, o_1, i_hv, HV, BT, 2 * BC + o_i)
+        _store_tile(ai, zero, bos, seq_len, o_1, i_hv, HV, BT, 3 * BC + o_i)
+        _store_tile(ai, zero, bos, seq_len, o_2, i_hv, HV, BT, 3 * BC + o_i)
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])
-def chunk_wy_fwd_kernel(
+def chunk_wu_fwd_kernel(
     k,
     v,
     b,
     beta,
-    akk,
     ai,
     w,
     u,
@@ -456,91 +553,24 @@ def chunk_wy_fwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     GATE: tl.constexpr,
-    STORE_AI: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """Delta rule, per chunk: w = Ai (beta k exp(b)), u = Ai (beta v) with Ai = (I + A)^-1 (stored in fp32 for the
-    backward when STORE_AI).
-
-    The 64 x 64 inverse is built from four 16 x 16 diagonal inverses (forward substitution) and block products.
-    """
-    BC: tl.constexpr = 16
+    """Delta rule, per chunk, for the backward: w = Ai (beta k exp(b)) and u = Ai (beta v), each one
+    [BT, BT] x [BT, K or BV] product (fp32 operands: tf32 on GPUs)."""
     i_t, _, i_bh = _chunk_program(NBH, 1)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
     bos, seq_len, i_c, _ = _locate_chunk(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
-    a00 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 0, 0, H, HV, K, BT, BC, BK, GATE)
-    a10 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 1, 0, H, HV, K, BT, BC, BK, GATE)
-    a11 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 1, 1, H, HV, K, BT, BC, BK, GATE)
-    a20 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 2, 0, H, HV, K, BT, BC, BK, GATE)
-    a21 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 2, 1, H, HV, K, BT, BC, BK, GATE)
-    a22 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 2, 2, H, HV, K, BT, BC, BK, GATE)
-    a30 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 3, 0, H, HV, K, BT, BC, BK, GATE)
-    a31 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 3, 1, H, HV, K, BT, BC, BK, GATE)
-    a32 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 3, 2, H, HV, K, BT, BC, BK, GATE)
-    a33 = _akk_block(k, b, beta, akk, bos, seq_len, i_h, i_hv, i_c, 3, 3, H, HV, K, BT, BC, BK, GATE)
-    t00 = _invert_unit_lower(a00, BC)
-    t11 = _invert_unit_lower(a11, BC)
-    t22 = _invert_unit_lower(a22, BC)
-    t33 = _invert_unit_lower(a33, BC)
-    # T_ij = -T_ii sum_{j <= m < i} A_im T_mj
-    t10 = -_dot_ieee(t11, _dot_ieee(a10, t00))
-    t21 = -_dot_ieee(t22, _dot_ieee(a21, t11))
-    t32 = -_dot_ieee(t33, _dot_ieee(a32, t22))
-    t20 = -_dot_ieee(t22, _dot_ieee(a20, t00) + _dot_ieee(a21, t10))
-    t31 = -_dot_ieee(t33, _dot_ieee(a31, t11) + _dot_ieee(a32, t21))
-    t30 = -_dot_ieee(t33, _dot_ieee(a30, t00) + _dot_ieee(a31, t10) + _dot_ieee(a32, t20))
-
-    o_i = tl.arange(0, BC)
-    o_0 = i_c * BT + o_i
-    o_1 = o_0 + BC
-    o_2 = o_0 + 2 * BC
-    o_3 = o_0 + 3 * BC
-    if STORE_AI:
-        _store_tile(ai, t00, bos, seq_len, o_0, i_hv, HV, BT, o_i)
-        _store_tile(ai, t10, bos, seq_len, o_1, i_hv, HV, BT, o_i)
-        _store_tile(ai, t11, bos, seq_len, o_1, i_hv, HV, BT, BC + o_i)
-        _store_tile(ai, t20, bos, seq_len, o_2, i_hv, HV, BT, o_i)
-        _store_tile(ai, t21, bos, seq_len, o_2, i_hv, HV, BT, BC + o_i)
-        _store_tile(ai, t22, bos, seq_len, o_2, i_hv, HV, BT, 2 * BC + o_i)
-        _store_tile(ai, t30, bos, seq_len, o_3, i_hv, HV, BT, o_i)
-        _store_tile(ai, t31, bos, seq_len, o_3, i_hv, HV, BT, BC + o_i)
-        _store_tile(ai, t32, bos, seq_len, o_3, i_hv, HV, BT, 2 * BC + o_i)
-        _store_tile(ai, t33, bos, seq_len, o_3, i_hv, HV, BT, 3 * BC + o_i)
-        # the zero blocks above the diagonal: the buffer is not cleared beforehand
-        zero = tl.zeros([BC, BC], dtype=tl.float32)
-        _store_tile(ai, zero, bos, seq_len, o_0, i_hv, HV, BT, BC + o_i)
-        _store_tile(ai, zero, bos, seq_len, o_0, i_hv, HV, BT, 2 * BC + o_i)
-        _store_tile(ai, zero, bos, seq_len, o_0, i_hv, HV, BT, 3 * BC + o_i)
-        _store_tile(ai, zero, bos, seq_len, o_1, i_hv, HV, BT, 2 * BC + o_i)
-        _store_tile(ai, zero, bos, seq_len, o_1, i_hv, HV, BT, 3 * BC + o_i)
-        _store_tile(ai, zero, bos, seq_len, o_2, i_hv, HV, BT, 3 * BC + o_i)
-
-    beta0 = _load_tokens(beta, bos, seq_len, o_0, i_hv, HV)
-    beta1 = _load_tokens(beta, bos, seq_len, o_1, i_hv, HV)
-    beta2 = _load_tokens(beta, bos, seq_len, o_2, i_hv, HV)
-    beta3 = _load_tokens(beta, bos, seq_len, o_3, i_hv, HV)
-    # w = Ai (beta k exp(b)), [BC, BK] per sub-block
+    o_t = i_c * BT + tl.arange(0, BT)
+    b_ai = _load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, tl.arange(0, BT))
+    b_beta = _load_tokens(beta, bos, seq_len, o_t, i_hv, HV)
     o_k = tl.arange(0, BK)
-    y0 = _wy_keys(k, b, bos, seq_len, i_c * BT, i_h, i_hv, beta0, H, HV, K, BC, BK, GATE)
-    y1 = _wy_keys(k, b, bos, seq_len, i_c * BT + BC, i_h, i_hv, beta1, H, HV, K, BC, BK, GATE)
-    y2 = _wy_keys(k, b, bos, seq_len, i_c * BT + 2 * BC, i_h, i_hv, beta2, H, HV, K, BC, BK, GATE)
-    y3 = _wy_keys(k, b, bos, seq_len, i_c * BT + 3 * BC, i_h, i_hv, beta3, H, HV, K, BC, BK, GATE)
-    _store_tile(w, _wy_row(t00, t00, t00, t00, y0, y1, y2, y3, 1), bos, seq_len, o_0, i_hv, HV, K, o_k)
-    _store_tile(w, _wy_row(t10, t11, t11, t11, y0, y1, y2, y3, 2), bos, seq_len, o_1, i_hv, HV, K, o_k)
-    _store_tile(w, _wy_row(t20, t21, t22, t22, y0, y1, y2, y3, 3), bos, seq_len, o_2, i_hv, HV, K, o_k)
-    _store_tile(w, _wy_row(t30, t31, t32, t33, y0, y1, y2, y3, 4), bos, seq_len, o_3, i_hv, HV, K, o_k)
-    # u = Ai (beta v), V in blocks of BV
+    b_y = _wy_keys(k, b, bos, seq_len, i_c * BT, i_h, i_hv, b_beta, H, HV, K, BT, BK, GATE)
+    _store_tile(w, tl.dot(b_ai, b_y), bos, seq_len, o_t, i_hv, HV, K, o_k)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        x0 = _load_tile(v, bos, seq_len, o_0, i_hv, HV, V, o_v).to(tl.float32) * beta0[:, None]
-        x1 = _load_tile(v, bos, seq_len, o_1, i_hv, HV, V, o_v).to(tl.float32) * beta1[:, None]
-        x2 = _load_tile(v, bos, seq_len, o_2, i_hv, HV, V, o_v).to(tl.float32) * beta2[:, None]
-        x3 = _load_tile(v, bos, seq_len, o_3, i_hv, HV, V, o_v).to(tl.float32) * beta3[:, None]
-        _store_tile(u, _wy_row(t00, t00, t00, t00, x0, x1, x2, x3, 1), bos, seq_len, o_0, i_hv, HV, V, o_v)
-        _store_tile(u, _wy_row(t10, t11, t11, t11, x0, x1, x2, x3, 2), bos, seq_len, o_1, i_hv, HV, V, o_v)
-        _store_tile(u, _wy_row(t20, t21, t22, t22, x0, x1, x2, x3, 3), bos, seq_len, o_2, i_hv, HV, V, o_v)
-        _store_tile(u, _wy_row(t30, t31, t32, t33, x0, x1, x2, x3, 4), bos, seq_len, o_3, i_hv, HV, V, o_v)
+        b_x = _load_tile(v, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32) * b_beta[:, None]
+        _store_tile(u, tl.dot(b_ai, b_x), bos, seq_len, o_t, i_hv, HV, V, o_v)
 
 
 @triton.jit(do_not_specialize=["T", "NS", "SEG"])
@@ -549,6 +579,8 @@ def chunk_segment_fwd_kernel(
     w,
     y,
     b,
+    ai,
+    beta,
     mt,
     ct,
     cu_seqlens,
@@ -566,11 +598,13 @@ def chunk_segment_fwd_kernel(
     BV: tl.constexpr,
     GATE: tl.constexpr,
     DELTA: tl.constexpr,
+    FROM_AI: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """The map S -> M S + C of the state across one segment, in fp32: program column blocks below cdiv(K, BV) run
     the state recurrence on the identity without writes (M `[K, K]`, into mt), the others on a zero state with the
-    writes y (u, or v for additive writes; C `[K, V]`, into ct)."""
+    writes y (u, or v for additive writes and FROM_AI, where the delta rule's writes come from Ai and beta; C
+    `[K, V]`, into ct)."""
     NKB: tl.constexpr = (K + BV - 1) // BV
     i_col, i_s = tl.program_id(0), tl.program_id(1)
     i_seg, i_hv = i_s // HV, i_s % HV
@@ -591,10 +625,13 @@ def chunk_segment_fwd_kernel(
         b_y = tl.load(y + _tile_offsets(bos, o_t, i_hv, HV, V, o_y), mask=m_t[:, None] & m_y[None, :], other=0.0).to(
             tl.float32
         )
-        if DELTA:
-            b_y = -_dot_split(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k), b_x, -b_y)
         b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
         b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
+        if DELTA:
+            if FROM_AI:
+                b_y = _pseudo_values(ai, beta, b_k, b_g, b_x, b_y, bos, seq_len, o_t, i_hv, HV, BT, GATE)
+            else:
+                b_y = -_dot_split(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k), b_x, -b_y)
         b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
         b_x = _decay_state(b_x, b_k, b_g, b_gl, b_y, m_t, GATE)
     if i_col < NKB:
@@ -664,6 +701,8 @@ def chunk_state_fwd_kernel(
     w,
     u,
     b,
+    ai,
+    beta,
     aqk,
     o,
     h,
@@ -686,6 +725,7 @@ def chunk_state_fwd_kernel(
     BV: tl.constexpr,
     GATE: tl.constexpr,
     DELTA: tl.constexpr,
+    FROM_AI: tl.constexpr,
     INIT: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
     STORE_STATES: tl.constexpr,
@@ -693,7 +733,8 @@ def chunk_state_fwd_kernel(
 ):
     """The forward sequential pass over the chunks of one segment, a [BK, BV] block of the state in registers
     (fp32). Per chunk: the output o = scale (q exp(b)) S + P vn, and (STORE_STATES, for the backward) the entering
-    state h and the pseudo-values vn = u - w S. INIT: the entering state is zero (0), h0[sequence] (1) or
+    state h and the pseudo-values vn = u - w S (FROM_AI: vn = Ai (beta (v - (k exp(b)) S)), which needs neither w
+    nor u in memory). INIT: the entering state is zero (0), h0[sequence] (1) or
     h0[segment] (2); STORE_FINAL_STATE: the leaving state goes to ht[sequence] (unsplit sequences)."""
     i_v, i_s = tl.program_id(0), tl.program_id(1)
     i_seg, i_hv = i_s // HV, i_s % HV
@@ -721,8 +762,12 @@ def chunk_state_fwd_kernel(
         b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
         # [BT, BV]
         if DELTA:
-            b_u = _load_tile(u, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32)
-            b_vn = -_dot_split(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k), b_h, -b_u)
+            if FROM_AI:
+                b_v = _load_tile(v, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32)
+                b_vn = _pseudo_values(ai, beta, b_k, b_g, b_h, b_v, bos, seq_len, o_t, i_hv, HV, BT, GATE)
+            else:
+                b_u = _load_tile(u, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32)
+                b_vn = -_dot_split(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k), b_h, -b_u)
             if STORE_STATES:
                 _store_tile(vn, b_vn, bos, seq_len, o_t, i_hv, HV, V, o_v)
         else:

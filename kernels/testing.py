@@ -152,6 +152,38 @@ def check_chunk(
     return errors
 
 
+def check_chunk_inference(
+    variant,
+    batch,
+    seq_len,
+    heads,
+    v_heads,
+    key_dim,
+    value_dim,
+    dtype,
+    device,
+    strong_decay=False,
+    cu_seqlens=None,
+    seed=0,
+):
+    """The forward of `chunk_linear_attention` without gradients (the path that keeps nothing for a backward)
+    against the fp64 reference: {"o": error, "state": error}."""
+    if cu_seqlens is not None:
+        cu_seqlens = torch.tensor(cu_seqlens, device=device)
+    num_states = None if cu_seqlens is None else len(cu_seqlens) - 1
+    inputs = linear_inputs(
+        variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, device, strong_decay, num_states, seed
+    )
+    with torch.no_grad():
+        o, state = chunk_linear_attention(
+            *inputs[:5], initial_state=inputs[5], output_final_state=True, cu_seqlens=cu_seqlens
+        )
+    o_ref, state_ref = naive_reference(*(None if x is None else x.double() for x in inputs), cu_seqlens)
+    if o.dtype != dtype or o.shape != o_ref.shape or state.dtype != torch.float32 or state.shape != state_ref.shape:
+        raise AssertionError(f"o {o.dtype} {tuple(o.shape)}, state {state.dtype} {tuple(state.shape)}")
+    return {"o": rel_rms(o, o_ref), "state": rel_rms(state, state_ref)}
+
+
 def check_fused_recurrent(
     variant,
     batch,

@@ -3,9 +3,10 @@
     python scripts/check_kernels_gpu.py [--variant gdn] [--output-dir DIR] [--cases T1000] [--tune]
     python scripts/check_kernels_gpu.py --candidates [--variant gdn] [--jobs 8]
 
-Checks the chunked ops (output, final state, dq, dk, dv, dg, dbeta, dh0) and the fused-recurrent ops (output, final
-state) for gdn, deltanet, gla and kda over odd lengths, head dims 64/128/100, GVA, packed sequences with length-1
-segments, bf16/fp16/fp32 and strong decays; sequences split into segments (the long-sequence path, fixed-length and
+Checks the chunked ops (output, final state, dq, dk, dv, dg, dbeta, dh0; output and final state again without
+gradients, the inference path) and the fused-recurrent ops (output, final state) for gdn, deltanet, gla and kda
+over odd lengths, head dims 64/128/100, GVA, packed sequences with length-1 segments, bf16/fp16/fp32 and strong
+decays; sequences split into segments (the long-sequence path, fixed-length and
 packed); and the other launch-config candidates of the tuned kernels (`-alt` cases). Launch configs are not tuned
 (the first candidates run) unless `--tune`. Prints one row per case and the worst error of each column, writes
 kernel_check[_VARIANT].json to the output folder when given, and exits with status 1 if any case fails. Run one
@@ -57,6 +58,7 @@ CHUNK_CASES = {
 SPLIT_CHUNKS = 8
 TUNED_KERNELS = (
     "chunk_wy_fwd_kernel",
+    "chunk_wu_fwd_kernel",
     "chunk_segment_fwd_kernel",
     "chunk_combine_kernel",
     "chunk_state_fwd_kernel",
@@ -139,6 +141,11 @@ def main(
             if (strong and variant == "deltanet") or not selected(name):
                 continue
             record("chunk", variant, name, dtype, testing.check_chunk, *shape, dtype, device, strong, cu)
+            # the forward without gradients takes another path (the delta rule's pseudo-values from Ai)
+            if "-alt" not in name:
+                record(
+                    "inference", variant, name, dtype, testing.check_chunk_inference, *shape, dtype, device, strong, cu
+                )
         for name, (*shape, dtype, cu, l2) in RECURRENT_CASES.items():
             if not selected(name):
                 continue

@@ -67,6 +67,7 @@ def test_chunk_split_into_segments_matches_naive(monkeypatch, variant, batch, se
 
 TUNED_KERNELS = (
     "chunk_wy_fwd_kernel",
+    "chunk_wu_fwd_kernel",
     "chunk_segment_fwd_kernel",
     "chunk_combine_kernel",
     "chunk_state_fwd_kernel",
@@ -84,16 +85,68 @@ def test_chunk_other_launch_configs_match_naive(monkeypatch):
     assert_within_tolerance(errors, torch.float32)
 
 
-@pytest.mark.parametrize("variant", ["gdn", "gla"])
-def test_chunk_forward_without_gradients(variant):
-    """Inference forward: the tensors kept for the backward are not computed."""
-    q, k, v, g, beta, s0 = testing.linear_inputs(variant, 2, 100, 1, 2, 16, 16, torch.float32, DEVICE)
+@pytest.mark.parametrize("variant", testing.VARIANTS)
+@pytest.mark.parametrize(
+    "batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, strong_decay, cu_seqlens",
+    [pytest.param(*case, id=name) for name, case in CPU_CASES],
+)
+def test_chunk_forward_without_gradients_matches_naive(
+    variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, strong_decay, cu_seqlens
+):
+    """Inference forward: nothing is kept for a backward, and the delta rule's state passes form the pseudo-values
+    from Ai (w and u are not stored)."""
+    errors = testing.check_chunk_inference(
+        variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, DEVICE, strong_decay, cu_seqlens
+    )
+    assert_within_tolerance(errors, dtype)
+
+
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+@pytest.mark.parametrize(
+    "batch, seq_len, cu_seqlens, strong_decay",
+    [
+        pytest.param(2, 130, None, False, id="T130"),
+        pytest.param(1, 200, [0, 1, 130, 131, 200], False, id="varlen-1-129-1-69"),
+        pytest.param(1, 80, None, True, id="T80-strong-decay"),
+    ],
+)
+def test_chunk_forward_without_gradients_in_segments_matches_naive(
+    monkeypatch, variant, batch, seq_len, cu_seqlens, strong_decay
+):
+    """The inference forward split into one-chunk segments: the segment maps form their pseudo-values from Ai too."""
+    monkeypatch.setattr(kernels.linear_attn, "SEGMENT_CHUNKS", 1)
+    errors = testing.check_chunk_inference(
+        variant, batch, seq_len, 1, 2, 16, 16, torch.float32, DEVICE, strong_decay, cu_seqlens
+    )
+    assert_within_tolerance(errors, torch.float32)
+
+
+def test_chunk_forward_without_gradients_stores_neither_w_nor_u(monkeypatch):
+    """The inference forward computes Ai only, not w and u; with w and u in memory (the training path's state
+    passes) the result is the same."""
+    linear_attn = kernels.linear_attn
+    launched = []
+    original = linear_attn._launch
+
+    def spy(kernel, grid, configs, key, args, kwargs, outputs, device):
+        launched.append((kernel.fn.__name__, kwargs))
+        original(kernel, grid, configs, key, args, kwargs, outputs, device)
+
+    monkeypatch.setattr(linear_attn, "_launch", spy)
+    q, k, v, g, beta, s0 = testing.linear_inputs("gdn", 1, 100, 1, 2, 16, 16, torch.float32, DEVICE)
     with torch.no_grad():
         o, s = kernels.chunk_linear_attention(q, k, v, g, beta, initial_state=s0, output_final_state=True)
-    o_ref, s_ref = naive_linear_attention(
-        q.double(), k.double(), v.double(), g=g, beta=beta, initial_state=s0, output_final_state=True
-    )
-    assert_within_tolerance({"o": testing.rel_rms(o, o_ref), "state": testing.rel_rms(s, s_ref)}, torch.float32)
+        monkeypatch.setattr(linear_attn, "WY_IN_MEMORY", True)
+        o_wu, s_wu = kernels.chunk_linear_attention(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    names = [name for name, _ in launched]
+    state = [kwargs for name, kwargs in launched if name == "chunk_state_fwd_kernel"]
+    # once each: Ai alone, then Ai and the w/u kernel
+    assert names.count("chunk_wy_fwd_kernel") == 2 and names.count("chunk_wu_fwd_kernel") == 1
+    assert names.index("chunk_wu_fwd_kernel") > names.index("chunk_state_fwd_kernel")
+    assert [x["FROM_AI"] for x in state] == [True, False]
+    # the two paths round differently in fp32 (w S against k S, Ai applied before or after the subtraction)
+    torch.testing.assert_close(o, o_wu, rtol=0, atol=1e-5)
+    torch.testing.assert_close(s, s_wu, rtol=0, atol=1e-5)
 
 
 def test_tuning_keeps_the_fastest_candidate_that_matches_the_first(monkeypatch):
