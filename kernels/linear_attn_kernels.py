@@ -6,7 +6,8 @@ One set of kernels covers every variant through two flags:
 
 Per chunk of BT = 64 tokens, with b the in-chunk cumulative log decay and S the state entering the chunk:
   delta rule (WY form): A[s, r] = beta_s sum_k k_s k_r exp(b_s - b_r) (r < s), Ai = (I + A)^-1,
-      w = Ai (beta k exp(b)), u = Ai (beta v), vn = u - w S;  plain write: vn = v;
+      w = Ai (beta k exp(b)), u = Ai (beta v), vn = u - w S (forwards without a backward regroup it as
+      vn = Ai (beta (v - (k exp(b)) S)), so that w and u never go through memory);  plain write: vn = v;
   o = scale (q exp(b)) S + P vn with P[t, s] = scale sum_k q_t k_s exp(b_t - b_s) (s <= t);
   S' = exp(b_last) S + (k exp(b_last - b))^T vn.
 Only the state passes are sequential over chunks. They run one program per (segment, value head, V block) and
