@@ -368,7 +368,7 @@ def _invert_diagonal_blocks(a, beta, bos, seq_len, i_c, i_hv, HV: tl.constexpr, 
         # [NB]: token of row r of each block
         o_row = i_c * BT + o_b * BC + r
         m_row = o_row < seq_len
-        b_beta = tl.load(beta + (bos + o_row) * HV + i_hv, mask=m_row, other=0.0).to(tl.float32)
+        b_beta = _load_tokens(beta, bos, seq_len, o_row, i_hv, HV)
         p_a = ((bos + o_row) * HV + i_hv)[:, None] * BT + (o_b * BC)[:, None] + o_i[None, :]
         # [NB, BC]: A[row r, columns m < r] of each block (columns before a valid row are valid)
         b_a = tl.load(a + p_a, mask=m_row[:, None] & (o_i < r)[None, :], other=0.0) * b_beta[:, None]

@@ -122,21 +122,28 @@ def check_chunk(
     strong_decay=False,
     cu_seqlens=None,
     seed=0,
+    backward=True,
 ):
     """Forward and backward of `chunk_linear_attention` (initial state in, final state out, random output and
-    final-state gradients) against the fp64 reference: {name: relative RMS error}."""
+    final-state gradients) against the fp64 reference: {name: relative RMS error}. `backward=False`: the forward
+    alone, without gradients (the path that keeps nothing for a backward): {"o": error, "state": error}."""
     if cu_seqlens is not None:
         cu_seqlens = torch.tensor(cu_seqlens, device=device)
     num_states = None if cu_seqlens is None else len(cu_seqlens) - 1
     inputs = linear_inputs(
         variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, device, strong_decay, num_states, seed
     )
-    tri = [None if x is None else x.clone().requires_grad_() for x in inputs]
-    ref = [None if x is None else x.detach().double().requires_grad_() for x in inputs]
-    o, state = chunk_linear_attention(*tri[:5], initial_state=tri[5], output_final_state=True, cu_seqlens=cu_seqlens)
+    tri = [None if x is None else x.clone().requires_grad_(backward) for x in inputs]
+    ref = [None if x is None else x.detach().double().requires_grad_(backward) for x in inputs]
+    with torch.set_grad_enabled(backward):
+        o, state = chunk_linear_attention(
+            *tri[:5], initial_state=tri[5], output_final_state=True, cu_seqlens=cu_seqlens
+        )
     o_ref, state_ref = naive_reference(*ref, cu_seqlens)
     if o.dtype != dtype or o.shape != o_ref.shape or state.dtype != torch.float32 or state.shape != state_ref.shape:
         raise AssertionError(f"o {o.dtype} {tuple(o.shape)}, state {state.dtype} {tuple(state.shape)}")
+    if not backward:
+        return {"o": rel_rms(o, o_ref), "state": rel_rms(state, state_ref)}
     gen = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(o_ref.shape, generator=gen).to(device)
     dstate = torch.randn(state_ref.shape, generator=gen).to(device)
@@ -150,38 +157,6 @@ def check_chunk(
             raise AssertionError(f"{name}: missing or malformed gradient")
         errors[name] = rel_rms(a.grad, b.grad)
     return errors
-
-
-def check_chunk_inference(
-    variant,
-    batch,
-    seq_len,
-    heads,
-    v_heads,
-    key_dim,
-    value_dim,
-    dtype,
-    device,
-    strong_decay=False,
-    cu_seqlens=None,
-    seed=0,
-):
-    """The forward of `chunk_linear_attention` without gradients (the path that keeps nothing for a backward)
-    against the fp64 reference: {"o": error, "state": error}."""
-    if cu_seqlens is not None:
-        cu_seqlens = torch.tensor(cu_seqlens, device=device)
-    num_states = None if cu_seqlens is None else len(cu_seqlens) - 1
-    inputs = linear_inputs(
-        variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, device, strong_decay, num_states, seed
-    )
-    with torch.no_grad():
-        o, state = chunk_linear_attention(
-            *inputs[:5], initial_state=inputs[5], output_final_state=True, cu_seqlens=cu_seqlens
-        )
-    o_ref, state_ref = naive_reference(*(None if x is None else x.double() for x in inputs), cu_seqlens)
-    if o.dtype != dtype or o.shape != o_ref.shape or state.dtype != torch.float32 or state.shape != state_ref.shape:
-        raise AssertionError(f"o {o.dtype} {tuple(o.shape)}, state {state.dtype} {tuple(state.shape)}")
-    return {"o": rel_rms(o, o_ref), "state": rel_rms(state, state_ref)}
 
 
 def check_fused_recurrent(

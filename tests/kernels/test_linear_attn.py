@@ -31,12 +31,14 @@ CPU_CASES = [
     ("T100-bf16", (1, 100, 1, 2, 32, 16, torch.bfloat16, False, None)),
 ]
 
-
-@pytest.mark.parametrize("variant", testing.VARIANTS)
-@pytest.mark.parametrize(
+CPU_CASE_PARAMETERS = pytest.mark.parametrize(
     "batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, strong_decay, cu_seqlens",
     [pytest.param(*case, id=name) for name, case in CPU_CASES],
 )
+
+
+@pytest.mark.parametrize("variant", testing.VARIANTS)
+@CPU_CASE_PARAMETERS
 def test_chunk_matches_naive(
     variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, strong_decay, cu_seqlens
 ):
@@ -86,17 +88,25 @@ def test_chunk_other_launch_configs_match_naive(monkeypatch):
 
 
 @pytest.mark.parametrize("variant", testing.VARIANTS)
-@pytest.mark.parametrize(
-    "batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, strong_decay, cu_seqlens",
-    [pytest.param(*case, id=name) for name, case in CPU_CASES],
-)
+@CPU_CASE_PARAMETERS
 def test_chunk_forward_without_gradients_matches_naive(
     variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, strong_decay, cu_seqlens
 ):
     """Inference forward: nothing is kept for a backward, and the delta rule's state passes form the pseudo-values
     from Ai (w and u are not stored)."""
-    errors = testing.check_chunk_inference(
-        variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, DEVICE, strong_decay, cu_seqlens
+    errors = testing.check_chunk(
+        variant,
+        batch,
+        seq_len,
+        heads,
+        v_heads,
+        key_dim,
+        value_dim,
+        dtype,
+        DEVICE,
+        strong_decay,
+        cu_seqlens,
+        backward=False,
     )
     assert_within_tolerance(errors, dtype)
 
@@ -115,8 +125,8 @@ def test_chunk_forward_without_gradients_in_segments_matches_naive(
 ):
     """The inference forward split into one-chunk segments: the segment maps form their pseudo-values from Ai too."""
     monkeypatch.setattr(kernels.linear_attn, "SEGMENT_CHUNKS", 1)
-    errors = testing.check_chunk_inference(
-        variant, batch, seq_len, 1, 2, 16, 16, torch.float32, DEVICE, strong_decay, cu_seqlens
+    errors = testing.check_chunk(
+        variant, batch, seq_len, 1, 2, 16, 16, torch.float32, DEVICE, strong_decay, cu_seqlens, backward=False
     )
     assert_within_tolerance(errors, torch.float32)
 
