@@ -62,6 +62,16 @@ def _locate(
 
 
 @triton.jit
+def _query_block(HEAVY_FIRST: tl.constexpr):
+    """The query block of this program; HEAVY_FIRST: the last block first. A query block's work grows with its
+    index up to the window, so the GPU then starts the longest programs first and ends on short ones."""
+    i_m = tl.program_id(0)
+    if HEAVY_FIRST:
+        i_m = tl.num_programs(0) - 1 - i_m
+    return i_m
+
+
+@triton.jit
 def _load_tile(ptr, m_rows, m_d, MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr):
     """A [rows, BD] tile; masks only where the rows or the head dim can run out of bounds."""
     if MASK_ROWS and MASK_D:
@@ -190,11 +200,12 @@ def sliding_fwd_kernel(
     HAS_SINK_LOGITS: tl.constexpr,
     USE_DESC: tl.constexpr,
     PACK: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
 ):
     """o and the log2-sum-exp of one tile of BM rows: BM // PACK queries of PACK query heads of one GQA group (row r
     is query m0 + r // PACK of head i_hp * PACK + r % PACK), so the group's heads share every k/v tile they load."""
     BT: tl.constexpr = BM // PACK
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = _query_block(HEAVY_FIRST), tl.program_id(1)
     i_b, i_hp = i_bh // (H // PACK), i_bh % (H // PACK)
     i_hkv = i_hp * PACK // (H // HKV)
     bos, seq_len, m0, k_lo, k_hi, _i_seq = _locate(
@@ -448,12 +459,13 @@ def sliding_bwd_dq_kernel(
     HAS_BOUNDS: tl.constexpr,
     USE_DESC: tl.constexpr,
     PACK: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
 ):
     """dq of one tile of BM rows (BM // PACK queries of PACK heads, as in `sliding_fwd_kernel`); with sinks, also
     this tile's share of the sink keys' dk (unscaled) and dv from the queries outside their window, into
     `sink_dk/sink_dv[i_m, b * (H / PACK) + i_hp, j]`."""
     BT: tl.constexpr = BM // PACK
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_m, i_bh = _query_block(HEAVY_FIRST), tl.program_id(1)
     i_b, i_hp = i_bh // (H // PACK), i_bh % (H // PACK)
     i_hkv = i_hp * PACK // (H // HKV)
     bos, seq_len, m0, k_lo, k_hi, _i_seq = _locate(

@@ -63,6 +63,7 @@ TUNED_KERNELS = (
     "chunk_segment_fwd_kernel",
     "chunk_combine_kernel",
     "chunk_state_fwd_kernel",
+    "chunk_state_fwd_t_kernel",
     "chunk_state_bwd_kernel",
     "chunk_grad_kernel",
 )

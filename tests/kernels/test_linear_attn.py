@@ -73,6 +73,7 @@ TUNED_KERNELS = (
     "chunk_segment_fwd_kernel",
     "chunk_combine_kernel",
     "chunk_state_fwd_kernel",
+    "chunk_state_fwd_t_kernel",
     "chunk_state_bwd_kernel",
     "chunk_grad_kernel",
 )
@@ -149,14 +150,52 @@ def test_chunk_forward_without_gradients_stores_neither_w_nor_u(monkeypatch):
         monkeypatch.setattr(linear_attn, "WY_IN_MEMORY", True)
         o_wu, s_wu = kernels.chunk_linear_attention(q, k, v, g, beta, initial_state=s0, output_final_state=True)
     names = [name for name, _ in launched]
-    state = [kwargs for name, kwargs in launched if name == "chunk_state_fwd_kernel"]
-    # once each: Ai alone, then Ai and the w/u kernel
-    assert names.count("chunk_wy_fwd_kernel") == 2 and names.count("chunk_wu_fwd_kernel") == 1
-    assert names.index("chunk_wu_fwd_kernel") > names.index("chunk_state_fwd_kernel")
-    assert [x["FROM_AI"] for x in state] == [True, False]
+    # Ai alone and the transposed pass from Ai; then Ai, the w/u kernel and the pass that reads w and u
+    assert names == [
+        "chunk_wy_fwd_kernel",
+        "chunk_state_fwd_t_kernel",
+        "chunk_wy_fwd_kernel",
+        "chunk_wu_fwd_kernel",
+        "chunk_state_fwd_kernel",
+    ]
+    assert [kwargs["FROM_AI"] for name, kwargs in launched if name.startswith("chunk_state")] == [True, False]
     # the two paths round differently in fp32 (w S against k S, Ai applied before or after the subtraction)
     torch.testing.assert_close(o, o_wu, rtol=0, atol=1e-5)
     torch.testing.assert_close(s, s_wu, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", testing.VARIANTS)
+def test_transposed_state_pass_matches_the_untransposed_one(monkeypatch, variant):
+    """Forwards without a backward can run `chunk_state_fwd_t_kernel` (the state held transposed; by default for
+    every rule but KDA's, `STATE_PASS_TRANSPOSED`); it gives the untransposed kernel's outputs and final states,
+    with an initial state, GVA and packed sequences."""
+    linear_attn = kernels.linear_attn
+    launched = []
+    original = linear_attn._launch
+
+    def spy(kernel, *args):
+        launched.append(kernel.fn.__name__)
+        original(kernel, *args)
+
+    monkeypatch.setattr(linear_attn, "_launch", spy)
+    cu_seqlens = torch.tensor([0, 1, 70, 200], device=DEVICE)
+    q, k, v, g, beta, s0 = testing.linear_inputs(variant, 1, 200, 1, 2, 32, 24, torch.float32, DEVICE, num_states=3)
+    results = {}
+    rule = ({"gdn": 1, "deltanet": 0}.get(variant, 2), variant != "gla")
+    assert (rule in linear_attn.STATE_PASS_TRANSPOSED) == (variant != "kda")
+    for transposed in (True, False):
+        monkeypatch.setattr(linear_attn, "STATE_PASS_TRANSPOSED", {rule} if transposed else set())
+        with torch.no_grad():
+            results[transposed] = kernels.chunk_linear_attention(
+                q, k, v, g, beta, initial_state=s0, output_final_state=True, cu_seqlens=cu_seqlens
+            )
+    state_passes = [name for name in launched if name.startswith("chunk_state_fwd")]
+    assert state_passes == ["chunk_state_fwd_t_kernel", "chunk_state_fwd_kernel"]
+    # the interpreter's fp32 products differ only in summation order; GPUs run the Ai and P products in tf32 in both
+    # kernels, on differently ordered operands
+    atol = 1e-5 if DEVICE == "cpu" else 2e-3
+    for a, b in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
 
 
 def test_tuning_keeps_the_fastest_candidate_that_matches_the_first(monkeypatch):

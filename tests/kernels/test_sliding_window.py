@@ -134,6 +134,14 @@ def test_matches_naive_with_one_head_per_tile(case, monkeypatch):
     check_against_naive(*case)
 
 
+@pytest.mark.parametrize("case", some_cases("varlen-1-64-1-64", "T150-G4-sinks-logits-padding"))
+def test_matches_naive_with_the_other_block_order(case, monkeypatch):
+    """The forward and dq kernels launch their query blocks in either order (`HEAVY_BLOCKS_FIRST`): a program finds
+    its block, and dq's sink partials their slot, from the block index alone."""
+    monkeypatch.setattr(ops, "HEAVY_BLOCKS_FIRST", {kind: not last for kind, last in ops.HEAVY_BLOCKS_FIRST.items()})
+    check_against_naive(*case)
+
+
 def test_heads_packed_per_tile():
     assert ops._pack(32, 8, 128) == 4 and ops._pack(8, 8, 128) == 1
     # a tile keeps at least 8 queries; groups that are not powers of two are not packed
