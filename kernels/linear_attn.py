@@ -593,11 +593,16 @@ def _state_bwd(q, k, w, b, aqk, do, dh, dvn, dht, dh0, scale, chunks, shape, gat
     )
 
 
+def rule_of(g: torch.Tensor | None, beta: torch.Tensor | None) -> tuple[int, bool]:
+    """(GATE, DELTA) of the kernels for log decays g (or their cumulative sums) and writes beta: GATE 0 without a
+    decay, 1 per head (`[B, T, HV]`), 2 per key channel (`[B, T, HV, K]`); DELTA when beta is given."""
+    return 0 if g is None else (1 if g.dim() == 3 else 2), beta is not None
+
+
 def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunks, needs_grad):
     batch, seq_len, _, key_dim = q.shape
     num_v_heads, value_dim = v.shape[2], v.shape[3]
-    gate = 0 if g is None else (1 if g.dim() == 3 else 2)
-    delta = beta is not None
+    gate, delta = rule_of(g, beta)
     shape = _shape(q, v, chunks)
     pair_shape = (batch, seq_len, num_v_heads, CHUNK_SIZE)
     device = q.device
@@ -668,8 +673,7 @@ def _chunk_bwd(q, k, v, beta, g_dtype, scale, initial_state, chunks, saved, do, 
     b, aqk, akk, ai, w, u, h, vn = saved
     batch, seq_len, num_heads, key_dim = q.shape
     num_v_heads, value_dim = v.shape[2], v.shape[3]
-    gate = 0 if b is None else (1 if b.dim() == 3 else 2)
-    delta = beta is not None
+    gate, delta = rule_of(b, beta)
     shape = _shape(q, v, chunks)
     device = q.device
 
@@ -914,6 +918,7 @@ def fused_recurrent_linear_attention(
     o = torch.empty_like(v, dtype=q.dtype)
     ht = q.new_empty(num_seqs, num_v_heads, key_dim, value_dim, dtype=torch.float32) if output_final_state else None
     bv = _state_block_v(value_dim, num_seqs * num_v_heads, q.device)
+    gate, delta = rule_of(g, beta)
     fused_recurrent_fwd_kernel[(triton.cdiv(value_dim, bv), num_seqs * num_v_heads)](
         q,
         k,
@@ -932,8 +937,8 @@ def fused_recurrent_linear_attention(
         V=value_dim,
         BK=_block(key_dim, MAX_HEAD_DIM),
         BV=bv,
-        GATE=0 if g is None else (1 if g.dim() == 3 else 2),
-        DELTA=beta is not None,
+        GATE=gate,
+        DELTA=delta,
         L2NORM=use_qk_l2norm_in_kernel,
         USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=output_final_state,

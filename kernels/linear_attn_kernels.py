@@ -903,15 +903,7 @@ def chunk_state_fwd_t_kernel(
         else:
             b_vnt = b_vt
         # P^T [BT (keys), BT (queries)]
-        m_a = (o_i[:, None] <= o_i[None, :]) & m_t[:, None] & m_t[None, :]
-        if GATE == 2:
-            b_pt = tl.load(aqk + _tile_offsets_t(bos, o_t, i_hv, HV, BT, o_i), mask=m_a, other=0.0)
-        else:
-            b_pt = tl.dot(b_k, tl.trans(b_q)) * scale
-            if GATE == 1:
-                b_gt = tl.sum(b_g, axis=1)
-                b_pt = b_pt * tl.exp(tl.where(m_a, b_gt[None, :] - b_gt[:, None], 0.0))
-            b_pt = tl.where(m_a, b_pt, 0.0)
+        b_pt = tl.trans(_qk_scores(b_q, b_k, b_g, aqk, bos, seq_len, o_t, i_hv, scale, HV, BT, GATE))
         dtype = b_q.dtype
         if GATE == 2:
             b_ot = tl.dot(b_ht.to(dtype), tl.trans((b_q.to(tl.float32) * tl.exp(b_g) * scale).to(dtype)))

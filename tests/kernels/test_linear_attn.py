@@ -181,7 +181,7 @@ def test_transposed_state_pass_matches_the_untransposed_one(monkeypatch, variant
     cu_seqlens = torch.tensor([0, 1, 70, 200], device=DEVICE)
     q, k, v, g, beta, s0 = testing.linear_inputs(variant, 1, 200, 1, 2, 32, 24, torch.float32, DEVICE, num_states=3)
     results = {}
-    rule = ({"gdn": 1, "deltanet": 0}.get(variant, 2), variant != "gla")
+    rule = linear_attn.rule_of(g, beta)
     assert (rule in linear_attn.STATE_PASS_TRANSPOSED) == (variant != "kda")
     for transposed in (True, False):
         monkeypatch.setattr(linear_attn, "STATE_PASS_TRANSPOSED", {rule} if transposed else set())
