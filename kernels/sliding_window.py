@@ -19,7 +19,6 @@ import torch
 from .sliding_window_kernels import (
     sliding_bwd_dkdv_kernel,
     sliding_bwd_dq_kernel,
-    sliding_bwd_preprocess_kernel,
     sliding_decode_combine_kernel,
     sliding_decode_kernel,
     sliding_fwd_kernel,
@@ -195,18 +194,8 @@ def _backward(q, k, v, o, lse, do, sink_logits, window, num_sinks, scale, cu_seq
         "HAS_BOUNDS": key_bounds is not None,
     }
 
+    # filled by the dq kernel
     delta = torch.empty_like(lse)
-    sliding_bwd_preprocess_kernel[(triton.cdiv(tokens, 64), num_heads)](
-        o,
-        do,
-        delta,
-        tokens,
-        H=num_heads,
-        D=head_dim,
-        BT=64,
-        BD=_block(head_dim),
-        num_warps=4,
-    )
 
     tiles = _tiles("dq", head_dim, q.dtype, q.device)
     use_desc = _use_descriptors("dq", q, head_dim)
@@ -224,6 +213,7 @@ def _backward(q, k, v, o, lse, do, sink_logits, window, num_sinks, scale, cu_seq
         q,
         k,
         v,
+        o,
         do,
         lse,
         delta,

@@ -5,9 +5,9 @@ Query t sees key s when 0 <= t - s < window, plus the sink tokens (the first S v
 window, and a learned per-head sink logit joins every softmax denominator with no value. Online softmax in fp32,
 log2 space (scores scaled by scale * log2(e)). A query block visits only the key blocks of its window in three
 phases: masked blocks where the window starts, unmasked blocks inside it, masked blocks on the diagonal; the sink
-keys are one extra masked tile. The backward is flash-attention-2's: delta = rowsum(do * o), a dq kernel over the
-key blocks a query block sees (which also sums the sink keys' gradients from queries outside their window, one
-partial per query block), then a dk/dv kernel over the query blocks that see a key block, looping over the query
+keys are one extra masked tile. The backward is flash-attention-2's: a dq kernel over the key blocks a query block sees
+(which first forms and stores delta = rowsum(do * o), and also sums the sink keys' gradients from queries outside
+their window, one partial per query block), then a dk/dv kernel over the query blocks that see a key block, looping over the query
 heads of its GQA group.
 
 Layouts: q, o, do `[B, T, H, D]`; k, v `[B, T, HKV, D]`; lse, delta `[H, B * T]` fp32 (log2 units); packed
@@ -351,21 +351,6 @@ def sliding_fwd_kernel(
     tl.store(lse + o_h.to(tl.int64) * N + bos + o_t, b_lse, mask=m_t)
 
 
-@triton.jit(do_not_specialize=["N"])
-def sliding_bwd_preprocess_kernel(
-    o, do, delta, N, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr
-):
-    """delta[h, n] = sum_d o[n, h, d] * do[n, h, d] in fp32."""
-    i_t, i_h = tl.program_id(0), tl.program_id(1)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_d = tl.arange(0, BD)
-    m = (o_t < N)[:, None] & (o_d < D)[None, :]
-    p = (o_t.to(tl.int64) * H + i_h)[:, None] * D + o_d[None, :]
-    b_o = tl.load(o + p, mask=m, other=0.0).to(tl.float32)
-    b_do = tl.load(do + p, mask=m, other=0.0).to(tl.float32)
-    tl.store(delta + i_h.to(tl.int64) * N + o_t, tl.sum(b_o * b_do, 1), mask=o_t < N)
-
-
 @triton.jit
 def _dq_tile(
     b_dq,
@@ -432,6 +417,7 @@ def sliding_bwd_dq_kernel(
     q,
     k,
     v,
+    o,
     do,
     lse,
     delta,
@@ -461,9 +447,9 @@ def sliding_bwd_dq_kernel(
     PACK: tl.constexpr,
     HEAVY_FIRST: tl.constexpr,
 ):
-    """dq of one tile of BM rows (BM // PACK queries of PACK heads, as in `sliding_fwd_kernel`); with sinks, also
-    this tile's share of the sink keys' dk (unscaled) and dv from the queries outside their window, into
-    `sink_dk/sink_dv[i_m, b * (H / PACK) + i_hp, j]`."""
+    """dq and delta = rowsum(do * o) of one tile of BM rows (BM // PACK queries of PACK heads, as in
+    `sliding_fwd_kernel`); with sinks, also this tile's share of the sink keys' dk (unscaled) and dv from the queries
+    outside their window, into `sink_dk/sink_dv[i_m, b * (H / PACK) + i_hp, j]`."""
     BT: tl.constexpr = BM // PACK
     i_m, i_bh = _query_block(HEAVY_FIRST), tl.program_id(1)
     i_b, i_hp = i_bh // (H // PACK), i_bh % (H // PACK)
@@ -484,7 +470,10 @@ def sliding_bwd_dq_kernel(
     b_do = _load_tile(do + p_q, m_t, m_d, True, MASK_D)
     # rows past the end get lse = +inf: p = 0
     b_lse = tl.load(lse + o_h.to(tl.int64) * N + bos + o_t, mask=m_t, other=float("inf"))
-    b_delta = tl.load(delta + o_h.to(tl.int64) * N + bos + o_t, mask=m_t, other=0.0)
+    # delta = rowsum(do * o) in fp32, stored for the dk/dv kernel and the sink logits' gradient
+    b_o = _load_tile(o + p_q, m_t, m_d, True, MASK_D)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    tl.store(delta + o_h.to(tl.int64) * N + bos + o_t, b_delta, mask=m_t)
     k_base = k + (bos * HKV + i_hkv) * D
     v_base = v + (bos * HKV + i_hkv) * D
     qk_scale = scale * LOG2E
