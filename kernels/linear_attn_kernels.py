@@ -215,32 +215,104 @@ def _dot_split(a, b, acc):
 
 
 @triton.jit
-def _decay_state(b_h, b_k, b_g, b_gl, b_x, m_t, GATE: tl.constexpr):
+def _dot_split_a(a, b, acc):
+    """acc + a @ b for an fp32 a and a b exact in its dtype: `_dot_split` with the halves on the left, so that the
+    fp32 operand, which lives in registers, is the one an MMA can read from registers (Hopper's wgmma reads its
+    right operand from shared memory only)."""
+    if b.dtype == tl.bfloat16:
+        a_hi = a.to(tl.bfloat16)
+        acc = tl.dot(a_hi, b, acc)
+        return tl.dot((a - a_hi.to(tl.float32)).to(tl.bfloat16), b, acc)
+    else:
+        return tl.dot(a, b.to(tl.float32), acc)
+
+
+@triton.jit
+def _decay_state(b_h, b_k, b_g, b_gl, b_x, m_t, GATE: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """exp(b_last) S + (k exp(b_last - b))^T x for a state block S [BK, BV] and chunk values x [BT, BV] (fp32). A
-    per-head decay scales the rows of x, so that k enters the MMA exactly."""
+    per-head decay scales the rows of x, so that k enters the MMA exactly. TRANSPOSED: S^T [BV, BK] and x^T [BV, BT]
+    in, S^T out, with x^T on the left of the product (`_dot_split_a`)."""
     if GATE == 2:
         b_kd = (b_k.to(tl.float32) * _masked_exp(b_gl - b_g, m_t[:, None])).to(b_k.dtype)
-        return _dot_split(tl.trans(b_kd), b_x, b_h * tl.trans(tl.exp(b_gl)))
+        if TRANSPOSED:
+            b_h = _dot_split_a(b_x, b_kd, b_h * tl.exp(b_gl))
+        else:
+            b_h = _dot_split(tl.trans(b_kd), b_x, b_h * tl.trans(tl.exp(b_gl)))
     else:
-        return _dot_split(tl.trans(b_k), b_x * _masked_exp(b_gl - b_g, m_t[:, None]), b_h * tl.exp(b_gl))
+        if TRANSPOSED:
+            b_h = _dot_split_a(b_x * tl.trans(_masked_exp(b_gl - b_g, m_t[:, None])), b_k, b_h * tl.exp(b_gl))
+        else:
+            b_h = _dot_split(tl.trans(b_k), b_x * _masked_exp(b_gl - b_g, m_t[:, None]), b_h * tl.exp(b_gl))
+    return b_h
 
 
 @triton.jit
 def _pseudo_values(
-    ai, beta, b_k, b_g, b_h, b_y, bos, seq_len, o_t, i_hv, HV: tl.constexpr, BT: tl.constexpr, GATE: tl.constexpr
+    ai,
+    beta,
+    b_k,
+    b_g,
+    b_h,
+    b_y,
+    bos,
+    seq_len,
+    o_t,
+    i_hv,
+    HV: tl.constexpr,
+    BT: tl.constexpr,
+    GATE: tl.constexpr,
+    TRANSPOSED: tl.constexpr = False,
 ):
     """vn = u - w S = Ai (beta (y - (k exp(b)) S)) for chunk rows o_t, from Ai instead of w and u: [BT, BV], fp32.
     k enters the MMA exactly (per-head decays scale its rows after it; per-channel ones round k exp(b) to k's
-    dtype) against two bf16 halves of S, and Ai multiplies the residual, which is small where S predicts y."""
+    dtype) against two bf16 halves of S, and Ai multiplies the residual, which is small where S predicts y.
+    TRANSPOSED: S^T [BV, BK] and y^T [BV, BT] in, vn^T out, with the state-dependent operand of every product on
+    the left (`_dot_split_a`)."""
     m_t = o_t < seq_len
+    o_i = tl.arange(0, BT)
     if GATE == 2:
         b_kd = (b_k.to(tl.float32) * _masked_exp(b_g, m_t[:, None])).to(b_k.dtype)
-        b_x = -_dot_split(b_kd, b_h, -b_y)
+    if TRANSPOSED:
+        if GATE == 2:
+            b_x = b_y - _dot_split_a(b_h, tl.trans(b_kd), tl.zeros(b_y.shape, dtype=tl.float32))
+        else:
+            b_x = b_y - _dot_split_a(b_h, tl.trans(b_k), tl.zeros(b_y.shape, dtype=tl.float32)) * tl.trans(tl.exp(b_g))
+        b_x = b_x * _load_tokens(beta, bos, seq_len, o_t, i_hv, HV)[None, :]
+        b_vn = tl.dot(b_x, tl.trans(_load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, o_i)))
     else:
-        b_x = b_y - _dot_split(b_k, b_h, tl.zeros(b_y.shape, dtype=tl.float32)) * tl.exp(b_g)
-    b_x = b_x * _load_tokens(beta, bos, seq_len, o_t, i_hv, HV)[:, None]
-    b_ai = _load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, tl.arange(0, BT))
-    return tl.dot(b_ai, b_x)
+        if GATE == 2:
+            b_x = -_dot_split(b_kd, b_h, -b_y)
+        else:
+            b_x = b_y - _dot_split(b_k, b_h, tl.zeros(b_y.shape, dtype=tl.float32)) * tl.exp(b_g)
+        b_x = b_x * _load_tokens(beta, bos, seq_len, o_t, i_hv, HV)[:, None]
+        b_vn = tl.dot(_load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, o_i), b_x)
+    return b_vn
+
+
+@triton.jit
+def _segment_program(
+    T,
+    NS,
+    SEG,
+    cu_seqlens,
+    chunk_offsets,
+    segments,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The (segment, value head) of a program of the sequential passes, whose first grid axis takes the V blocks:
+    (segment, value head, key head, sequence, first token of the sequence, sequence length, the sequence's first
+    chunk in the per-chunk buffers, first and end chunk of the segment inside its sequence, the block's V offsets)."""
+    i_v, i_s = tl.program_id(0), tl.program_id(1)
+    i_seg, i_hv = i_s // HV, i_s % HV
+    i_h = i_hv // (HV // H)
+    i_n, bos, seq_len, first_chunk, c0, c1 = _locate_segment(
+        i_seg, T, NS, SEG, cu_seqlens, chunk_offsets, segments, BT, IS_VARLEN
+    )
+    return i_seg, i_hv, i_h, i_n, bos, seq_len, first_chunk, c0, c1, i_v * BV + tl.arange(0, BV)
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])
@@ -617,13 +689,12 @@ def chunk_segment_fwd_kernel(
     writes y (u, or v for additive writes and FROM_AI, where the delta rule's writes come from Ai and beta; C
     `[K, V]`, into ct)."""
     NKB: tl.constexpr = (K + BV - 1) // BV
-    i_col, i_s = tl.program_id(0), tl.program_id(1)
-    i_seg, i_hv = i_s // HV, i_s % HV
-    i_h = i_hv // (HV // H)
-    _, bos, seq_len, _, c0, c1 = _locate_segment(i_seg, T, NS, SEG, cu_seqlens, chunk_offsets, segments, BT, IS_VARLEN)
-    o_k = tl.arange(0, BK)
     # columns of M (o_c < K) or of C (o_c - NKB * BV < V)
-    o_c = i_col * BV + tl.arange(0, BV)
+    i_seg, i_hv, i_h, _, bos, seq_len, _, c0, c1, o_c = _segment_program(
+        T, NS, SEG, cu_seqlens, chunk_offsets, segments, H, HV, BT, BV, IS_VARLEN
+    )
+    i_col = tl.program_id(0)
+    o_k = tl.arange(0, BK)
     o_y = o_c - NKB * BV
     m_y = (o_y >= 0) & (o_y < V)
     if i_col < NKB:
@@ -747,14 +818,10 @@ def chunk_state_fwd_kernel(
     state h and the pseudo-values vn = u - w S (FROM_AI: vn = Ai (beta (v - (k exp(b)) S)), which needs neither w
     nor u in memory). INIT: the entering state is zero (0), h0[sequence] (1) or
     h0[segment] (2); STORE_FINAL_STATE: the leaving state goes to ht[sequence] (unsplit sequences)."""
-    i_v, i_s = tl.program_id(0), tl.program_id(1)
-    i_seg, i_hv = i_s // HV, i_s % HV
-    i_h = i_hv // (HV // H)
-    i_n, bos, seq_len, first_chunk, c0, c1 = _locate_segment(
-        i_seg, T, NS, SEG, cu_seqlens, chunk_offsets, segments, BT, IS_VARLEN
+    i_seg, i_hv, i_h, i_n, bos, seq_len, first_chunk, c0, c1, o_v = _segment_program(
+        T, NS, SEG, cu_seqlens, chunk_offsets, segments, H, HV, BT, BV, IS_VARLEN
     )
     o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
     # [BK, BV]
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if INIT == 1:
@@ -796,19 +863,6 @@ def chunk_state_fwd_kernel(
         b_h = _decay_state(b_h, b_k, b_g, b_gl, b_vn, m_t, GATE)
     if STORE_FINAL_STATE:
         _store_state(ht, b_h, i_n, i_hv, HV, K, V, o_k, o_v)
-
-
-@triton.jit
-def _dot_split_a(a, b, acc):
-    """acc + a @ b for an fp32 a and a b exact in its dtype: `_dot_split` with the halves on the left, so that the
-    fp32 operand, which lives in registers, is the one an MMA can read from registers (Hopper's wgmma reads its
-    right operand from shared memory only)."""
-    if b.dtype == tl.bfloat16:
-        a_hi = a.to(tl.bfloat16)
-        acc = tl.dot(a_hi, b, acc)
-        return tl.dot((a - a_hi.to(tl.float32)).to(tl.bfloat16), b, acc)
-    else:
-        return tl.dot(a, b.to(tl.float32), acc)
 
 
 @triton.jit
@@ -861,14 +915,10 @@ def chunk_state_fwd_t_kernel(
     registers. The untransposed kernel must first write S, x and vn to shared memory for each of them, on the
     sequential chain of the recurrence. Same arguments as `chunk_state_fwd_kernel`."""
     tl.static_assert(not STORE_STATES and (FROM_AI or not DELTA))
-    i_v, i_s = tl.program_id(0), tl.program_id(1)
-    i_seg, i_hv = i_s // HV, i_s % HV
-    i_h = i_hv // (HV // H)
-    i_n, bos, seq_len, first_chunk, c0, c1 = _locate_segment(
-        i_seg, T, NS, SEG, cu_seqlens, chunk_offsets, segments, BT, IS_VARLEN
+    i_seg, i_hv, i_h, i_n, bos, seq_len, _, c0, c1, o_v = _segment_program(
+        T, NS, SEG, cu_seqlens, chunk_offsets, segments, H, HV, BT, BV, IS_VARLEN
     )
     o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
     o_i = tl.arange(0, BT)
     m_v = o_v < V
     # [BV, BK]
@@ -890,16 +940,7 @@ def chunk_state_fwd_t_kernel(
         b_vt = tl.load(v + _tile_offsets_t(bos, o_t, i_hv, HV, V, o_v), mask=m_vt, other=0.0).to(tl.float32)
         if DELTA:
             # vn^T = (beta (v - (k e^b) S))^T Ai^T
-            if GATE == 2:
-                b_kd = (b_k.to(tl.float32) * _masked_exp(b_g, m_t[:, None])).to(b_k.dtype)
-                b_xt = b_vt - _dot_split_a(b_ht, tl.trans(b_kd), tl.zeros([BV, BT], dtype=tl.float32))
-            else:
-                b_xt = b_vt - _dot_split_a(b_ht, tl.trans(b_k), tl.zeros([BV, BT], dtype=tl.float32)) * tl.trans(
-                    tl.exp(b_g)
-                )
-            b_xt = b_xt * _load_tokens(beta, bos, seq_len, o_t, i_hv, HV)[None, :]
-            b_ait = tl.trans(_load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, o_i))
-            b_vnt = tl.dot(b_xt, b_ait)
+            b_vnt = _pseudo_values(ai, beta, b_k, b_g, b_ht, b_vt, bos, seq_len, o_t, i_hv, HV, BT, GATE, True)
         else:
             b_vnt = b_vt
         # P^T [BT (keys), BT (queries)]
@@ -913,11 +954,7 @@ def chunk_state_fwd_t_kernel(
         b_ot = tl.dot(b_vnt, b_pt, b_ot)
         tl.store(o + _tile_offsets_t(bos, o_t, i_hv, HV, V, o_v), b_ot.to(o.dtype.element_ty), mask=m_vt)
         # S^T <- S^T e^(b_last) + vn^T (k e^(b_last - b))
-        if GATE == 2:
-            b_kd = (b_k.to(tl.float32) * _masked_exp(b_gl - b_g, m_t[:, None])).to(b_k.dtype)
-            b_ht = _dot_split_a(b_vnt, b_kd, b_ht * tl.exp(b_gl))
-        else:
-            b_ht = _dot_split_a(b_vnt * tl.trans(_masked_exp(b_gl - b_g, m_t[:, None])), b_k, b_ht * tl.exp(b_gl))
+        b_ht = _decay_state(b_ht, b_k, b_g, b_gl, b_vnt, m_t, GATE, True)
     if STORE_FINAL_STATE:
         _store_state(ht, tl.trans(b_ht), i_n, i_hv, HV, K, V, o_k, o_v)
 
@@ -959,14 +996,10 @@ def chunk_state_bwd_kernel(
     gradient dh of the state leaving it and dvn = P^T do + (k exp(b_last - b)) dh, the full gradient of its
     pseudo-values (fp32). INIT: the gradient of the segment's leaving state is zero (0), dht[sequence] (1) or
     dht[segment] (2); FINAL: that of its entering state goes to dh0[sequence] (1) or dh0[segment] (2)."""
-    i_v, i_s = tl.program_id(0), tl.program_id(1)
-    i_seg, i_hv = i_s // HV, i_s % HV
-    i_h = i_hv // (HV // H)
-    i_n, bos, seq_len, first_chunk, c0, c1 = _locate_segment(
-        i_seg, T, NS, SEG, cu_seqlens, chunk_offsets, segments, BT, IS_VARLEN
+    i_seg, i_hv, i_h, i_n, bos, seq_len, first_chunk, c0, c1, o_v = _segment_program(
+        T, NS, SEG, cu_seqlens, chunk_offsets, segments, H, HV, BT, BV, IS_VARLEN
     )
     o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if INIT == 1:
         b_dh += _load_state(dht, i_n, i_hv, HV, K, V, o_k, o_v)
