@@ -16,7 +16,8 @@ A segment is a whole sequence, or, when there are too few sequences to fill the 
 S -> M S + C across each segment is computed in parallel (`chunk_segment_fwd_kernel`), a short sequential pass over
 the segments joins them (`chunk_combine_kernel`), and the state passes then run per segment from the joined states.
 Per-channel decays never form exp(+b): pairwise terms are evaluated in 16-token sub-blocks against a reference
-row inside the chunk, so strong decays underflow to zero instead of overflowing.
+row inside the chunk, so strong decays underflow to zero instead of overflowing; the diagonal sub-blocks use a
+growing factor exp(b_ref - b) only where it stays below e^DIAGONAL_SPAN.
 
 Layouts: q, k `[B, T, H, K]`; v, o `[B, T, HV, V]`; beta `[B, T, HV]`; b `[B, T, HV, G]` (G = 1 or K);
 pairwise buffers `[B, T, HV, BT]`; per-chunk states `[NT, HV, K, V]`; per-segment maps `[NS, HV, K, K or V]`.
@@ -28,6 +29,12 @@ try:
     import triton.language as tl
 except ImportError as error:  # the importer falls back to the torch reference
     raise ImportError("the linear-attention kernels need triton (`pip install triton`)") from error
+
+
+# the pairwise kernel forms its diagonal sub-blocks as one product against a reference row when no channel decays by
+# more than this (natural log) inside the sub-block: e^40 ~ 2e17 keeps every factor a normal fp32 number with room
+# to spare; stronger decays take the exact per-column loop
+DIAGONAL_SPAN = tl.constexpr(40.0)
 
 
 @triton.jit
@@ -399,22 +406,34 @@ def chunk_pairwise_fwd_kernel(
         tl.store(aqk + p_out + j * BC, tl.dot(b_qg, tl.trans(b_ks)) * scale, mask=m_r[:, None])
         if DELTA:
             tl.store(akk + p_out + j * BC, tl.dot(b_kg, tl.trans(b_ks)), mask=m_r[:, None])
-    # diagonal sub-block, one key column at a time
+    # diagonal sub-block
     b_aq = tl.zeros([BC, BC], dtype=tl.float32)
     b_ak = tl.zeros([BC, BC], dtype=tl.float32)
-    for s in range(BC):
-        # tensors, not a scalar: newer Triton interpreters reject the mask that scalar & tensor gives
-        m_sk = ((o_k * 0 + row0 + s) < seq_len) & m_k
-        p_s = (bos + row0 + s) * H * K + i_h * K + o_k
-        b_ks = tl.load(k + p_s, mask=m_sk, other=0.0).to(tl.float32)
-        b_bs = tl.load(b + (bos + row0 + s) * HV * K + i_hv * K + o_k, mask=m_sk, other=0.0)
-        m_ts = (o_i >= s) & m_r
-        b_e = _masked_exp(b_b - b_bs[None, :], m_ts[:, None] & m_k[None, :])
-        b_col_q = tl.sum(b_q * b_ks[None, :] * b_e, axis=1)
-        b_aq = tl.where(o_i[None, :] == s, b_col_q[:, None], b_aq)
+    # the largest decay between the reference row and a row of the sub-block, over the channels
+    b_span = tl.max(tl.max(tl.abs(tl.where(m_rk, b_b - b_ref[None, :], 0.0)), axis=1), axis=0)
+    if b_span <= DIAGONAL_SPAN:
+        # one product against the reference row: (q_t e^(b_t - b_ref)) (k_s e^(b_ref - b_s)), both factors within
+        # e^(+-span) of the inputs, where fp32 (and tf32) keep their relative precision
+        b_kr = b_k * _masked_exp(b_ref[None, :] - b_b, m_rk)
+        m_d = m_r[:, None] & m_r[None, :]
+        b_aq = tl.where((o_i[:, None] >= o_i[None, :]) & m_d, tl.dot(b_qg, tl.trans(b_kr)), 0.0)
         if DELTA:
-            b_col_k = tl.where(o_i > s, tl.sum(b_k * b_ks[None, :] * b_e, axis=1), 0.0)
-            b_ak = tl.where(o_i[None, :] == s, b_col_k[:, None], b_ak)
+            b_ak = tl.where((o_i[:, None] > o_i[None, :]) & m_d, tl.dot(b_kg, tl.trans(b_kr)), 0.0)
+    else:
+        # strong decays: one key column at a time, each pair's decay exponentiated on its own
+        for s in range(BC):
+            # tensors, not a scalar: newer Triton interpreters reject the mask that scalar & tensor gives
+            m_sk = ((o_k * 0 + row0 + s) < seq_len) & m_k
+            p_s = (bos + row0 + s) * H * K + i_h * K + o_k
+            b_ks = tl.load(k + p_s, mask=m_sk, other=0.0).to(tl.float32)
+            b_bs = tl.load(b + (bos + row0 + s) * HV * K + i_hv * K + o_k, mask=m_sk, other=0.0)
+            m_ts = (o_i >= s) & m_r
+            b_e = _masked_exp(b_b - b_bs[None, :], m_ts[:, None] & m_k[None, :])
+            b_col_q = tl.sum(b_q * b_ks[None, :] * b_e, axis=1)
+            b_aq = tl.where(o_i[None, :] == s, b_col_q[:, None], b_aq)
+            if DELTA:
+                b_col_k = tl.where(o_i > s, tl.sum(b_k * b_ks[None, :] * b_e, axis=1), 0.0)
+                b_ak = tl.where(o_i[None, :] == s, b_col_k[:, None], b_ak)
     tl.store(aqk + p_out + i_i * BC, b_aq * scale, mask=m_r[:, None])
     if DELTA:
         tl.store(akk + p_out + i_i * BC, b_ak, mask=m_r[:, None])

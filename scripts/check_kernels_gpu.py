@@ -58,6 +58,7 @@ CHUNK_CASES = {
 # sequences split into segments of this many chunks
 SPLIT_CHUNKS = 8
 TUNED_KERNELS = (
+    "chunk_pairwise_fwd_kernel",
     "chunk_wy_fwd_kernel",
     "chunk_wu_fwd_kernel",
     "chunk_segment_fwd_kernel",
