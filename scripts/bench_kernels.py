@@ -110,7 +110,10 @@ def time_op(fn, args, backward: bool):
     do = None
     if backward:
         with torch.no_grad():
-            do = torch.randn_like(fn(**args)[0])
+            out = fn(**args)[0]
+            # the same upstream gradient for every provider, so that their gradients can be compared
+            gen = torch.Generator(device=out.device).manual_seed(1)
+            do = torch.randn(out.shape, generator=gen, device=out.device, dtype=torch.float32).to(out.dtype)
     out, grads = run_op(fn, args, backward, do)
     if not backward:
         with torch.no_grad():
