@@ -704,9 +704,9 @@ def chunk_segment_fwd_kernel(
     IS_VARLEN: tl.constexpr,
 ):
     """The map S -> M S + C of the state across one segment, in fp32: program column blocks below cdiv(K, BV) run
-    the state recurrence on the identity without writes (M `[K, K]`, into mt), the others on a zero state with the
-    writes y (u, or v for additive writes and FROM_AI, where the delta rule's writes come from Ai and beta; C
-    `[K, V]`, into ct)."""
+    the state recurrence on the identity without writes (M `[K, K]`, into mt; for additive writes M is the diagonal
+    of the segment's total decays, formed directly), the others on a zero state with the writes y (u, or v for
+    additive writes and FROM_AI, where the delta rule's writes come from Ai and beta; C `[K, V]`, into ct)."""
     NKB: tl.constexpr = (K + BV - 1) // BV
     # columns of M (o_c < K) or of C (o_c - NKB * BV < V)
     i_seg, i_hv, i_h, _, bos, seq_len, _, c0, c1, o_c = _segment_program(
@@ -718,6 +718,13 @@ def chunk_segment_fwd_kernel(
     m_y = (o_y >= 0) & (o_y < V)
     if i_col < NKB:
         b_x = ((o_k[:, None] == o_c[None, :]) & (o_c < K)[None, :]).to(tl.float32)
+        if not DELTA:
+            # additive writes leave M diagonal: the segment's total decay per key channel, with no product
+            b_l = tl.zeros([1, BK], dtype=tl.float32)
+            for i_c in range(c0, c1):
+                b_l += _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
+            b_x = b_x * tl.trans(tl.exp(b_l))
+            c1 = c0
     else:
         b_x = tl.zeros([BK, BV], dtype=tl.float32)
     for i_c in range(c0, c1):

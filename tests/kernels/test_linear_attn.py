@@ -115,7 +115,7 @@ def test_chunk_forward_without_gradients_matches_naive(
     assert_within_tolerance(errors, dtype)
 
 
-@pytest.mark.parametrize("variant", ["gdn", "kda"])
+@pytest.mark.parametrize("variant", ["gdn", "gla", "kda"])
 @pytest.mark.parametrize(
     "batch, seq_len, cu_seqlens, strong_decay",
     [
@@ -127,7 +127,8 @@ def test_chunk_forward_without_gradients_matches_naive(
 def test_chunk_forward_without_gradients_in_segments_matches_naive(
     monkeypatch, variant, batch, seq_len, cu_seqlens, strong_decay
 ):
-    """The inference forward split into one-chunk segments: the segment maps form their pseudo-values from Ai too."""
+    """The inference forward split into one-chunk segments: the segment maps form their pseudo-values from Ai too
+    (delta rule), or their diagonal M directly from the decays (additive writes)."""
     monkeypatch.setattr(kernels.linear_attn, "SEGMENT_CHUNKS", 1)
     errors = testing.check_chunk(
         variant, batch, seq_len, 1, 2, 16, 16, torch.float32, DEVICE, strong_decay, cu_seqlens, backward=False
