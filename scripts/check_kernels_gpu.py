@@ -76,7 +76,7 @@ RECURRENT_CASES = {
 }
 COLUMNS = ("o", "state", *testing.GRADIENTS)
 # the most launch candidates any tuned kernel has (indices past a kernel's last candidate repeat its last)
-MAX_CANDIDATES = 4
+MAX_CANDIDATES = 5
 # `--candidates` runs this case: two sequences split into segments, so that every tuned kernel runs
 CANDIDATE_CASE = "T1000-B2-split"
 CHOICES_MARKER = "launch configs: "
