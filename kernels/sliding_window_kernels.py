@@ -5,10 +5,10 @@ Query t sees key s when 0 <= t - s < window, plus the sink tokens (the first S v
 window, and a learned per-head sink logit joins every softmax denominator with no value. Online softmax in fp32,
 log2 space (scores scaled by scale * log2(e)). A query block visits only the key blocks of its window in three
 phases: masked blocks where the window starts, unmasked blocks inside it, masked blocks on the diagonal; the sink
-keys are one extra masked tile. The backward is flash-attention-2's: a dq kernel over the key blocks a query block sees
-(which first forms and stores delta = rowsum(do * o), and also sums the sink keys' gradients from queries outside
-their window, one partial per query block), then a dk/dv kernel over the query blocks that see a key block, looping over the query
-heads of its GQA group.
+keys are one extra masked tile. The backward is flash-attention-2's: a dq kernel over the key blocks a query block
+sees (which first forms and stores delta = rowsum(do * o), and also sums the sink keys' gradients from queries
+outside their window, one partial per query block), then a dk/dv kernel over the query blocks that see a key block,
+looping over the query heads of its GQA group.
 
 Layouts: q, o, do `[B, T, H, D]`; k, v `[B, T, HKV, D]`; lse, delta `[H, B * T]` fp32 (log2 units); packed
 sequences have B = 1 and per-sequence block lists. `key_bounds` `[B, 2]` int32 restricts row b's keys to

@@ -248,10 +248,6 @@ def flex_forward(flex_compiled, q, k, v, seq_len):
     return lambda: flex_compiled(qt, kt, vt, block_mask=block_mask, enable_gqa=True).transpose(1, 2)
 
 
-def time_flex(flex_compiled, q, k, v, do, seq_len):
-    return fwd_and_bwd(flex_forward(flex_compiled, q, k, v, seq_len), [q, k, v], do)
-
-
 def time_sdpa_full(q, k, v, do):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
