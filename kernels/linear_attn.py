@@ -56,17 +56,27 @@ WY_IN_MEMORY = False
 # (gate, delta rule) pairs whose forwards without a backward run the sequential pass in transposed form
 # (`chunk_state_fwd_t_kernel`, where the state-dependent operand of every product is the one an MMA reads from
 # registers) instead of `chunk_state_fwd_kernel`. On an H100 (bf16, B = 32, T = 2k, H = 16, D = 128) the forward
-# took: GLA 4.91 -> 4.66 ms, GDN 1.762 -> 1.743 ms, but KDA 7.29 -> 7.99 ms, so KDA keeps the untransposed pass
-STATE_PASS_TRANSPOSED = {(0, True), (1, True), (2, False)}
-# launch candidates of the per-channel pairwise kernel (one program per 16-row sub-block). On an H100 (bf16, B = 32,
-# T = 2k, H = 16, D = 128) it takes 0.79-0.83 ms for GLA and 1.81-1.87 ms for KDA at 2 warps, 1.11 / 2.31 ms at
-# Triton's default (4 warps, 3 stages); before its diagonal sub-blocks became one product, 8 or 1 warps took 3.5-14 ms
+# took: GLA 4.91 -> 4.66 ms, GDN 1.762 -> 1.743 ms; KDA 7.29 -> 7.99 ms while its passes formed the gated keys
+# themselves, and 3.30 -> 3.25 ms with the pregated operands below (1-2% faster at every length)
+STATE_PASS_TRANSPOSED = {(0, True), (1, True), (2, False), (2, True)}
+# per-channel decays, forwards without a backward: the pairwise kernel also writes the gated operands of the
+# sequential passes (scale q e^b, k e^(b_last - b) and, delta rule, k e^b, in the input dtype, as those passes
+# rounded them), which then read them instead of q, k and the fp32 decays and form no exponential on their chain
+PREGATED_OPERANDS = True
+# launch candidates of the per-channel pairwise kernel: BC rows per program, a whole chunk (64) or a 16-row
+# sub-block. On an H100 (bf16, H = 16, D = 128, pregated operands; whole forward, B = 32, T = 2k): whole chunks at 8
+# warps took 2.02 ms (GLA) and 3.24 ms (KDA), at 16 warps 1.89 / 3.24 ms, 16-row sub-blocks at 2 warps 2.15 /
+# 4.38 ms. Where a chunk's decays exceed `DIAGONAL_SPAN` (the chunk is then formed sub-block by sub-block) the order
+# turns: with log decays of -5 softplus(N(0, 1)) per step, 16-row programs took 4.13 / 6.62 ms, whole chunks at 8
+# warps 6.9-7.8 / 10.7-11.6 ms and at 16 warps 8.4 / 21.8 ms. The tuner times the first call's decays
 PAIRWISE_CONFIGS = [
-    {"num_warps": 2, "num_stages": 2},
-    {"num_warps": 4, "num_stages": 3},
-    {"num_warps": 4, "num_stages": 2},
-    {"num_warps": 2, "num_stages": 3},
-    {"num_warps": 2, "num_stages": 1},
+    {"BC": CHUNK_SIZE, "num_warps": 8, "num_stages": 1},
+    {"BC": CHUNK_SIZE, "num_warps": 8, "num_stages": 2},
+    {"BC": CHUNK_SIZE, "num_warps": 16, "num_stages": 2},
+    {"BC": SUB_CHUNK, "num_warps": 2, "num_stages": 2},
+    {"BC": CHUNK_SIZE, "num_warps": 4, "num_stages": 2},
+    {"BC": SUB_CHUNK, "num_warps": 4, "num_stages": 3},
+    {"BC": SUB_CHUNK, "num_warps": 2, "num_stages": 3},
 ]
 
 # tune launch configs on CUDA devices (the first candidate of each list is used otherwise)
@@ -363,10 +373,12 @@ def _join_segments(
     maps=None,
     ai=None,
     beta=None,
+    gated=None,
 ):
     """The state (reverse: state gradient) at every segment boundary: the map M S + C across each segment, then a
     sequential pass over the segments. y: the segments' C (reverse) or the writes (u, or v for additive writes and
-    when the delta rule's writes come from `ai` and `beta`) to compute it from. Returns (hs `[NS, HV, K, V]`, M)."""
+    when the delta rule's writes come from `ai` and `beta`) to compute it from; gated: the pairwise kernel's gated
+    operands (qg, kl, kb), or None. Returns (hs `[NS, HV, K, V]`, M)."""
     seq_len, num_v_heads, key_dim = k.shape[1], shape["HV"], shape["K"]
     device = k.device
     common = (chunks.cu_seqlens, chunks.offsets, segments.table, seq_len, segments.per_seq, segments.length)
@@ -375,7 +387,17 @@ def _join_segments(
         maps = k.new_empty(segments.total, num_v_heads, key_dim, key_dim, dtype=torch.float32)
         # reverse: M only (the columns past K are not launched)
         ct = maps if reverse else k.new_empty(segments.total, num_v_heads, key_dim, value_dim, dtype=torch.float32)
-        kwargs = {"V": value_dim, "GATE": gate, "DELTA": delta, "FROM_AI": ai is not None, **shape}
+        kwargs = {
+            "V": value_dim,
+            "GATE": gate,
+            "DELTA": delta,
+            "FROM_AI": ai is not None,
+            "PREGATED": gated is not None,
+            "SKIP_ENDS": not reverse,
+            "FIRST_M": reverse or initial_state is not None,
+            **shape,
+        }
+        kl, kb = (None, None) if gated is None else gated[1:]
         _launch(
             chunk_segment_fwd_kernel,
             lambda c: (
@@ -384,7 +406,7 @@ def _join_segments(
             ),
             _configs(k.dtype, max(key_dim, value_dim), ((64, 4, 2), (64, 8, 2))),
             (*key, reverse),
-            (k, w, y, b, ai, beta, maps, ct, *common),
+            (k, w, y, b, ai, beta, kl, kb, maps, ct, *common),
             kwargs,
             (maps, ct),
             device,
@@ -407,6 +429,7 @@ def _join_segments(
             "REVERSE": reverse,
             "USE_INITIAL_STATE": initial_state is not None,
             "STORE_FINAL_STATE": final_state is not None,
+            "SKIP_ENDS": not reverse,
             "IS_VARLEN": chunks.is_varlen,
         },
         (hs, final_state),
@@ -428,10 +451,12 @@ def _state_pass_configs(dtype, value_dim):
 
 
 def _state_fwd(
-    q, k, v, w, u, b, ai, beta, aqk, o, h, vn, initial_state, final_state, scale, chunks, shape, gate, delta
+    q, k, v, w, u, b, ai, beta, aqk, o, h, vn, initial_state, final_state, scale, chunks, shape, gate, delta, gated
 ):
     """The forward sequential pass: o, and h and vn when given (for the backward); final_state when given. The delta
-    rule's pseudo-values come from w and u, or from `ai` and `beta` when w and u are None."""
+    rule's pseudo-values come from w and u, or from `ai` and `beta` when w and u are None. gated: the pairwise
+    kernel's gated operands (qg, kl, kb) to read instead of q, k and b (forwards without a backward), or None."""
+    qg, kl, kb = (None, None, None) if gated is None else gated
     from_ai = delta and w is None
     seq_len, num_v_heads, key_dim, value_dim = q.shape[1], v.shape[2], q.shape[3], v.shape[3]
     device = q.device
@@ -455,6 +480,7 @@ def _state_fwd(
                 reverse=False,
                 ai=ai if from_ai else None,
                 beta=beta,
+                gated=gated,
             )
             init = 2
         else:
@@ -476,6 +502,9 @@ def _state_fwd(
                 ai,
                 beta,
                 aqk,
+                qg,
+                kl,
+                kb,
                 o,
                 h,
                 vn,
@@ -494,13 +523,14 @@ def _state_fwd(
                 "GATE": gate,
                 "DELTA": delta,
                 "FROM_AI": from_ai,
+                "PREGATED": gated is not None,
                 "INIT": init,
-                "STORE_FINAL_STATE": final_state is not None and not segments.split,
+                # the last segment of each sequence writes its final state (the combine kernel does not form it)
+                "STORE_FINAL_STATE": final_state is not None,
                 "STORE_STATES": h is not None,
                 **shape,
             },
-            # the final state comes from the combine kernel when split
-            (o, h, vn, None if segments.split else final_state),
+            (o, h, vn, final_state),
             device,
         )
 
@@ -514,6 +544,7 @@ def _state_fwd(
         key_dim,
         value_dim,
         h is not None,
+        gated is not None,
         initial_state is not None,
         final_state is not None,
     )
@@ -617,6 +648,11 @@ def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
     pair_shape = (batch, seq_len, num_v_heads, CHUNK_SIZE)
     device = q.device
 
+    gated = None
+    if gate == 2 and PREGATED_OPERANDS and not (needs_grad or WY_IN_MEMORY):
+        gated_shape = (batch, seq_len, num_v_heads, key_dim)
+        gated = tuple(q.new_empty(gated_shape) for _ in range(3 if delta else 2))
+        gated += (None,) * (3 - len(gated))
     b = None if g is None else _chunk_cumsum(g, cu_seqlens, chunks, False, torch.float32)
     aqk = akk = None
     if gate == 2:
@@ -625,12 +661,24 @@ def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
         akk = q.new_empty(pair_shape, dtype=torch.float32) if delta else None
         _launch(
             chunk_pairwise_fwd_kernel,
-            lambda c: (chunks.per_row * (CHUNK_SIZE // SUB_CHUNK) * batch * num_v_heads,),
+            lambda c: (chunks.per_row * (CHUNK_SIZE // c["BC"]) * batch * num_v_heads,),
             PAIRWISE_CONFIGS,
             (_size_class(chunks.total * num_v_heads),),
-            (q, k, b, aqk, akk, cu_seqlens, chunks.indices, scale, seq_len, batch * num_v_heads),
-            {"BC": SUB_CHUNK, "DELTA": delta, **shape},
-            (aqk, akk),
+            (
+                q,
+                k,
+                b,
+                aqk,
+                akk,
+                *(gated or (None,) * 3),
+                cu_seqlens,
+                chunks.indices,
+                scale,
+                seq_len,
+                batch * num_v_heads,
+            ),
+            {"DELTA": delta, "PREGATED": gated is not None, **shape},
+            (aqk, akk, *(gated or ())),
             device,
         )
     ai = w = u = None
@@ -670,7 +718,7 @@ def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
         if output_final_state
         else None
     )
-    _state_fwd(q, k, v, w, u, b, ai, beta, aqk, o, h, vn, initial_state, ht, scale, chunks, shape, gate, delta)
+    _state_fwd(q, k, v, w, u, b, ai, beta, aqk, o, h, vn, initial_state, ht, scale, chunks, shape, gate, delta, gated)
     return o, ht, (b, aqk, akk, ai, w, u, h, vn)
 
 

@@ -235,12 +235,18 @@ def _dot_split_a(a, b, acc):
 
 
 @triton.jit
-def _decay_state(b_h, b_k, b_g, b_gl, b_x, m_t, GATE: tl.constexpr, TRANSPOSED: tl.constexpr = False):
+def _decay_state(
+    b_h, b_k, b_g, b_gl, b_x, m_t, GATE: tl.constexpr, TRANSPOSED: tl.constexpr = False, PREGATED: tl.constexpr = False
+):
     """exp(b_last) S + (k exp(b_last - b))^T x for a state block S [BK, BV] and chunk values x [BT, BV] (fp32). A
     per-head decay scales the rows of x, so that k enters the MMA exactly. TRANSPOSED: S^T [BV, BK] and x^T [BV, BT]
-    in, S^T out, with x^T on the left of the product (`_dot_split_a`)."""
+    in, S^T out, with x^T on the left of the product (`_dot_split_a`). PREGATED (per-channel decays): b_k already
+    holds k exp(b_last - b), rounded to k's dtype, and b_g is not read."""
     if GATE == 2:
-        b_kd = (b_k.to(tl.float32) * _masked_exp(b_gl - b_g, m_t[:, None])).to(b_k.dtype)
+        if PREGATED:
+            b_kd = b_k
+        else:
+            b_kd = (b_k.to(tl.float32) * _masked_exp(b_gl - b_g, m_t[:, None])).to(b_k.dtype)
         if TRANSPOSED:
             b_h = _dot_split_a(b_x, b_kd, b_h * tl.exp(b_gl))
         else:
@@ -269,16 +275,20 @@ def _pseudo_values(
     BT: tl.constexpr,
     GATE: tl.constexpr,
     TRANSPOSED: tl.constexpr = False,
+    PREGATED: tl.constexpr = False,
 ):
     """vn = u - w S = Ai (beta (y - (k exp(b)) S)) for chunk rows o_t, from Ai instead of w and u: [BT, BV], fp32.
     k enters the MMA exactly (per-head decays scale its rows after it; per-channel ones round k exp(b) to k's
     dtype) against two bf16 halves of S, and Ai multiplies the residual, which is small where S predicts y.
     TRANSPOSED: S^T [BV, BK] and y^T [BV, BT] in, vn^T out, with the state-dependent operand of every product on
-    the left (`_dot_split_a`)."""
+    the left (`_dot_split_a`). PREGATED (per-channel decays): b_k already holds k exp(b) in k's dtype."""
     m_t = o_t < seq_len
     o_i = tl.arange(0, BT)
     if GATE == 2:
-        b_kd = (b_k.to(tl.float32) * _masked_exp(b_g, m_t[:, None])).to(b_k.dtype)
+        if PREGATED:
+            b_kd = b_k
+        else:
+            b_kd = (b_k.to(tl.float32) * _masked_exp(b_g, m_t[:, None])).to(b_k.dtype)
     if TRANSPOSED:
         if GATE == 2:
             b_x = b_y - _dot_split_a(b_h, tl.trans(b_kd), tl.zeros(b_y.shape, dtype=tl.float32))
@@ -351,18 +361,20 @@ def chunk_cumsum_kernel(
     _store_tile(y, b_y, bos, seq_len, o_t, i_hv, HV, G, o_g)
 
 
-@triton.jit(do_not_specialize=["T", "NBH"])
-def chunk_pairwise_fwd_kernel(
+@triton.jit
+def _pairwise_rows(
     q,
     k,
     b,
     aqk,
     akk,
-    cu_seqlens,
-    chunk_indices,
+    bos,
+    seq_len,
+    i_c,
+    i_i,
+    i_h,
+    i_hv,
     scale,
-    T,
-    NBH,
     H: tl.constexpr,
     HV: tl.constexpr,
     K: tl.constexpr,
@@ -370,17 +382,10 @@ def chunk_pairwise_fwd_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     DELTA: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
 ):
-    """Per-channel decays: P[t, s] = scale sum_k q_t k_s exp(b_t - b_s) (s <= t) and (delta rule)
-    KK[t, s] = sum_k k_t k_s exp(b_t - b_s) (s < t) for the rows of one BC-row sub-block of a chunk."""
-    i_t, i_i, i_bh = _chunk_program(NBH, BT // BC)
-    i_b, i_hv = i_bh // HV, i_bh % HV
-    i_h = i_hv // (HV // H)
-    bos, seq_len, i_c, _ = _locate_chunk(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    """The rows of sub-block i_i (BC rows) of chunk i_c in `chunk_pairwise_fwd_kernel`'s P and KK, the zero blocks
+    right of the diagonal included."""
     row0 = i_c * BT + i_i * BC
-    if row0 >= seq_len:
-        return
     o_i = tl.arange(0, BC)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -442,6 +447,88 @@ def chunk_pairwise_fwd_kernel(
         tl.store(aqk + p_out + j * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_r[:, None])
         if DELTA:
             tl.store(akk + p_out + j * BC, tl.zeros([BC, BC], dtype=tl.float32), mask=m_r[:, None])
+
+
+@triton.jit(do_not_specialize=["T", "NBH"])
+def chunk_pairwise_fwd_kernel(
+    q,
+    k,
+    b,
+    aqk,
+    akk,
+    qg,
+    kl,
+    kb,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    NBH,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    DELTA: tl.constexpr,
+    PREGATED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Per-channel decays: P[t, s] = scale sum_k q_t k_s exp(b_t - b_s) (s <= t) and (delta rule)
+    KK[t, s] = sum_k k_t k_s exp(b_t - b_s) (s < t) for BC rows of a chunk.
+
+    BC = BT (whole chunks): when no channel decays by more than `DIAGONAL_SPAN` inside the chunk, each matrix is one
+    [BT, K] x [K, BT] product against the chunk's first row, as the diagonal sub-blocks below; otherwise the chunk's
+    16-row sub-blocks are formed one after another (`_pairwise_rows`). BC = 16: one sub-block per program.
+
+    PREGATED: also the gated operands of the state passes, per value head in the input dtype, formed as those passes
+    would form them: qg = scale q exp(b), kl = k exp(b_last - b) and (delta rule) kb = k exp(b). The sequential
+    passes then read them instead of q, k and the fp32 b, and no exponential is left on their chain."""
+    SUB: tl.constexpr = 16
+    i_t, i_i, i_bh = _chunk_program(NBH, BT // BC)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h = i_hv // (HV // H)
+    bos, seq_len, i_c, _ = _locate_chunk(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    row0 = i_c * BT + i_i * BC
+    if row0 >= seq_len:
+        return
+    o_i = tl.arange(0, BC)
+    o_k = tl.arange(0, BK)
+    o_r = row0 + o_i
+    m_r = o_r < seq_len
+    m_rk = m_r[:, None] & (o_k < K)[None, :]
+    if PREGATED or BC == BT:
+        # [BC, BK]
+        b_q = _load_tile(q, bos, seq_len, o_r, i_h, H, K, o_k).to(tl.float32)
+        b_k = _load_tile(k, bos, seq_len, o_r, i_h, H, K, o_k).to(tl.float32)
+        b_b = _load_tile(b, bos, seq_len, o_r, i_hv, HV, K, o_k)
+    if PREGATED:
+        b_bl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, 2)
+        _store_tile(qg, b_q * tl.exp(b_b) * scale, bos, seq_len, o_r, i_hv, HV, K, o_k)
+        _store_tile(kl, b_k * _masked_exp(b_bl - b_b, m_rk), bos, seq_len, o_r, i_hv, HV, K, o_k)
+        if DELTA:
+            _store_tile(kb, b_k * _masked_exp(b_b, m_rk), bos, seq_len, o_r, i_hv, HV, K, o_k)
+    if BC == BT:
+        b_ref = tl.load(b + ((bos + row0) * HV + i_hv) * K + o_k, mask=o_k < K, other=0.0)
+        b_span = tl.max(tl.max(tl.abs(tl.where(m_rk, b_b - b_ref[None, :], 0.0)), axis=1), axis=0)
+        if b_span <= DIAGONAL_SPAN:
+            p_out = _tile_offsets(bos, o_r, i_hv, HV, BT, o_i)
+            m_d = m_r[:, None] & m_r[None, :]
+            b_e = _masked_exp(b_b - b_ref[None, :], m_rk)
+            b_kr = b_k * _masked_exp(b_ref[None, :] - b_b, m_rk)
+            b_aq = tl.where((o_i[:, None] >= o_i[None, :]) & m_d, tl.dot(b_q * b_e, tl.trans(b_kr)), 0.0)
+            tl.store(aqk + p_out, b_aq * scale, mask=m_r[:, None])
+            if DELTA:
+                b_ak = tl.where((o_i[:, None] > o_i[None, :]) & m_d, tl.dot(b_k * b_e, tl.trans(b_kr)), 0.0)
+                tl.store(akk + p_out, b_ak, mask=m_r[:, None])
+        else:
+            for i_s in range(BT // SUB):
+                if i_c * BT + i_s * SUB < seq_len:
+                    _pairwise_rows(
+                        q, k, b, aqk, akk, bos, seq_len, i_c, i_s, i_h, i_hv, scale, H, HV, K, BT, SUB, BK, DELTA
+                    )
+    else:
+        _pairwise_rows(q, k, b, aqk, akk, bos, seq_len, i_c, i_i, i_h, i_hv, scale, H, HV, K, BT, BC, BK, DELTA)
 
 
 @triton.jit
@@ -683,6 +770,8 @@ def chunk_segment_fwd_kernel(
     b,
     ai,
     beta,
+    kl,
+    kb,
     mt,
     ct,
     cu_seqlens,
@@ -701,18 +790,30 @@ def chunk_segment_fwd_kernel(
     GATE: tl.constexpr,
     DELTA: tl.constexpr,
     FROM_AI: tl.constexpr,
+    PREGATED: tl.constexpr,
+    SKIP_ENDS: tl.constexpr,
+    FIRST_M: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """The map S -> M S + C of the state across one segment, in fp32: program column blocks below cdiv(K, BV) run
     the state recurrence on the identity without writes (M `[K, K]`, into mt; for additive writes M is the diagonal
     of the segment's total decays, formed directly), the others on a zero state with the writes y (u, or v for
-    additive writes and FROM_AI, where the delta rule's writes come from Ai and beta; C `[K, V]`, into ct)."""
+    additive writes and FROM_AI, where the delta rule's writes come from Ai and beta; C `[K, V]`, into ct).
+    PREGATED (per-channel decays): the gated keys kl and kb of `chunk_pairwise_fwd_kernel` replace k and b.
+    SKIP_ENDS (forward): the map of a sequence's last segment is not formed (the state pass of that segment writes the
+    final state), nor, unless FIRST_M (an initial state), the M of its first segment (it would multiply a zero
+    state); `chunk_combine_kernel` skips them too."""
     NKB: tl.constexpr = (K + BV - 1) // BV
     # columns of M (o_c < K) or of C (o_c - NKB * BV < V)
     i_seg, i_hv, i_h, _, bos, seq_len, _, c0, c1, o_c = _segment_program(
         T, NS, SEG, cu_seqlens, chunk_offsets, segments, H, HV, BT, BV, IS_VARLEN
     )
     i_col = tl.program_id(0)
+    if SKIP_ENDS:
+        if c1 == tl.cdiv(seq_len, BT):
+            return
+        if not FIRST_M and i_col < NKB and c0 == 0:
+            return
     o_k = tl.arange(0, BK)
     o_y = o_c - NKB * BV
     m_y = (o_y >= 0) & (o_y < V)
@@ -733,15 +834,24 @@ def chunk_segment_fwd_kernel(
         b_y = tl.load(y + _tile_offsets(bos, o_t, i_hv, HV, V, o_y), mask=m_t[:, None] & m_y[None, :], other=0.0).to(
             tl.float32
         )
-        b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
-        b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
+        if PREGATED:
+            b_k = _load_tile(kl, bos, seq_len, o_t, i_hv, HV, K, o_k)
+            b_g = tl.zeros([BT, 1], dtype=tl.float32)
+        else:
+            b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
+            b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
         if DELTA:
             if FROM_AI:
-                b_y = _pseudo_values(ai, beta, b_k, b_g, b_x, b_y, bos, seq_len, o_t, i_hv, HV, BT, GATE)
+                b_kx = b_k
+                if PREGATED:
+                    b_kx = _load_tile(kb, bos, seq_len, o_t, i_hv, HV, K, o_k)
+                b_y = _pseudo_values(
+                    ai, beta, b_kx, b_g, b_x, b_y, bos, seq_len, o_t, i_hv, HV, BT, GATE, PREGATED=PREGATED
+                )
             else:
                 b_y = -_dot_split(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k), b_x, -b_y)
         b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
-        b_x = _decay_state(b_x, b_k, b_g, b_gl, b_y, m_t, GATE)
+        b_x = _decay_state(b_x, b_k, b_g, b_gl, b_y, m_t, GATE, PREGATED=PREGATED)
     if i_col < NKB:
         _store_state(mt, b_x, i_seg, i_hv, HV, K, K, o_k, o_c)
     else:
@@ -765,12 +875,15 @@ def chunk_combine_kernel(
     REVERSE: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
+    SKIP_ENDS: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """Sequential over the segments of one sequence. Forward: hs[s] = the state entering segment s, then
     S <- M_s S + C_s, from s0 (the initial state) to st (the final state). REVERSE (gradients, last segment first):
     hs[s] = the gradient of the state leaving segment s, then dS <- M_s^T dS + C_s, from s0 (the gradient of the
-    final state) to st (that of the initial state)."""
+    final state) to st (that of the initial state). SKIP_ENDS (forward): the last segment's map is not applied and
+    st is written only for sequences without segments (the state pass writes the others), and without an initial
+    state the first segment's M is not read (see `chunk_segment_fwd_kernel`)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
     if IS_VARLEN:
@@ -796,9 +909,13 @@ def chunk_combine_kernel(
         else:
             b_m = _load_state(mt, i_seg, i_hv, HV, K, K, o_k, o_j)
         # the joined states feed every chunk of the next segments: near-fp32 products (three tf32 passes)
-        b_s = tl.dot(b_m, b_s, input_precision="tf32x3") + _load_state(ct, i_seg, i_hv, HV, K, V, o_k, o_v)
+        if SKIP_ENDS and not USE_INITIAL_STATE and j == 0:
+            b_s = _load_state(ct, i_seg, i_hv, HV, K, V, o_k, o_v)
+        elif not SKIP_ENDS or j < count - 1:
+            b_s = tl.dot(b_m, b_s, input_precision="tf32x3") + _load_state(ct, i_seg, i_hv, HV, K, V, o_k, o_v)
     if STORE_FINAL_STATE:
-        _store_state(st, b_s, i_n, i_hv, HV, K, V, o_k, o_v)
+        if not SKIP_ENDS or count == 0:
+            _store_state(st, b_s, i_n, i_hv, HV, K, V, o_k, o_v)
 
 
 @triton.jit(do_not_specialize=["T", "NS", "SEG"])
@@ -812,6 +929,9 @@ def chunk_state_fwd_kernel(
     ai,
     beta,
     aqk,
+    qg,
+    kl,
+    kb,
     o,
     h,
     vn,
@@ -834,6 +954,7 @@ def chunk_state_fwd_kernel(
     GATE: tl.constexpr,
     DELTA: tl.constexpr,
     FROM_AI: tl.constexpr,
+    PREGATED: tl.constexpr,
     INIT: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
     STORE_STATES: tl.constexpr,
@@ -843,7 +964,7 @@ def chunk_state_fwd_kernel(
     (fp32). Per chunk: the output o = scale (q exp(b)) S + P vn, and (STORE_STATES, for the backward) the entering
     state h and the pseudo-values vn = u - w S (FROM_AI: vn = Ai (beta (v - (k exp(b)) S)), which needs neither w
     nor u in memory). INIT: the entering state is zero (0), h0[sequence] (1) or
-    h0[segment] (2); STORE_FINAL_STATE: the leaving state goes to ht[sequence] (unsplit sequences)."""
+    h0[segment] (2); STORE_FINAL_STATE: the state leaving the last segment of a sequence goes to ht[sequence]."""
     i_seg, i_hv, i_h, i_n, bos, seq_len, first_chunk, c0, c1, o_v = _segment_program(
         T, NS, SEG, cu_seqlens, chunk_offsets, segments, H, HV, BT, BV, IS_VARLEN
     )
@@ -860,15 +981,25 @@ def chunk_state_fwd_kernel(
         if STORE_STATES:
             _store_state(h, b_h, first_chunk + i_c, i_hv, HV, K, V, o_k, o_v)
         # [BT, BK]
-        b_q = _load_tile(q, bos, seq_len, o_t, i_h, H, K, o_k)
-        b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
-        b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
+        if PREGATED:
+            b_q = _load_tile(qg, bos, seq_len, o_t, i_hv, HV, K, o_k)
+            b_k = _load_tile(kl, bos, seq_len, o_t, i_hv, HV, K, o_k)
+            b_g = tl.zeros([BT, 1], dtype=tl.float32)
+        else:
+            b_q = _load_tile(q, bos, seq_len, o_t, i_h, H, K, o_k)
+            b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
+            b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
         b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
         # [BT, BV]
         if DELTA:
             if FROM_AI:
                 b_v = _load_tile(v, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32)
-                b_vn = _pseudo_values(ai, beta, b_k, b_g, b_h, b_v, bos, seq_len, o_t, i_hv, HV, BT, GATE)
+                b_kx = b_k
+                if PREGATED:
+                    b_kx = _load_tile(kb, bos, seq_len, o_t, i_hv, HV, K, o_k)
+                b_vn = _pseudo_values(
+                    ai, beta, b_kx, b_g, b_h, b_v, bos, seq_len, o_t, i_hv, HV, BT, GATE, PREGATED=PREGATED
+                )
             else:
                 b_u = _load_tile(u, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32)
                 b_vn = -_dot_split(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k), b_h, -b_u)
@@ -879,15 +1010,17 @@ def chunk_state_fwd_kernel(
         # the output does not feed the recurrence: it overlaps with the state update
         dtype = b_q.dtype
         b_p = _qk_scores(b_q, b_k, b_g, aqk, bos, seq_len, o_t, i_hv, scale, HV, BT, GATE)
-        if GATE == 2:
+        if PREGATED:
+            b_o = tl.dot(b_q, b_h.to(dtype))
+        elif GATE == 2:
             b_o = tl.dot((b_q.to(tl.float32) * tl.exp(b_g) * scale).to(dtype), b_h.to(dtype))
         else:
             b_o = tl.dot(b_q, b_h.to(dtype)) * (tl.exp(b_g) * scale)
         # in fp32 (tf32): bf16 P and vn add 1e-3 to the output's error
         b_o = tl.dot(b_p, b_vn, b_o)
         _store_tile(o, b_o, bos, seq_len, o_t, i_hv, HV, V, o_v)
-        b_h = _decay_state(b_h, b_k, b_g, b_gl, b_vn, m_t, GATE)
-    if STORE_FINAL_STATE:
+        b_h = _decay_state(b_h, b_k, b_g, b_gl, b_vn, m_t, GATE, PREGATED=PREGATED)
+    if STORE_FINAL_STATE and c1 == tl.cdiv(seq_len, BT):
         _store_state(ht, b_h, i_n, i_hv, HV, K, V, o_k, o_v)
 
 
@@ -908,6 +1041,9 @@ def chunk_state_fwd_t_kernel(
     ai,
     beta,
     aqk,
+    qg,
+    kl,
+    kb,
     o,
     h,
     vn,
@@ -930,6 +1066,7 @@ def chunk_state_fwd_t_kernel(
     GATE: tl.constexpr,
     DELTA: tl.constexpr,
     FROM_AI: tl.constexpr,
+    PREGATED: tl.constexpr,
     INIT: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
     STORE_STATES: tl.constexpr,
@@ -958,21 +1095,33 @@ def chunk_state_fwd_t_kernel(
         m_t = o_t < seq_len
         m_vt = m_v[:, None] & m_t[None, :]
         # [BT, BK]
-        b_q = _load_tile(q, bos, seq_len, o_t, i_h, H, K, o_k)
-        b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
-        b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
+        if PREGATED:
+            b_q = _load_tile(qg, bos, seq_len, o_t, i_hv, HV, K, o_k)
+            b_k = _load_tile(kl, bos, seq_len, o_t, i_hv, HV, K, o_k)
+            b_g = tl.zeros([BT, 1], dtype=tl.float32)
+        else:
+            b_q = _load_tile(q, bos, seq_len, o_t, i_h, H, K, o_k)
+            b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
+            b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
         b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
         # [BV, BT]
         b_vt = tl.load(v + _tile_offsets_t(bos, o_t, i_hv, HV, V, o_v), mask=m_vt, other=0.0).to(tl.float32)
         if DELTA:
             # vn^T = (beta (v - (k e^b) S))^T Ai^T
-            b_vnt = _pseudo_values(ai, beta, b_k, b_g, b_ht, b_vt, bos, seq_len, o_t, i_hv, HV, BT, GATE, True)
+            b_kx = b_k
+            if PREGATED:
+                b_kx = _load_tile(kb, bos, seq_len, o_t, i_hv, HV, K, o_k)
+            b_vnt = _pseudo_values(
+                ai, beta, b_kx, b_g, b_ht, b_vt, bos, seq_len, o_t, i_hv, HV, BT, GATE, True, PREGATED
+            )
         else:
             b_vnt = b_vt
         # P^T [BT (keys), BT (queries)]
         b_pt = tl.trans(_qk_scores(b_q, b_k, b_g, aqk, bos, seq_len, o_t, i_hv, scale, HV, BT, GATE))
         dtype = b_q.dtype
-        if GATE == 2:
+        if PREGATED:
+            b_ot = tl.dot(b_ht.to(dtype), tl.trans(b_q))
+        elif GATE == 2:
             b_ot = tl.dot(b_ht.to(dtype), tl.trans((b_q.to(tl.float32) * tl.exp(b_g) * scale).to(dtype)))
         else:
             b_ot = tl.dot(b_ht.to(dtype), tl.trans(b_q)) * tl.trans(tl.exp(b_g) * scale)
@@ -980,8 +1129,8 @@ def chunk_state_fwd_t_kernel(
         b_ot = tl.dot(b_vnt, b_pt, b_ot)
         tl.store(o + _tile_offsets_t(bos, o_t, i_hv, HV, V, o_v), b_ot.to(o.dtype.element_ty), mask=m_vt)
         # S^T <- S^T e^(b_last) + vn^T (k e^(b_last - b))
-        b_ht = _decay_state(b_ht, b_k, b_g, b_gl, b_vnt, m_t, GATE, True)
-    if STORE_FINAL_STATE:
+        b_ht = _decay_state(b_ht, b_k, b_g, b_gl, b_vnt, m_t, GATE, True, PREGATED)
+    if STORE_FINAL_STATE and c1 == tl.cdiv(seq_len, BT):
         _store_state(ht, tl.trans(b_ht), i_n, i_hv, HV, K, V, o_k, o_v)
 
 

@@ -101,7 +101,7 @@ def naive_reference(q, k, v, g, beta, initial_state, cu_seqlens=None):
             piece(v),
             g=piece(g),
             beta=piece(beta),
-            initial_state=initial_state[n : n + 1],
+            initial_state=None if initial_state is None else initial_state[n : n + 1],
             output_final_state=True,
         )
         outputs.append(o)
@@ -123,16 +123,20 @@ def check_chunk(
     cu_seqlens=None,
     seed=0,
     backward=True,
+    initial_state=True,
 ):
     """Forward and backward of `chunk_linear_attention` (initial state in, final state out, random output and
     final-state gradients) against the fp64 reference: {name: relative RMS error}. `backward=False`: the forward
-    alone, without gradients (the path that keeps nothing for a backward): {"o": error, "state": error}."""
+    alone, without gradients (the path that keeps nothing for a backward): {"o": error, "state": error}.
+    `initial_state=False`: the sequences start from a zero state, which is not passed."""
     if cu_seqlens is not None:
         cu_seqlens = torch.tensor(cu_seqlens, device=device)
     num_states = None if cu_seqlens is None else len(cu_seqlens) - 1
     inputs = linear_inputs(
         variant, batch, seq_len, heads, v_heads, key_dim, value_dim, dtype, device, strong_decay, num_states, seed
     )
+    if not initial_state:
+        inputs = (*inputs[:5], None)
     tri = [None if x is None else x.clone().requires_grad_(backward) for x in inputs]
     ref = [None if x is None else x.detach().double().requires_grad_(backward) for x in inputs]
     with torch.set_grad_enabled(backward):

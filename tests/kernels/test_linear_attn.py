@@ -136,6 +136,33 @@ def test_chunk_forward_without_gradients_in_segments_matches_naive(
     assert_within_tolerance(errors, torch.float32)
 
 
+@pytest.mark.parametrize("variant", ["gdn", "gla", "kda"])
+@pytest.mark.parametrize("backward", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("cu_seqlens", [None, [0, 0, 130, 130, 131, 200]], ids=["fixed", "varlen-with-empty"])
+def test_segments_without_initial_state_match_naive(monkeypatch, variant, backward, cu_seqlens):
+    """Without an initial state the forward forms no M for a sequence's first segment, and for no sequence the map
+    of its last segment: the state pass of that segment writes the final state (packed sequences include empty
+    ones, which have no segment and whose final state is zero)."""
+    monkeypatch.setattr(kernels.linear_attn, "SEGMENT_CHUNKS", 1)
+    batch = 2 if cu_seqlens is None else 1
+    errors = testing.check_chunk(
+        variant,
+        batch,
+        200,
+        1,
+        2,
+        16,
+        16,
+        torch.float32,
+        DEVICE,
+        False,
+        cu_seqlens,
+        backward=backward,
+        initial_state=False,
+    )
+    assert_within_tolerance(errors, torch.float32)
+
+
 def test_chunk_forward_without_gradients_stores_neither_w_nor_u(monkeypatch):
     """The inference forward computes Ai only, not w and u; with w and u in memory (the training path's state
     passes) the result is the same."""
@@ -171,7 +198,7 @@ def test_chunk_forward_without_gradients_stores_neither_w_nor_u(monkeypatch):
 @pytest.mark.parametrize("variant", testing.VARIANTS)
 def test_transposed_state_pass_matches_the_untransposed_one(monkeypatch, variant):
     """Forwards without a backward can run `chunk_state_fwd_t_kernel` (the state held transposed; by default for
-    every rule but KDA's, `STATE_PASS_TRANSPOSED`); it gives the untransposed kernel's outputs and final states,
+    every rule, `STATE_PASS_TRANSPOSED`); it gives the untransposed kernel's outputs and final states,
     with an initial state, GVA and packed sequences."""
     linear_attn = kernels.linear_attn
     launched = []
@@ -186,7 +213,7 @@ def test_transposed_state_pass_matches_the_untransposed_one(monkeypatch, variant
     q, k, v, g, beta, s0 = testing.linear_inputs(variant, 1, 200, 1, 2, 32, 24, torch.float32, DEVICE, num_states=3)
     results = {}
     rule = linear_attn.rule_of(g, beta)
-    assert (rule in linear_attn.STATE_PASS_TRANSPOSED) == (variant != "kda")
+    assert rule in linear_attn.STATE_PASS_TRANSPOSED
     for transposed in (True, False):
         monkeypatch.setattr(linear_attn, "STATE_PASS_TRANSPOSED", {rule} if transposed else set())
         with torch.no_grad():
@@ -200,6 +227,49 @@ def test_transposed_state_pass_matches_the_untransposed_one(monkeypatch, variant
     atol = 1e-5 if DEVICE == "cpu" else 2e-3
     for a, b in zip(results[True], results[False], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("variant", ["gla", "kda"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["untransposed", "transposed"])
+@pytest.mark.parametrize("segment_chunks", [None, 1], ids=["whole", "segments"])
+def test_pregated_operands_give_the_same_bits(monkeypatch, variant, transposed, segment_chunks):
+    """Per-channel decays, forwards without a backward: the pairwise kernel writes scale q e^b, k e^(b_last - b)
+    and (KDA) k e^b in the input dtype, and the segment and state passes read them instead of forming them from q,
+    k and the fp32 decays. They are formed with the same fp32 operations and rounded the same way, so the outputs
+    and final states are bit for bit those of the passes that form them (bf16, GVA, packed sequences with a
+    length-1 one, an initial state per sequence)."""
+    linear_attn = kernels.linear_attn
+    launched = []
+    original = linear_attn._launch
+
+    def spy(kernel, grid, configs, key, args, kwargs, outputs, device):
+        launched.append((kernel.fn.__name__, kwargs.get("PREGATED")))
+        original(kernel, grid, configs, key, args, kwargs, outputs, device)
+
+    monkeypatch.setattr(linear_attn, "_launch", spy)
+    monkeypatch.setattr(linear_attn, "SEGMENT_CHUNKS", segment_chunks)
+    cu_seqlens = torch.tensor([0, 1, 70, 200], device=DEVICE)
+    q, k, v, g, beta, s0 = testing.linear_inputs(variant, 1, 200, 1, 2, 32, 24, torch.bfloat16, DEVICE, num_states=3)
+    rule = linear_attn.rule_of(g, beta)
+    monkeypatch.setattr(linear_attn, "STATE_PASS_TRANSPOSED", {rule} if transposed else set())
+    results = {}
+    for pregated in (True, False):
+        monkeypatch.setattr(linear_attn, "PREGATED_OPERANDS", pregated)
+        with torch.no_grad():
+            results[pregated] = kernels.chunk_linear_attention(
+                q, k, v, g, beta, initial_state=s0, output_final_state=True, cu_seqlens=cu_seqlens
+            )
+    # every kernel that takes the flag had it set in the first run only
+    flagged = [(name, flag) for name, flag in launched if flag is not None]
+    kernels_run = {name for name, _ in flagged}
+    expected = {"chunk_pairwise_fwd_kernel", "chunk_state_fwd_t_kernel" if transposed else "chunk_state_fwd_kernel"}
+    if segment_chunks:
+        expected.add("chunk_segment_fwd_kernel")
+    assert kernels_run == expected
+    half = len(flagged) // 2
+    assert [flag for _, flag in flagged] == [True] * half + [False] * half
+    for a, b in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_tuning_keeps_the_fastest_candidate_that_matches_the_first(monkeypatch):
