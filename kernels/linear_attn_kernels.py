@@ -307,6 +307,42 @@ def _pseudo_values(
 
 
 @triton.jit
+def _pass_keys(
+    k,
+    kl,
+    kb,
+    b,
+    bos,
+    seq_len,
+    o_t,
+    i_h,
+    i_hv,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    GATE: tl.constexpr,
+    DELTA: tl.constexpr,
+    PREGATED: tl.constexpr,
+):
+    """What a sequential pass reads for the keys of chunk rows o_t: (keys of the state update, keys of the
+    pseudo-values, the rows of b). PREGATED: the pairwise kernel's k exp(b_last - b) and (delta rule) k exp(b), per
+    value head, and zero decays, which `_decay_state` and `_pseudo_values` then do not read."""
+    if PREGATED:
+        b_k = _load_tile(kl, bos, seq_len, o_t, i_hv, HV, K, tl.arange(0, BK))
+        b_kx = b_k
+        if DELTA:
+            b_kx = _load_tile(kb, bos, seq_len, o_t, i_hv, HV, K, tl.arange(0, BK))
+        b_g = tl.zeros([BT, 1], dtype=tl.float32)
+    else:
+        b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, tl.arange(0, BK))
+        b_kx = b_k
+        b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
+    return b_k, b_kx, b_g
+
+
+@triton.jit
 def _segment_program(
     T,
     NS,
@@ -359,6 +395,26 @@ def chunk_cumsum_kernel(
     if REVERSE:
         b_y = tl.sum(b_x, axis=0)[None, :] - b_y + b_x
     _store_tile(y, b_y, bos, seq_len, o_t, i_hv, HV, G, o_g)
+
+
+@triton.jit
+def _sub_block_program(
+    T,
+    NBH,
+    cu_seqlens,
+    chunk_indices,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The BC-row sub-block of a program of the pairwise kernels: (sub-block, value head, key head, first token of
+    the sequence, sequence length, chunk, first row)."""
+    i_t, i_i, i_bh = _chunk_program(NBH, BT // BC)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    bos, seq_len, i_c, _ = _locate_chunk(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
+    return i_i, i_hv, i_hv // (HV // H), bos, seq_len, i_c, i_c * BT + i_i * BC
 
 
 @triton.jit
@@ -485,11 +541,9 @@ def chunk_pairwise_fwd_kernel(
     would form them: qg = scale q exp(b), kl = k exp(b_last - b) and (delta rule) kb = k exp(b). The sequential
     passes then read them instead of q, k and the fp32 b, and no exponential is left on their chain."""
     SUB: tl.constexpr = 16
-    i_t, i_i, i_bh = _chunk_program(NBH, BT // BC)
-    i_b, i_hv = i_bh // HV, i_bh % HV
-    i_h = i_hv // (HV // H)
-    bos, seq_len, i_c, _ = _locate_chunk(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
-    row0 = i_c * BT + i_i * BC
+    i_i, i_hv, i_h, bos, seq_len, i_c, row0 = _sub_block_program(
+        T, NBH, cu_seqlens, chunk_indices, H, HV, BT, BC, IS_VARLEN
+    )
     if row0 >= seq_len:
         return
     o_i = tl.arange(0, BC)
@@ -834,17 +888,9 @@ def chunk_segment_fwd_kernel(
         b_y = tl.load(y + _tile_offsets(bos, o_t, i_hv, HV, V, o_y), mask=m_t[:, None] & m_y[None, :], other=0.0).to(
             tl.float32
         )
-        if PREGATED:
-            b_k = _load_tile(kl, bos, seq_len, o_t, i_hv, HV, K, o_k)
-            b_g = tl.zeros([BT, 1], dtype=tl.float32)
-        else:
-            b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
-            b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
+        b_k, b_kx, b_g = _pass_keys(k, kl, kb, b, bos, seq_len, o_t, i_h, i_hv, H, HV, K, BT, BK, GATE, DELTA, PREGATED)
         if DELTA:
             if FROM_AI:
-                b_kx = b_k
-                if PREGATED:
-                    b_kx = _load_tile(kb, bos, seq_len, o_t, i_hv, HV, K, o_k)
                 b_y = _pseudo_values(
                     ai, beta, b_kx, b_g, b_x, b_y, bos, seq_len, o_t, i_hv, HV, BT, GATE, PREGATED=PREGATED
                 )
@@ -903,15 +949,15 @@ def chunk_combine_kernel(
         if REVERSE:
             i_seg = first + count - 1 - j
         _store_state(hs, b_s, i_seg, i_hv, HV, K, V, o_k, o_v)
-        if REVERSE:
-            # [BK, BK]: M^T
-            b_m = tl.trans(_load_state(mt, i_seg, i_hv, HV, K, K, o_j, o_k))
-        else:
-            b_m = _load_state(mt, i_seg, i_hv, HV, K, K, o_k, o_j)
-        # the joined states feed every chunk of the next segments: near-fp32 products (three tf32 passes)
         if SKIP_ENDS and not USE_INITIAL_STATE and j == 0:
             b_s = _load_state(ct, i_seg, i_hv, HV, K, V, o_k, o_v)
         elif not SKIP_ENDS or j < count - 1:
+            if REVERSE:
+                # [BK, BK]: M^T
+                b_m = tl.trans(_load_state(mt, i_seg, i_hv, HV, K, K, o_j, o_k))
+            else:
+                b_m = _load_state(mt, i_seg, i_hv, HV, K, K, o_k, o_j)
+            # the joined states feed every chunk of the next segments: near-fp32 products (three tf32 passes)
             b_s = tl.dot(b_m, b_s, input_precision="tf32x3") + _load_state(ct, i_seg, i_hv, HV, K, V, o_k, o_v)
     if STORE_FINAL_STATE:
         if not SKIP_ENDS or count == 0:
@@ -983,20 +1029,14 @@ def chunk_state_fwd_kernel(
         # [BT, BK]
         if PREGATED:
             b_q = _load_tile(qg, bos, seq_len, o_t, i_hv, HV, K, o_k)
-            b_k = _load_tile(kl, bos, seq_len, o_t, i_hv, HV, K, o_k)
-            b_g = tl.zeros([BT, 1], dtype=tl.float32)
         else:
             b_q = _load_tile(q, bos, seq_len, o_t, i_h, H, K, o_k)
-            b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
-            b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
+        b_k, b_kx, b_g = _pass_keys(k, kl, kb, b, bos, seq_len, o_t, i_h, i_hv, H, HV, K, BT, BK, GATE, DELTA, PREGATED)
         b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
         # [BT, BV]
         if DELTA:
             if FROM_AI:
                 b_v = _load_tile(v, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32)
-                b_kx = b_k
-                if PREGATED:
-                    b_kx = _load_tile(kb, bos, seq_len, o_t, i_hv, HV, K, o_k)
                 b_vn = _pseudo_values(
                     ai, beta, b_kx, b_g, b_h, b_v, bos, seq_len, o_t, i_hv, HV, BT, GATE, PREGATED=PREGATED
                 )
@@ -1097,20 +1137,14 @@ def chunk_state_fwd_t_kernel(
         # [BT, BK]
         if PREGATED:
             b_q = _load_tile(qg, bos, seq_len, o_t, i_hv, HV, K, o_k)
-            b_k = _load_tile(kl, bos, seq_len, o_t, i_hv, HV, K, o_k)
-            b_g = tl.zeros([BT, 1], dtype=tl.float32)
         else:
             b_q = _load_tile(q, bos, seq_len, o_t, i_h, H, K, o_k)
-            b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
-            b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
+        b_k, b_kx, b_g = _pass_keys(k, kl, kb, b, bos, seq_len, o_t, i_h, i_hv, H, HV, K, BT, BK, GATE, DELTA, PREGATED)
         b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
         # [BV, BT]
         b_vt = tl.load(v + _tile_offsets_t(bos, o_t, i_hv, HV, V, o_v), mask=m_vt, other=0.0).to(tl.float32)
         if DELTA:
             # vn^T = (beta (v - (k e^b) S))^T Ai^T
-            b_kx = b_k
-            if PREGATED:
-                b_kx = _load_tile(kb, bos, seq_len, o_t, i_hv, HV, K, o_k)
             b_vnt = _pseudo_values(
                 ai, beta, b_kx, b_g, b_ht, b_vt, bos, seq_len, o_t, i_hv, HV, BT, GATE, True, PREGATED
             )
@@ -1422,11 +1456,9 @@ def chunk_pairwise_bwd_kernel(
 
     daqk holds dL/dP scaled by `scale` (so dq_t = sum_s daqk[t, s] k_s exp(b_t - b_s)) and dakk holds beta_s dL/dA.
     """
-    i_t, i_i, i_bh = _chunk_program(NBH, BT // BC)
-    i_b, i_hv = i_bh // HV, i_bh % HV
-    i_h = i_hv // (HV // H)
-    bos, seq_len, i_c, _ = _locate_chunk(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
-    row0 = i_c * BT + i_i * BC
+    i_i, i_hv, i_h, bos, seq_len, i_c, row0 = _sub_block_program(
+        T, NBH, cu_seqlens, chunk_indices, H, HV, BT, BC, IS_VARLEN
+    )
     if row0 >= seq_len:
         return
     o_i = tl.arange(0, BC)
