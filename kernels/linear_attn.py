@@ -63,6 +63,15 @@ STATE_PASS_TRANSPOSED = {(0, True), (1, True), (2, False), (2, True)}
 # sequential passes (scale q e^b, k e^(b_last - b) and, delta rule, k e^b, in the input dtype, as those passes
 # rounded them), which then read them instead of q, k and the fp32 decays and form no exponential on their chain
 PREGATED_OPERANDS = True
+# forwards without a backward form the state's products on the recurrence (S k^T for the pseudo-values, the state
+# update, the segment maps) with one bf16 MMA, the state rounded to bf16 as fla rounds it, instead of two
+# (`_dot_split`: the state as two bf16 halves, about 16 bits). On an H100 (bf16, H = 16, D = 128) GDN's forward took
+# 1.712 -> 1.514 ms at B = 32, T = 2k, 2.655 -> 2.191 ms at B = 2, T = 32k and 5.353 -> 4.405 ms at B = 1, T = 128k;
+# KDA's 3.261 -> 3.115 ms and 4.163 -> 3.804 ms. Against the fp64 recurrence the outputs did not move (GDN 2.02e-3
+# -> 2.05e-3 relative RMS at T = 8k, KDA 2.50e-3 -> 2.52e-3 at 4k) and the final states kept within the 5e-3
+# bound: GDN 4.1e-4 -> 1.75e-3, KDA 1.65e-3 -> 2.36e-3. Training keeps the split products: its stored states feed
+# the backward's gradients. True: split products everywhere.
+SPLIT_STATE_PRODUCTS = False
 # launch candidates of the per-channel pairwise kernel: BC rows per program, a whole chunk (64) or a 16-row
 # sub-block. On an H100 (bf16, H = 16, D = 128, pregated operands; whole forward, B = 32, T = 2k): whole chunks at 8
 # warps took 2.02 ms (GLA) and 3.24 ms (KDA), at 16 warps 1.89 / 3.24 ms, 16-row sub-blocks at 2 warps 2.15 /
@@ -374,11 +383,13 @@ def _join_segments(
     ai=None,
     beta=None,
     gated=None,
+    split=True,
 ):
     """The state (reverse: state gradient) at every segment boundary: the map M S + C across each segment, then a
     sequential pass over the segments. y: the segments' C (reverse) or the writes (u, or v for additive writes and
     when the delta rule's writes come from `ai` and `beta`) to compute it from; gated: the pairwise kernel's gated
-    operands (qg, kl, kb), or None. Returns (hs `[NS, HV, K, V]`, M)."""
+    operands (qg, kl, kb), or None; split: the maps' state products as two bf16 MMAs (`SPLIT_STATE_PRODUCTS`).
+    Returns (hs `[NS, HV, K, V]`, M)."""
     seq_len, num_v_heads, key_dim = k.shape[1], shape["HV"], shape["K"]
     device = k.device
     common = (chunks.cu_seqlens, chunks.offsets, segments.table, seq_len, segments.per_seq, segments.length)
@@ -395,6 +406,7 @@ def _join_segments(
             "PREGATED": gated is not None,
             "SKIP_ENDS": not reverse,
             "FIRST_M": reverse or initial_state is not None,
+            "SPLIT": split,
             **shape,
         }
         kl, kb = (None, None) if gated is None else gated[1:]
@@ -458,6 +470,8 @@ def _state_fwd(
     kernel's gated operands (qg, kl, kb) to read instead of q, k and b (forwards without a backward), or None."""
     qg, kl, kb = (None, None, None) if gated is None else gated
     from_ai = delta and w is None
+    # h is stored for a backward only
+    split = SPLIT_STATE_PRODUCTS or h is not None
     seq_len, num_v_heads, key_dim, value_dim = q.shape[1], v.shape[2], q.shape[3], v.shape[3]
     device = q.device
 
@@ -481,6 +495,7 @@ def _state_fwd(
                 ai=ai if from_ai else None,
                 beta=beta,
                 gated=gated,
+                split=split,
             )
             init = 2
         else:
@@ -528,6 +543,7 @@ def _state_fwd(
                 # the last segment of each sequence writes its final state (the combine kernel does not form it)
                 "STORE_FINAL_STATE": final_state is not None,
                 "STORE_STATES": h is not None,
+                "SPLIT": split,
                 **shape,
             },
             (o, h, vn, final_state),

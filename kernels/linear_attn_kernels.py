@@ -210,10 +210,13 @@ def _qk_scores(
 
 
 @triton.jit
-def _dot_split(a, b, acc):
+def _dot_split(a, b, acc, SPLIT: tl.constexpr = True):
     """acc + a @ b for an a exact in its dtype and an fp32 b. bf16 a: b is split into two bf16 halves, which keeps
-    about 16 bits of b (a tf32 dot keeps 11) for two bf16 MMAs; used where the result accumulates or cancels."""
-    if a.dtype == tl.bfloat16:
+    about 16 bits of b (a tf32 dot keeps 11) for two bf16 MMAs; used where the result accumulates or cancels.
+    SPLIT False: one bf16 MMA with b rounded to bf16 (8 bits)."""
+    if a.dtype == tl.bfloat16 and not SPLIT:
+        return tl.dot(a, b.to(tl.bfloat16), acc)
+    elif a.dtype == tl.bfloat16:
         b_hi = b.to(tl.bfloat16)
         acc = tl.dot(a, b_hi, acc)
         return tl.dot(a, (b - b_hi.to(tl.float32)).to(tl.bfloat16), acc)
@@ -222,11 +225,13 @@ def _dot_split(a, b, acc):
 
 
 @triton.jit
-def _dot_split_a(a, b, acc):
+def _dot_split_a(a, b, acc, SPLIT: tl.constexpr = True):
     """acc + a @ b for an fp32 a and a b exact in its dtype: `_dot_split` with the halves on the left, so that the
     fp32 operand, which lives in registers, is the one an MMA can read from registers (Hopper's wgmma reads its
     right operand from shared memory only)."""
-    if b.dtype == tl.bfloat16:
+    if b.dtype == tl.bfloat16 and not SPLIT:
+        return tl.dot(a.to(tl.bfloat16), b, acc)
+    elif b.dtype == tl.bfloat16:
         a_hi = a.to(tl.bfloat16)
         acc = tl.dot(a_hi, b, acc)
         return tl.dot((a - a_hi.to(tl.float32)).to(tl.bfloat16), b, acc)
@@ -236,26 +241,35 @@ def _dot_split_a(a, b, acc):
 
 @triton.jit
 def _decay_state(
-    b_h, b_k, b_g, b_gl, b_x, m_t, GATE: tl.constexpr, TRANSPOSED: tl.constexpr = False, PREGATED: tl.constexpr = False
+    b_h,
+    b_k,
+    b_g,
+    b_gl,
+    b_x,
+    m_t,
+    GATE: tl.constexpr,
+    TRANSPOSED: tl.constexpr = False,
+    PREGATED: tl.constexpr = False,
+    SPLIT: tl.constexpr = True,
 ):
     """exp(b_last) S + (k exp(b_last - b))^T x for a state block S [BK, BV] and chunk values x [BT, BV] (fp32). A
     per-head decay scales the rows of x, so that k enters the MMA exactly. TRANSPOSED: S^T [BV, BK] and x^T [BV, BT]
     in, S^T out, with x^T on the left of the product (`_dot_split_a`). PREGATED (per-channel decays): b_k already
-    holds k exp(b_last - b), rounded to k's dtype, and b_g is not read."""
+    holds k exp(b_last - b), rounded to k's dtype, and b_g is not read. SPLIT: see `_dot_split`."""
     if GATE == 2:
         if PREGATED:
             b_kd = b_k
         else:
             b_kd = (b_k.to(tl.float32) * _masked_exp(b_gl - b_g, m_t[:, None])).to(b_k.dtype)
         if TRANSPOSED:
-            b_h = _dot_split_a(b_x, b_kd, b_h * tl.exp(b_gl))
+            b_h = _dot_split_a(b_x, b_kd, b_h * tl.exp(b_gl), SPLIT)
         else:
-            b_h = _dot_split(tl.trans(b_kd), b_x, b_h * tl.trans(tl.exp(b_gl)))
+            b_h = _dot_split(tl.trans(b_kd), b_x, b_h * tl.trans(tl.exp(b_gl)), SPLIT)
     else:
         if TRANSPOSED:
-            b_h = _dot_split_a(b_x * tl.trans(_masked_exp(b_gl - b_g, m_t[:, None])), b_k, b_h * tl.exp(b_gl))
+            b_h = _dot_split_a(b_x * tl.trans(_masked_exp(b_gl - b_g, m_t[:, None])), b_k, b_h * tl.exp(b_gl), SPLIT)
         else:
-            b_h = _dot_split(tl.trans(b_k), b_x * _masked_exp(b_gl - b_g, m_t[:, None]), b_h * tl.exp(b_gl))
+            b_h = _dot_split(tl.trans(b_k), b_x * _masked_exp(b_gl - b_g, m_t[:, None]), b_h * tl.exp(b_gl), SPLIT)
     return b_h
 
 
@@ -276,12 +290,14 @@ def _pseudo_values(
     GATE: tl.constexpr,
     TRANSPOSED: tl.constexpr = False,
     PREGATED: tl.constexpr = False,
+    SPLIT: tl.constexpr = True,
 ):
     """vn = u - w S = Ai (beta (y - (k exp(b)) S)) for chunk rows o_t, from Ai instead of w and u: [BT, BV], fp32.
     k enters the MMA exactly (per-head decays scale its rows after it; per-channel ones round k exp(b) to k's
     dtype) against two bf16 halves of S, and Ai multiplies the residual, which is small where S predicts y.
     TRANSPOSED: S^T [BV, BK] and y^T [BV, BT] in, vn^T out, with the state-dependent operand of every product on
-    the left (`_dot_split_a`). PREGATED (per-channel decays): b_k already holds k exp(b) in k's dtype."""
+    the left (`_dot_split_a`). PREGATED (per-channel decays): b_k already holds k exp(b) in k's dtype. SPLIT: see
+    `_dot_split`."""
     m_t = o_t < seq_len
     o_i = tl.arange(0, BT)
     if GATE == 2:
@@ -291,16 +307,18 @@ def _pseudo_values(
             b_kd = (b_k.to(tl.float32) * _masked_exp(b_g, m_t[:, None])).to(b_k.dtype)
     if TRANSPOSED:
         if GATE == 2:
-            b_x = b_y - _dot_split_a(b_h, tl.trans(b_kd), tl.zeros(b_y.shape, dtype=tl.float32))
+            b_x = b_y - _dot_split_a(b_h, tl.trans(b_kd), tl.zeros(b_y.shape, dtype=tl.float32), SPLIT)
         else:
-            b_x = b_y - _dot_split_a(b_h, tl.trans(b_k), tl.zeros(b_y.shape, dtype=tl.float32)) * tl.trans(tl.exp(b_g))
+            b_x = b_y - _dot_split_a(b_h, tl.trans(b_k), tl.zeros(b_y.shape, dtype=tl.float32), SPLIT) * tl.trans(
+                tl.exp(b_g)
+            )
         b_x = b_x * _load_tokens(beta, bos, seq_len, o_t, i_hv, HV)[None, :]
         b_vn = tl.dot(b_x, tl.trans(_load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, o_i)))
     else:
         if GATE == 2:
-            b_x = -_dot_split(b_kd, b_h, -b_y)
+            b_x = -_dot_split(b_kd, b_h, -b_y, SPLIT)
         else:
-            b_x = b_y - _dot_split(b_k, b_h, tl.zeros(b_y.shape, dtype=tl.float32)) * tl.exp(b_g)
+            b_x = b_y - _dot_split(b_k, b_h, tl.zeros(b_y.shape, dtype=tl.float32), SPLIT) * tl.exp(b_g)
         b_x = b_x * _load_tokens(beta, bos, seq_len, o_t, i_hv, HV)[:, None]
         b_vn = tl.dot(_load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, o_i), b_x)
     return b_vn
@@ -848,6 +866,7 @@ def chunk_segment_fwd_kernel(
     SKIP_ENDS: tl.constexpr,
     FIRST_M: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    SPLIT: tl.constexpr = True,
 ):
     """The map S -> M S + C of the state across one segment, in fp32: program column blocks below cdiv(K, BV) run
     the state recurrence on the identity without writes (M `[K, K]`, into mt; for additive writes M is the diagonal
@@ -892,12 +911,12 @@ def chunk_segment_fwd_kernel(
         if DELTA:
             if FROM_AI:
                 b_y = _pseudo_values(
-                    ai, beta, b_kx, b_g, b_x, b_y, bos, seq_len, o_t, i_hv, HV, BT, GATE, PREGATED=PREGATED
+                    ai, beta, b_kx, b_g, b_x, b_y, bos, seq_len, o_t, i_hv, HV, BT, GATE, PREGATED=PREGATED, SPLIT=SPLIT
                 )
             else:
-                b_y = -_dot_split(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k), b_x, -b_y)
+                b_y = -_dot_split(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k), b_x, -b_y, SPLIT)
         b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
-        b_x = _decay_state(b_x, b_k, b_g, b_gl, b_y, m_t, GATE, PREGATED=PREGATED)
+        b_x = _decay_state(b_x, b_k, b_g, b_gl, b_y, m_t, GATE, PREGATED=PREGATED, SPLIT=SPLIT)
     if i_col < NKB:
         _store_state(mt, b_x, i_seg, i_hv, HV, K, K, o_k, o_c)
     else:
@@ -1005,6 +1024,7 @@ def chunk_state_fwd_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     STORE_STATES: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    SPLIT: tl.constexpr = True,
 ):
     """The forward sequential pass over the chunks of one segment, a [BK, BV] block of the state in registers
     (fp32). Per chunk: the output o = scale (q exp(b)) S + P vn, and (STORE_STATES, for the backward) the entering
@@ -1038,11 +1058,11 @@ def chunk_state_fwd_kernel(
             if FROM_AI:
                 b_v = _load_tile(v, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32)
                 b_vn = _pseudo_values(
-                    ai, beta, b_kx, b_g, b_h, b_v, bos, seq_len, o_t, i_hv, HV, BT, GATE, PREGATED=PREGATED
+                    ai, beta, b_kx, b_g, b_h, b_v, bos, seq_len, o_t, i_hv, HV, BT, GATE, PREGATED=PREGATED, SPLIT=SPLIT
                 )
             else:
                 b_u = _load_tile(u, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32)
-                b_vn = -_dot_split(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k), b_h, -b_u)
+                b_vn = -_dot_split(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k), b_h, -b_u, SPLIT)
             if STORE_STATES:
                 _store_tile(vn, b_vn, bos, seq_len, o_t, i_hv, HV, V, o_v)
         else:
@@ -1059,7 +1079,7 @@ def chunk_state_fwd_kernel(
         # in fp32 (tf32): bf16 P and vn add 1e-3 to the output's error
         b_o = tl.dot(b_p, b_vn, b_o)
         _store_tile(o, b_o, bos, seq_len, o_t, i_hv, HV, V, o_v)
-        b_h = _decay_state(b_h, b_k, b_g, b_gl, b_vn, m_t, GATE, PREGATED=PREGATED)
+        b_h = _decay_state(b_h, b_k, b_g, b_gl, b_vn, m_t, GATE, PREGATED=PREGATED, SPLIT=SPLIT)
     if STORE_FINAL_STATE and c1 == tl.cdiv(seq_len, BT):
         _store_state(ht, b_h, i_n, i_hv, HV, K, V, o_k, o_v)
 
@@ -1111,6 +1131,7 @@ def chunk_state_fwd_t_kernel(
     STORE_FINAL_STATE: tl.constexpr,
     STORE_STATES: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    SPLIT: tl.constexpr = True,
 ):
     """`chunk_state_fwd_kernel` for forwards without a backward (no h, vn, w or u in memory), in transposed form:
     the state block is held as S^T `[BV, BK]`, and every product whose operand depends on the state (S^T k^T,
@@ -1146,7 +1167,7 @@ def chunk_state_fwd_t_kernel(
         if DELTA:
             # vn^T = (beta (v - (k e^b) S))^T Ai^T
             b_vnt = _pseudo_values(
-                ai, beta, b_kx, b_g, b_ht, b_vt, bos, seq_len, o_t, i_hv, HV, BT, GATE, True, PREGATED
+                ai, beta, b_kx, b_g, b_ht, b_vt, bos, seq_len, o_t, i_hv, HV, BT, GATE, True, PREGATED, SPLIT
             )
         else:
             b_vnt = b_vt
@@ -1163,7 +1184,7 @@ def chunk_state_fwd_t_kernel(
         b_ot = tl.dot(b_vnt, b_pt, b_ot)
         tl.store(o + _tile_offsets_t(bos, o_t, i_hv, HV, V, o_v), b_ot.to(o.dtype.element_ty), mask=m_vt)
         # S^T <- S^T e^(b_last) + vn^T (k e^(b_last - b))
-        b_ht = _decay_state(b_ht, b_k, b_g, b_gl, b_vnt, m_t, GATE, True, PREGATED)
+        b_ht = _decay_state(b_ht, b_k, b_g, b_gl, b_vnt, m_t, GATE, True, PREGATED, SPLIT)
     if STORE_FINAL_STATE and c1 == tl.cdiv(seq_len, BT):
         _store_state(ht, tl.trans(b_ht), i_n, i_hv, HV, K, V, o_k, o_v)
 

@@ -31,13 +31,20 @@ except ImportError:
     TensorDescriptor = None
 
 MAX_HEAD_DIM = 256
-# tiles (rows BM x keys BN) and launch options per kernel and head-dim bound, for 16-bit inputs on a GPU; fp32 tiles
-# are twice as large, so they run halved; the interpreter (CPU) runs small tiles. D = 128 by sweep on an H100 (bf16,
-# T = 32k, window 4096; `scripts/sliding_window_gpu.py --sweep`): fwd 4.62 ms against 4.69-6.68 for the other six;
-# backward 15.9 ms with dq (128, 128, 8, 2) against 16.7-24.0; dk/dv (32, 64, 4, 3) with tensor descriptors by the
-# per-kernel sweep of 2026-11-23 (35.1 ms at T = 128k against 35.3-44.0 for the other nine, 7.95 ms at 32k)
+# tiles (rows BM x keys BN), launch options and an optional register cap per thread per kernel and head-dim bound,
+# for 16-bit inputs on a GPU; fp32 tiles are twice as large, so they run halved and uncapped; the interpreter (CPU)
+# runs small tiles. D = 128 by sweeps on an H100 (bf16, window 4096; `scripts/sliding_window_gpu.py --sweep`):
+# - fwd (128, 64, 8 warps, 2 stages) capped at 128 registers: at 255 registers and 128 KB of shared memory one
+#   program ran per SM and its tensor cores idled through each block's softmax; at 128 registers and 96 KB two
+#   programs share an SM and one's softmax overlaps the other's products. Per-kernel profiler times (medians of
+#   three interleaved rounds): 0.915 -> 0.882 ms at 8k, 4.40 -> 4.05 ms at 32k (a cap of 168 keeps one program per
+#   SM and spills: 1.18 / 6.06 ms). Timed back to back for 500 ms (do_bench), where the GPU runs at its power cap,
+#   the gain mostly goes: 0.963 -> 0.949 ms at 8k, 4.63 / 4.64 ms at 32k;
+# - dq (128, 128, 8, 2) and dk/dv (32, 64, 4, 3) with tensor descriptors. dq capped at 240 registers and dk/dv at
+#   (64, 64, 4, 2) were 3% faster per kernel at 8k and 1-5% at 32k, but not back to back (fwd+bwd 4.13 -> 4.18 ms
+#   at 8k, 19.68 -> 19.63 ms at 32k).
 GPU_TILES = {
-    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
+    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 2, 128), 256: (64, 64, 8, 2)},
     "dq": {64: (128, 128, 4, 2), 128: (128, 128, 8, 2), 256: (64, 64, 8, 2)},
     "dkdv": {64: (32, 64, 4, 4), 128: (32, 64, 4, 3), 256: (32, 64, 8, 2)},
 }
@@ -75,15 +82,32 @@ def _num_sms(device) -> int:
 
 
 def _tiles(kind: str, head_dim: int, dtype: torch.dtype, device) -> dict:
-    """{"BM", "BN", "num_warps", "num_stages"} of kernel `kind` ("fwd", "dq", "dkdv")."""
+    """{"BM", "BN", "num_warps", "num_stages", "maxnreg"} of kernel `kind` ("fwd", "dq", "dkdv"); maxnreg (a cap
+    on registers per thread) is None where the tiles set none, or Triton cannot take one."""
+    max_regs = None
     if device.type != "cuda":
         bm, bn, warps, stages = CPU_TILES[kind]
     else:
         bound = min(bound for bound in GPU_TILES[kind] if bound >= head_dim)
-        bm, bn, warps, stages = GPU_TILES[kind][bound]
+        bm, bn, warps, stages, *cap = GPU_TILES[kind][bound]
         if dtype == torch.float32:
             bm, bn, stages = max(16, bm // 2), max(16, bn // 2), min(stages, 2)
-    return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
+        elif cap and _register_caps():
+            max_regs = cap[0]
+    return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages, "maxnreg": max_regs}
+
+
+@functools.cache
+def _register_caps() -> bool:
+    """Whether Triton takes a `maxnreg` launch option (its CUDA backend does; older releases and other backends
+    do not)."""
+    if torch.version.hip is not None:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "maxnreg" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 def _use_descriptors(kind: str, x: torch.Tensor, head_dim: int) -> bool:
@@ -116,7 +140,10 @@ def _pack(num_heads: int, num_kv_heads: int, rows: int) -> int:
 
 
 def _launch_options(tiles: dict) -> dict:
-    return {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
+    options = {"num_warps": tiles["num_warps"], "num_stages": tiles["num_stages"]}
+    if tiles["maxnreg"] is not None:
+        options["maxnreg"] = tiles["maxnreg"]
+    return options
 
 
 class _Blocks:

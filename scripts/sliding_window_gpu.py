@@ -421,10 +421,11 @@ def run_profile(results):
         torch.cuda.empty_cache()
 
 
+# candidate tiles per kernel: (BM, BN, warps, stages[, register cap]), the default first
 SWEEP = {
-    "fwd": [(128, 64, 8, 3), (256, 64, 16, 3), (256, 64, 16, 2), (256, 128, 16, 2), (128, 64, 4, 3)],
-    "dq": [(128, 128, 8, 2), (256, 64, 16, 2), (256, 128, 16, 2)],
-    "dkdv": [(32, 64, 4, 3), (32, 64, 4, 4)],
+    "fwd": [(128, 64, 8, 2, 128), (128, 64, 8, 3), (128, 64, 8, 2, 168), (64, 64, 4, 3), (256, 64, 16, 2)],
+    "dq": [(128, 128, 8, 2), (128, 128, 8, 2, 240), (128, 64, 8, 3), (64, 128, 4, 2)],
+    "dkdv": [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)],
 }
 # the option each candidate runs with off and on: GQA heads packed per tile (forward, dq), tensor descriptors (dk/dv)
 SWEEP_OPTION = {"fwd": "PACK_GQA_HEADS", "dq": "PACK_GQA_HEADS", "dkdv": "TENSOR_DESCRIPTOR_KERNELS"}
@@ -439,7 +440,7 @@ def _set_option(kind, on):
 
 
 def run_sweep(results, seq_len, kernels, rounds=3):
-    """Per-kernel GPU times (profiler) of candidate (BM, BN, warps, stages), each with its kernel's option (SWEEP_OPTION)
+    """Per-kernel GPU times (profiler) of candidate tiles (SWEEP), each with its kernel's option (SWEEP_OPTION)
     off and on, at one length (D = 128, bf16). Rounds interleave the candidates, so that the GPU's clock changes (long
     runs of heavy tensor-core work hit the power cap and lower them) spread over all of them; the rows give every
     round and the median."""

@@ -229,6 +229,20 @@ def test_transposed_state_pass_matches_the_untransposed_one(monkeypatch, variant
         torch.testing.assert_close(a, b, rtol=0, atol=atol)
 
 
+def spy_launches(monkeypatch, flag):
+    """[(kernel name, its `flag` argument or None)] of every launch of the linear kernels from now on."""
+    linear_attn = kernels.linear_attn
+    launched = []
+    original = linear_attn._launch
+
+    def spy(kernel, grid, configs, key, args, kwargs, outputs, device):
+        launched.append((kernel.fn.__name__, kwargs.get(flag)))
+        original(kernel, grid, configs, key, args, kwargs, outputs, device)
+
+    monkeypatch.setattr(linear_attn, "_launch", spy)
+    return launched
+
+
 @pytest.mark.parametrize("variant", ["gla", "kda"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["untransposed", "transposed"])
 @pytest.mark.parametrize("segment_chunks", [None, 1], ids=["whole", "segments"])
@@ -239,14 +253,7 @@ def test_pregated_operands_give_the_same_bits(monkeypatch, variant, transposed, 
     and final states are bit for bit those of the passes that form them (bf16, GVA, packed sequences with a
     length-1 one, an initial state per sequence)."""
     linear_attn = kernels.linear_attn
-    launched = []
-    original = linear_attn._launch
-
-    def spy(kernel, grid, configs, key, args, kwargs, outputs, device):
-        launched.append((kernel.fn.__name__, kwargs.get("PREGATED")))
-        original(kernel, grid, configs, key, args, kwargs, outputs, device)
-
-    monkeypatch.setattr(linear_attn, "_launch", spy)
+    launched = spy_launches(monkeypatch, "PREGATED")
     monkeypatch.setattr(linear_attn, "SEGMENT_CHUNKS", segment_chunks)
     cu_seqlens = torch.tensor([0, 1, 70, 200], device=DEVICE)
     q, k, v, g, beta, s0 = testing.linear_inputs(variant, 1, 200, 1, 2, 32, 24, torch.bfloat16, DEVICE, num_states=3)
@@ -270,6 +277,40 @@ def test_pregated_operands_give_the_same_bits(monkeypatch, variant, transposed, 
     assert [flag for _, flag in flagged] == [True] * half + [False] * half
     for a, b in zip(results[True], results[False], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+@pytest.mark.parametrize("segment_chunks", [None, 1], ids=["whole", "segments"])
+def test_inference_state_products_are_single_bf16(monkeypatch, variant, segment_chunks):
+    """Forwards without a backward form the state's products with one bf16 MMA (the state rounded to bf16), the
+    training forward and `SPLIT_STATE_PRODUCTS = True` with two (the state as two bf16 halves). Both stay within
+    the bf16 bounds of the fp64 op, and they differ, so the choice reaches the state and segment passes."""
+    linear_attn = kernels.linear_attn
+    launched = spy_launches(monkeypatch, "SPLIT")
+    monkeypatch.setattr(linear_attn, "SEGMENT_CHUNKS", segment_chunks)
+    q, k, v, g, beta, s0 = testing.linear_inputs(variant, 1, 200, 1, 2, 32, 32, torch.bfloat16, DEVICE)
+    o_ref, s_ref = naive_linear_attention(
+        *(x.double() for x in (q, k, v, g, beta)), initial_state=s0.double(), output_final_state=True
+    )
+    results = {}
+    for split in (False, True):
+        monkeypatch.setattr(linear_attn, "SPLIT_STATE_PRODUCTS", split)
+        with torch.no_grad():
+            results[split] = kernels.chunk_linear_attention(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+        o, s = results[split]
+        assert_within_tolerance({"o": testing.rel_rms(o, o_ref), "state": testing.rel_rms(s, s_ref)}, torch.bfloat16)
+    assert not torch.equal(results[False][1], results[True][1])
+    flagged = [(name, flag) for name, flag in launched if flag is not None]
+    expected = {"chunk_state_fwd_t_kernel"} | ({"chunk_segment_fwd_kernel"} if segment_chunks else set())
+    assert {name for name, _ in flagged} == expected
+    half = len(flagged) // 2
+    assert [flag for _, flag in flagged] == [False] * half + [True] * half
+    # the training forward keeps the split products
+    launched.clear()
+    monkeypatch.setattr(linear_attn, "SPLIT_STATE_PRODUCTS", False)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    kernels.chunk_linear_attention(*leaves, g, beta, initial_state=s0, output_final_state=True)
+    assert {flag for _, flag in launched if flag is not None} == {True}
 
 
 def test_tuning_keeps_the_fastest_candidate_that_matches_the_first(monkeypatch):

@@ -322,3 +322,22 @@ def test_mixer_cached_decode_matches_the_reference(tiny_config, monkeypatch):
     actual, calls = run_with("triton", monkeypatch, decode)
     assert calls == {"prefill": 2, "decode": 2 * 12}
     assert rel_rms(actual, expected) < MIXER_TOLERANCE[0], rel_rms(actual, expected)
+
+
+def test_register_cap_reaches_the_launch_of_16_bit_gpu_tiles_only(monkeypatch):
+    """The forward's GPU tiles cap registers per thread (two programs per SM); the cap is passed to the launch for
+    16-bit inputs on a GPU whose Triton takes it, and dropped for the halved fp32 tiles, the interpreter's tiles and
+    Triton builds without the option."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(ops, "_register_caps", lambda: True)
+    cap = ops.GPU_TILES["fwd"][128][4]
+    assert ops._launch_options(ops._tiles("fwd", 128, torch.bfloat16, cuda)) == {
+        "num_warps": ops.GPU_TILES["fwd"][128][2],
+        "num_stages": ops.GPU_TILES["fwd"][128][3],
+        "maxnreg": cap,
+    }
+    assert ops._tiles("fwd", 128, torch.float32, cuda)["maxnreg"] is None
+    assert ops._tiles("dq", 128, torch.bfloat16, cuda)["maxnreg"] is None
+    assert "maxnreg" not in ops._launch_options(ops._tiles("fwd", 128, torch.bfloat16, cpu))
+    monkeypatch.setattr(ops, "_register_caps", lambda: False)
+    assert "maxnreg" not in ops._launch_options(ops._tiles("fwd", 128, torch.bfloat16, cuda))
