@@ -289,9 +289,7 @@ def test_inference_state_products_are_single_bf16(monkeypatch, variant, segment_
     launched = spy_launches(monkeypatch, "SPLIT")
     monkeypatch.setattr(linear_attn, "SEGMENT_CHUNKS", segment_chunks)
     q, k, v, g, beta, s0 = testing.linear_inputs(variant, 1, 200, 1, 2, 32, 32, torch.bfloat16, DEVICE)
-    o_ref, s_ref = naive_linear_attention(
-        *(x.double() for x in (q, k, v, g, beta)), initial_state=s0.double(), output_final_state=True
-    )
+    o_ref, s_ref = testing.naive_reference(*(x.double() for x in (q, k, v, g, beta, s0)))
     results = {}
     for split in (False, True):
         monkeypatch.setattr(linear_attn, "SPLIT_STATE_PRODUCTS", split)
