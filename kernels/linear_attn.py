@@ -39,6 +39,7 @@ from .linear_attn_kernels import (
     fused_recurrent_fwd_kernel,
     triton,
 )
+from .sliding_window import takes_register_caps
 
 CHUNK_SIZE = 64
 # sub-block of the per-channel pairwise kernels
@@ -70,8 +71,16 @@ PREGATED_OPERANDS = True
 # KDA's 3.261 -> 3.115 ms and 4.163 -> 3.804 ms. Against the fp64 recurrence the outputs did not move (GDN 2.02e-3
 # -> 2.05e-3 relative RMS at T = 8k, KDA 2.50e-3 -> 2.52e-3 at 4k) and the final states kept within the 5e-3
 # bound: GDN 4.1e-4 -> 1.75e-3, KDA 1.65e-3 -> 2.36e-3. Training keeps the split products: its stored states feed
-# the backward's gradients. True: split products everywhere.
+# the backward's gradients. True: split products everywhere. Without it, and with a decay, Ai times the residual is
+# one bf16 MMA too instead of a tf32 one (`_dot_ai`; see kernels/README.md for its measurements)
 SPLIT_STATE_PRODUCTS = False
+# launch candidates (V block, warps, stages[, register cap]) of the segment maps (`chunk_segment_fwd_kernel`). With
+# single bf16 products (forwards without a backward) the 4-warp kernel needs 170 registers and 74 KB of shared memory
+# for GDN (Triton 3.6, sm_90): capped at 168 registers, without spilling, three programs share an SM instead of two.
+# On an H100 (bf16, H = 16, D = 128) GDN's segment maps took 0.678 -> 0.431 ms at B = 2, T = 32k and 1.371 ->
+# 1.187 ms at B = 1, T = 128k (profiler); KDA's need 98 KB of shared memory, so two programs per SM either way, and
+# the two candidates time alike for them
+SEGMENT_CANDIDATES = ((64, 4, 2), (64, 4, 2, 168), (64, 8, 2))
 # launch candidates of the per-channel pairwise kernel: BC rows per program, a whole chunk (64) or a 16-row
 # sub-block. On an H100 (bf16, H = 16, D = 128, pregated operands; whole forward, B = 32, T = 2k): whole chunks at 8
 # warps took 2.02 ms (GLA) and 3.24 ms (KDA), at 16 warps 1.89 / 3.24 ms, 16-row sub-blocks at 2 warps 2.15 /
@@ -137,12 +146,17 @@ def _size_class(n: int) -> int:
     return max(int(n), 1).bit_length()
 
 
-def _configs(dtype: torch.dtype, dim: int, candidates) -> list[dict]:
-    """Launch configs from (V block, warps, stages) triples: V blocks capped at the padded dim, one stage for fp32
-    inputs, duplicates dropped (order kept: the first is the untuned default)."""
+def _configs(dtype: torch.dtype, dim: int, candidates, device=None) -> list[dict]:
+    """Launch configs from (V block, warps, stages[, register cap]) tuples: V blocks capped at the padded dim, one
+    stage for fp32 inputs, duplicates dropped (order kept: the first is the untuned default). A register cap
+    (`maxnreg`, registers per thread) is kept for 16-bit inputs on a CUDA `device` whose Triton takes one, and
+    dropped otherwise (the candidate then equals its uncapped twin)."""
     configs = []
-    for block, warps, stages in candidates:
+    for block, warps, stages, *cap in candidates:
         config = {"BV": _block(dim, block), "num_warps": warps, "num_stages": _stages(dtype, stages)}
+        capped = device is not None and device.type == "cuda" and dtype != torch.float32 and takes_register_caps()
+        if cap and capped:
+            config["maxnreg"] = cap[0]
         if config not in configs:
             configs.append(config)
     return configs
@@ -416,7 +430,7 @@ def _join_segments(
                 triton.cdiv(key_dim, c["BV"]) + (0 if reverse else triton.cdiv(value_dim, c["BV"])),
                 segments.total * num_v_heads,
             ),
-            _configs(k.dtype, max(key_dim, value_dim), ((64, 4, 2), (64, 8, 2))),
+            _configs(k.dtype, max(key_dim, value_dim), SEGMENT_CANDIDATES, device),
             (*key, reverse),
             (k, w, y, b, ai, beta, kl, kb, maps, ct, *common),
             kwargs,

@@ -274,6 +274,15 @@ def _decay_state(
 
 
 @triton.jit
+def _dot_ai(a, b, dtype: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b for the fp32 factors of Ai times the residual: one bf16 MMA without SPLIT for bf16 inputs (`dtype`, the
+    keys' dtype), a tf32 one otherwise."""
+    if dtype == tl.bfloat16 and not SPLIT:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _pseudo_values(
     ai,
     beta,
@@ -297,7 +306,9 @@ def _pseudo_values(
     dtype) against two bf16 halves of S, and Ai multiplies the residual, which is small where S predicts y.
     TRANSPOSED: S^T [BV, BK] and y^T [BV, BT] in, vn^T out, with the state-dependent operand of every product on
     the left (`_dot_split_a`). PREGATED (per-channel decays): b_k already holds k exp(b) in k's dtype. SPLIT: see
-    `_dot_split`."""
+    `_dot_split`; without it (bf16 keys, with a decay) Ai and the residual also enter one bf16 MMA instead of a tf32
+    one, as fla forms u and w. Without a decay (DeltaNet) that product stays tf32: the state forgets none of its
+    roundings."""
     m_t = o_t < seq_len
     o_i = tl.arange(0, BT)
     if GATE == 2:
@@ -313,14 +324,16 @@ def _pseudo_values(
                 tl.exp(b_g)
             )
         b_x = b_x * _load_tokens(beta, bos, seq_len, o_t, i_hv, HV)[None, :]
-        b_vn = tl.dot(b_x, tl.trans(_load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, o_i)))
+        b_vn = _dot_ai(
+            b_x, tl.trans(_load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, o_i)), b_k.dtype, SPLIT or GATE == 0
+        )
     else:
         if GATE == 2:
             b_x = -_dot_split(b_kd, b_h, -b_y, SPLIT)
         else:
             b_x = b_y - _dot_split(b_k, b_h, tl.zeros(b_y.shape, dtype=tl.float32), SPLIT) * tl.exp(b_g)
         b_x = b_x * _load_tokens(beta, bos, seq_len, o_t, i_hv, HV)[:, None]
-        b_vn = tl.dot(_load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, o_i), b_x)
+        b_vn = _dot_ai(_load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, o_i), b_x, b_k.dtype, SPLIT or GATE == 0)
     return b_vn
 
 

@@ -92,13 +92,13 @@ def _tiles(kind: str, head_dim: int, dtype: torch.dtype, device) -> dict:
         bm, bn, warps, stages, *cap = GPU_TILES[kind][bound]
         if dtype == torch.float32:
             bm, bn, stages = max(16, bm // 2), max(16, bn // 2), min(stages, 2)
-        elif cap and _register_caps():
+        elif cap and takes_register_caps():
             max_regs = cap[0]
     return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages, "maxnreg": max_regs}
 
 
 @functools.cache
-def _register_caps() -> bool:
+def takes_register_caps() -> bool:
     """Whether Triton takes a `maxnreg` launch option (its CUDA backend does; older releases and other backends
     do not)."""
     if torch.version.hip is not None:

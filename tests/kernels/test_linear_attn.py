@@ -311,6 +311,44 @@ def test_inference_state_products_are_single_bf16(monkeypatch, variant, segment_
     assert {flag for _, flag in launched if flag is not None} == {True}
 
 
+def test_segment_register_cap_is_a_candidate_of_16_bit_cuda_launches_only(monkeypatch):
+    """The segment maps' candidates include one capped at 168 registers per thread (three programs per SM); the cap
+    is kept for 16-bit inputs on a CUDA device whose Triton takes it, and dropped for fp32 inputs, the interpreter
+    and Triton builds without the option (the capped candidate then equals its uncapped twin and is dropped). The
+    segment kernel's launches take their candidates from that list."""
+    linear_attn = kernels.linear_attn
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    candidates = linear_attn.SEGMENT_CANDIDATES
+    monkeypatch.setattr(linear_attn, "takes_register_caps", lambda: True)
+    caps = [config.get("maxnreg") for config in linear_attn._configs(torch.bfloat16, 128, candidates, cuda)]
+    assert caps == [candidate[3] if len(candidate) > 3 else None for candidate in candidates]
+    assert 168 in caps
+    uncapped = [
+        config for config in linear_attn._configs(torch.bfloat16, 128, candidates, cuda) if "maxnreg" not in config
+    ]
+    for dtype, device in ((torch.float32, cuda), (torch.bfloat16, cpu), (torch.bfloat16, None)):
+        configs = linear_attn._configs(dtype, 128, candidates, device)
+        assert all("maxnreg" not in config for config in configs)
+    assert linear_attn._configs(torch.bfloat16, 128, candidates, cpu) == uncapped
+    monkeypatch.setattr(linear_attn, "takes_register_caps", lambda: False)
+    assert linear_attn._configs(torch.bfloat16, 128, candidates, cuda) == uncapped
+    # the launches
+    launched = []
+    original = linear_attn._launch
+
+    def spy(kernel, grid, configs, key, args, kwargs, outputs, device):
+        if kernel.fn.__name__ == "chunk_segment_fwd_kernel":
+            launched.append(configs)
+        original(kernel, grid, configs, key, args, kwargs, outputs, device)
+
+    monkeypatch.setattr(linear_attn, "_launch", spy)
+    monkeypatch.setattr(linear_attn, "SEGMENT_CHUNKS", 1)
+    q, k, v, g, beta, s0 = testing.linear_inputs("gdn", 1, 130, 1, 1, 32, 32, torch.bfloat16, DEVICE)
+    with torch.no_grad():
+        kernels.chunk_linear_attention(q, k, v, g, beta, initial_state=s0)
+    assert launched == [linear_attn._configs(torch.bfloat16, 32, candidates, q.device)]
+
+
 def test_tuning_keeps_the_fastest_candidate_that_matches_the_first(monkeypatch):
     linear_attn = kernels.linear_attn
     monkeypatch.setattr(linear_attn, "_tuning", lambda device: True)

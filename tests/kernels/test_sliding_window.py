@@ -329,7 +329,7 @@ def test_register_cap_reaches_the_launch_of_16_bit_gpu_tiles_only(monkeypatch):
     16-bit inputs on a GPU whose Triton takes it, and dropped for the halved fp32 tiles, the interpreter's tiles and
     Triton builds without the option."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(ops, "_register_caps", lambda: True)
+    monkeypatch.setattr(ops, "takes_register_caps", lambda: True)
     cap = ops.GPU_TILES["fwd"][128][4]
     assert ops._launch_options(ops._tiles("fwd", 128, torch.bfloat16, cuda)) == {
         "num_warps": ops.GPU_TILES["fwd"][128][2],
@@ -339,5 +339,5 @@ def test_register_cap_reaches_the_launch_of_16_bit_gpu_tiles_only(monkeypatch):
     assert ops._tiles("fwd", 128, torch.float32, cuda)["maxnreg"] is None
     assert ops._tiles("dq", 128, torch.bfloat16, cuda)["maxnreg"] is None
     assert "maxnreg" not in ops._launch_options(ops._tiles("fwd", 128, torch.bfloat16, cpu))
-    monkeypatch.setattr(ops, "_register_caps", lambda: False)
+    monkeypatch.setattr(ops, "takes_register_caps", lambda: False)
     assert "maxnreg" not in ops._launch_options(ops._tiles("fwd", 128, torch.bfloat16, cuda))
