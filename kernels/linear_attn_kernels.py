@@ -210,6 +210,19 @@ def _qk_scores(
 
 
 @triton.jit
+def _dot_scores(a, b, acc):
+    """acc + a @ b for the scores P (either side) times fp32 pseudo-values: a tf32 MMA for fp32 scores, one bf16 MMA
+    for scores stored in bf16 (forwards without a backward, see `chunk_linear_attention`'s `aqk`)."""
+    if a.dtype == tl.bfloat16:
+        acc = tl.dot(a, b.to(tl.bfloat16), acc)
+    elif b.dtype == tl.bfloat16:
+        acc = tl.dot(a.to(tl.bfloat16), b, acc)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
 def _dot_split(a, b, acc, SPLIT: tl.constexpr = True):
     """acc + a @ b for an a exact in its dtype and an fp32 b. bf16 a: b is split into two bf16 halves, which keeps
     about 16 bits of b (a tf32 dot keeps 11) for two bf16 MMAs; used where the result accumulates or cancels.
@@ -278,8 +291,10 @@ def _dot_ai(a, b, dtype: tl.constexpr, SPLIT: tl.constexpr):
     """a @ b for the fp32 factors of Ai times the residual: one bf16 MMA without SPLIT for bf16 inputs (`dtype`, the
     keys' dtype), a tf32 one otherwise."""
     if dtype == tl.bfloat16 and not SPLIT:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    return tl.dot(a, b)
+        c = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        c = tl.dot(a, b)
+    return c
 
 
 @triton.jit
@@ -1089,8 +1104,9 @@ def chunk_state_fwd_kernel(
             b_o = tl.dot((b_q.to(tl.float32) * tl.exp(b_g) * scale).to(dtype), b_h.to(dtype))
         else:
             b_o = tl.dot(b_q, b_h.to(dtype)) * (tl.exp(b_g) * scale)
-        # in fp32 (tf32): bf16 P and vn add 1e-3 to the output's error
-        b_o = tl.dot(b_p, b_vn, b_o)
+        # fp32 scores: in fp32 (tf32), since bf16 P and vn add 1e-3 to the output's error; bf16 scores (per-channel
+        # decays, no backward): one bf16 MMA, as fla forms it
+        b_o = _dot_scores(b_p, b_vn, b_o)
         _store_tile(o, b_o, bos, seq_len, o_t, i_hv, HV, V, o_v)
         b_h = _decay_state(b_h, b_k, b_g, b_gl, b_vn, m_t, GATE, PREGATED=PREGATED, SPLIT=SPLIT)
     if STORE_FINAL_STATE and c1 == tl.cdiv(seq_len, BT):
@@ -1193,8 +1209,8 @@ def chunk_state_fwd_t_kernel(
             b_ot = tl.dot(b_ht.to(dtype), tl.trans((b_q.to(tl.float32) * tl.exp(b_g) * scale).to(dtype)))
         else:
             b_ot = tl.dot(b_ht.to(dtype), tl.trans(b_q)) * tl.trans(tl.exp(b_g) * scale)
-        # in fp32 (tf32), as in chunk_state_fwd_kernel
-        b_ot = tl.dot(b_vnt, b_pt, b_ot)
+        # in fp32 (tf32), or bf16 for bf16 scores, as in chunk_state_fwd_kernel
+        b_ot = _dot_scores(b_vnt, b_pt, b_ot)
         tl.store(o + _tile_offsets_t(bos, o_t, i_hv, HV, V, o_v), b_ot.to(o.dtype.element_ty), mask=m_vt)
         # S^T <- S^T e^(b_last) + vn^T (k e^(b_last - b))
         b_ht = _decay_state(b_ht, b_k, b_g, b_gl, b_vnt, m_t, GATE, True, PREGATED, SPLIT)

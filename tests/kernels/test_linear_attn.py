@@ -311,6 +311,41 @@ def test_inference_state_products_are_single_bf16(monkeypatch, variant, segment_
     assert {flag for _, flag in launched if flag is not None} == {True}
 
 
+@pytest.mark.parametrize("variant", ["gla", "kda"])
+def test_inference_scores_of_per_channel_decays_are_bf16(monkeypatch, variant):
+    """Per-channel decays: a bf16 forward without a backward stores the pairwise scores P in bf16 and multiplies
+    them with the pseudo-values in one bf16 MMA; `SPLIT_STATE_PRODUCTS = True`, the training forward and fp32
+    inputs keep fp32 scores. Both settings stay within the bf16 bounds of the fp64 op, and their outputs differ."""
+    linear_attn = kernels.linear_attn
+    scores = []
+    original = linear_attn._launch
+
+    def spy(kernel, grid, configs, key, args, kwargs, outputs, device):
+        if kernel.fn.__name__ == "chunk_pairwise_fwd_kernel":
+            scores.append(args[3].dtype)
+        original(kernel, grid, configs, key, args, kwargs, outputs, device)
+
+    monkeypatch.setattr(linear_attn, "_launch", spy)
+    q, k, v, g, beta, s0 = testing.linear_inputs(variant, 1, 130, 1, 2, 32, 32, torch.bfloat16, DEVICE)
+    o_ref, s_ref = testing.naive_reference(*(None if x is None else x.double() for x in (q, k, v, g, beta, s0)))
+    outputs = {}
+    for split in (False, True):
+        monkeypatch.setattr(linear_attn, "SPLIT_STATE_PRODUCTS", split)
+        with torch.no_grad():
+            o, s = kernels.chunk_linear_attention(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+        assert_within_tolerance({"o": testing.rel_rms(o, o_ref), "state": testing.rel_rms(s, s_ref)}, torch.bfloat16)
+        outputs[split] = o
+    assert scores == [torch.bfloat16, torch.float32]
+    assert not torch.equal(outputs[False], outputs[True])
+    scores.clear()
+    monkeypatch.setattr(linear_attn, "SPLIT_STATE_PRODUCTS", False)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    kernels.chunk_linear_attention(*leaves, g, beta, initial_state=s0)
+    with torch.no_grad():
+        kernels.chunk_linear_attention(q.float(), k.float(), v.float(), g, beta, initial_state=s0)
+    assert scores == [torch.float32, torch.float32]
+
+
 def test_segment_register_cap_is_a_candidate_of_16_bit_cuda_launches_only(monkeypatch):
     """The segment maps' candidates include one capped at 168 registers per thread (three programs per SM); the cap
     is kept for 16-bit inputs on a CUDA device whose Triton takes it, and dropped for fp32 inputs, the interpreter
