@@ -152,9 +152,9 @@ def _configs(dtype: torch.dtype, dim: int, candidates, device=None) -> list[dict
     (`maxnreg`, registers per thread) is kept for 16-bit inputs on a CUDA `device` whose Triton takes one, and
     dropped otherwise (the candidate then equals its uncapped twin)."""
     configs = []
+    capped = device is not None and device.type == "cuda" and dtype != torch.float32 and takes_register_caps()
     for block, warps, stages, *cap in candidates:
         config = {"BV": _block(dim, block), "num_warps": warps, "num_stages": _stages(dtype, stages)}
-        capped = device is not None and device.type == "cuda" and dtype != torch.float32 and takes_register_caps()
         if cap and capped:
             config["maxnreg"] = cap[0]
         if config not in configs:
@@ -693,8 +693,7 @@ def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
         # recurrence the output moved from 2.84e-3 to 3.44e-3 relative RMS (KDA, T = 4k) and from 2.06e-3 to
         # 2.50e-3 (GLA), the final state not at all
         single = not (needs_grad or SPLIT_STATE_PRODUCTS) and q.dtype == torch.bfloat16
-        scores_dtype = torch.bfloat16 if single else None
-        aqk = q.new_empty(pair_shape, dtype=scores_dtype or torch.float32)
+        aqk = q.new_empty(pair_shape, dtype=torch.bfloat16 if single else torch.float32)
         akk = q.new_empty(pair_shape, dtype=torch.float32) if delta else None
         _launch(
             chunk_pairwise_fwd_kernel,
