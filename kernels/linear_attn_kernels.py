@@ -732,6 +732,7 @@ def chunk_wy_fwd_kernel(
     beta,
     akk,
     ai,
+    expand,
     cu_seqlens,
     chunk_indices,
     T,
@@ -743,6 +744,7 @@ def chunk_wy_fwd_kernel(
     BK: tl.constexpr,
     GATE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    CHECK_CONTRACTION: tl.constexpr = False,
 ):
     """Delta rule, per chunk: Ai = (I + A)^-1 in fp32, for the state passes (which form vn from it) and the backward.
 
@@ -750,6 +752,10 @@ def chunk_wy_fwd_kernel(
     [BT, K] x [K, BT] product written to ai first (per-head or no decay), which Ai then overwrites block by block.
     The four 16 x 16 diagonal blocks of Ai are forward-substituted at once, the six below them follow from block
     products (fp32, IEEE).
+
+    CHECK_CONTRACTION (per-head decays): sets `expand[sequence, value head]` to 1 where a token's transition
+    S -> exp(g) (I - beta k k^T) S may fail to contract the state by its decay: g > 0, or beta |k|^2 outside [0, 2]
+    (or NaN). The segment maps skip decayed-out chunks only where no token does (`chunk_segment_fwd_kernel`).
     """
     BC: tl.constexpr = 16
     i_t, _, i_bh = _chunk_program(NBH, 1)
@@ -768,6 +774,20 @@ def chunk_wy_fwd_kernel(
         if GATE == 1:
             b_bt = _load_tokens(b, bos, seq_len, o_t, i_hv, HV)
             b_a = b_a * tl.exp(tl.where(m_a, b_bt[:, None] - b_bt[None, :], 0.0))
+            if CHECK_CONTRACTION:
+                # beta |k|^2 from the diagonal of k k^T (its decay factor is 1); the cumulative decay of the row
+                # before (0 before the chunk's first), which the row's may not exceed: g <= 0 as the kernels see it.
+                # Every comparison is False for NaN, which therefore counts as expanding
+                b_kk = tl.sum(tl.where(o_s[:, None] == o_s[None, :], b_a, 0.0), 1)
+                b_kk = b_kk * _load_tokens(beta, bos, seq_len, o_t, i_hv, HV).to(tl.float32)
+                b_prev = tl.load(b + (bos + o_t - 1) * HV + i_hv, mask=m_t & (o_s > 0), other=0.0)
+                m_ok = ((b_kk >= 0.0) & (b_kk <= 2.0) & (b_bt <= b_prev)) | ~m_t
+                if tl.sum((~m_ok).to(tl.int32), 0) > 0:
+                    if IS_VARLEN:
+                        i_n = tl.load(chunk_indices + i_t * 2)
+                    else:
+                        i_n = i_b
+                    tl.atomic_max(expand + i_n * HV + i_hv, 1)
         # zeros on and above the diagonal: those of Ai's upper blocks are final
         _store_tile(ai, tl.where(m_a, b_a, 0.0), bos, seq_len, o_t, i_hv, HV, BT, o_s)
         tl.debug_barrier()
@@ -862,6 +882,47 @@ def chunk_wu_fwd_kernel(
         _store_tile(u, tl.dot(b_ai, b_x), bos, seq_len, o_t, i_hv, HV, V, o_v)
 
 
+@triton.jit
+def _decay_horizon(b, bos, seq_len, i_hv, c0, c1, HORIZON: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr):
+    """(first chunk, total log decay) of segment [c0, c1) under per-head decays: the first chunk is the last c with
+    sum_{i >= c} log decay of chunk i <= -HORIZON (c0 if none), so that with contracting transitions the writes of
+    every earlier chunk reach the segment's end scaled by at most exp(-HORIZON). Reads one value per chunk (the
+    cumulative decay at its last token), 64 chunks per step, from the segment's end."""
+    NC: tl.constexpr = 64
+    start = c0
+    total = tl.zeros([], dtype=tl.float32)
+    for j in range(0, tl.cdiv(c1 - c0, NC)):
+        o_c = c1 - (j + 1) * NC + tl.arange(0, NC)
+        m_c = o_c >= c0
+        last = tl.minimum(o_c * BT + BT, seq_len) - 1
+        b_gl = tl.load(b + (bos + last) * HV + i_hv, mask=m_c, other=0.0)
+        # [NC]: the log decay from the start of chunk o_c to the segment's end
+        b_tail = total + tl.cumsum(b_gl, 0, reverse=True)
+        start = tl.maximum(start, tl.max(tl.where(m_c & (b_tail <= -HORIZON), o_c, c0), 0))
+        total += tl.sum(b_gl, 0)
+    return start, total
+
+
+@triton.jit
+def _decay_horizon_end(b, bos, seq_len, i_hv, c0, c1, HORIZON: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr):
+    """The end chunk of segment [c0, c1) for gradients flowing to its start under per-head decays: the first c with
+    sum_{c0 <= i < c} log decay of chunk i <= -HORIZON (c1 if none); with contracting transitions, what chunks from
+    there on add to the gradient of the segment's entering state is scaled by at most exp(-HORIZON)."""
+    NC: tl.constexpr = 64
+    end = c1
+    total = tl.zeros([], dtype=tl.float32)
+    for j in range(0, tl.cdiv(c1 - c0, NC)):
+        o_c = c0 + j * NC + tl.arange(0, NC)
+        m_c = o_c < c1
+        last = tl.minimum(o_c * BT + BT, seq_len) - 1
+        b_gl = tl.load(b + (bos + last) * HV + i_hv, mask=m_c, other=0.0)
+        # [NC]: the log decay from the segment's start to the end of chunk o_c
+        b_head = total + tl.cumsum(b_gl, 0)
+        end = tl.minimum(end, tl.min(tl.where(m_c & (b_head <= -HORIZON), o_c + 1, c1), 0))
+        total += tl.sum(b_gl, 0)
+    return end
+
+
 @triton.jit(do_not_specialize=["T", "NS", "SEG"])
 def chunk_segment_fwd_kernel(
     k,
@@ -874,6 +935,7 @@ def chunk_segment_fwd_kernel(
     kb,
     mt,
     ct,
+    expand,
     cu_seqlens,
     chunk_offsets,
     segments,
@@ -895,6 +957,7 @@ def chunk_segment_fwd_kernel(
     FIRST_M: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     SPLIT: tl.constexpr = True,
+    HORIZON: tl.constexpr = 0.0,
 ):
     """The map S -> M S + C of the state across one segment, in fp32: program column blocks below cdiv(K, BV) run
     the state recurrence on the identity without writes (M `[K, K]`, into mt; for additive writes M is the diagonal
@@ -903,10 +966,13 @@ def chunk_segment_fwd_kernel(
     PREGATED (per-channel decays): the gated keys kl and kb of `chunk_pairwise_fwd_kernel` replace k and b.
     SKIP_ENDS (forward): the map of a sequence's last segment is not formed (the state pass of that segment writes the
     final state), nor, unless FIRST_M (an initial state), the M of its first segment (it would multiply a zero
-    state); `chunk_combine_kernel` skips them too."""
+    state); `chunk_combine_kernel` skips them too.
+    HORIZON > 0 (per-head decays, delta rule): where every transition of the sequence contracts the state by its
+    decay (`expand` is 0, see `chunk_wy_fwd_kernel`), chunks whose writes reach the segment's end scaled by at most
+    exp(-HORIZON) are skipped in C, and M is zero when the whole segment decays that far (`_decay_horizon`)."""
     NKB: tl.constexpr = (K + BV - 1) // BV
     # columns of M (o_c < K) or of C (o_c - NKB * BV < V)
-    i_seg, i_hv, i_h, _, bos, seq_len, _, c0, c1, o_c = _segment_program(
+    i_seg, i_hv, i_h, i_n, bos, seq_len, _, c0, c1, o_c = _segment_program(
         T, NS, SEG, cu_seqlens, chunk_offsets, segments, H, HV, BT, BV, IS_VARLEN
     )
     i_col = tl.program_id(0)
@@ -929,6 +995,15 @@ def chunk_segment_fwd_kernel(
             c1 = c0
     else:
         b_x = tl.zeros([BK, BV], dtype=tl.float32)
+    if HORIZON > 0:  # noqa: SIM102 (compile-time test outside, run-time test inside)
+        if tl.load(expand + i_n * HV + i_hv) == 0:
+            start, total = _decay_horizon(b, bos, seq_len, i_hv, c0, c1, HORIZON, HV, BT)
+            if i_col < NKB:
+                if total <= -HORIZON:
+                    b_x = tl.zeros([BK, BV], dtype=tl.float32)
+                    c1 = c0
+            else:
+                c0 = start
     for i_c in range(c0, c1):
         o_t = i_c * BT + tl.arange(0, BT)
         m_t = o_t < seq_len
@@ -1230,6 +1305,7 @@ def chunk_state_bwd_kernel(
     dvn,
     dht,
     dh0,
+    expand,
     cu_seqlens,
     chunk_offsets,
     segments,
@@ -1250,14 +1326,21 @@ def chunk_state_bwd_kernel(
     FINAL: tl.constexpr,
     STORE_STATES: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    HORIZON: tl.constexpr = 0.0,
 ):
     """The backward sequential pass over the chunks of one segment, last chunk first. Per chunk (STORE_STATES): the
     gradient dh of the state leaving it and dvn = P^T do + (k exp(b_last - b)) dh, the full gradient of its
     pseudo-values (fp32). INIT: the gradient of the segment's leaving state is zero (0), dht[sequence] (1) or
-    dht[segment] (2); FINAL: that of its entering state goes to dh0[sequence] (1) or dh0[segment] (2)."""
+    dht[segment] (2); FINAL: that of its entering state goes to dh0[sequence] (1) or dh0[segment] (2).
+    HORIZON > 0 (per-head decays, the segment's own share of its entering state's gradient: INIT 0, FINAL 2, no
+    stores): where `expand` is 0, the chunks from which the decay back to the segment's start falls below
+    exp(-HORIZON) are skipped (`_decay_horizon_end`; see `chunk_segment_fwd_kernel`)."""
     i_seg, i_hv, i_h, i_n, bos, seq_len, first_chunk, c0, c1, o_v = _segment_program(
         T, NS, SEG, cu_seqlens, chunk_offsets, segments, H, HV, BT, BV, IS_VARLEN
     )
+    if HORIZON > 0:  # noqa: SIM102 (compile-time test outside, run-time test inside)
+        if tl.load(expand + i_n * HV + i_hv) == 0:
+            c1 = _decay_horizon_end(b, bos, seq_len, i_hv, c0, c1, HORIZON, HV, BT)
     o_k = tl.arange(0, BK)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if INIT == 1:

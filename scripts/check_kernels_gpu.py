@@ -7,7 +7,7 @@ Checks the chunked ops (output, final state, dq, dk, dv, dg, dbeta, dh0; output 
 gradients, the inference path) and the fused-recurrent ops (output, final state) for gdn, deltanet, gla and kda
 over odd lengths, head dims 64/128/100, GVA, packed sequences with length-1 segments, bf16/fp16/fp32 and strong
 decays; sequences split into segments (the long-sequence path, fixed-length and
-packed); and the other launch-config candidates of the tuned kernels (`-alt` cases). Launch configs are not tuned
+packed, with mild and strong decays); and the other launch-config candidates of the tuned kernels (`-alt` cases). Launch configs are not tuned
 (the first candidates run) unless `--tune`. Prints one row per case and the worst error of each column, writes
 kernel_check[_VARIANT].json to the output folder when given, and exits with status 1 if any case fails. Run one
 process per variant to compile their kernels in parallel.
@@ -50,6 +50,9 @@ CHUNK_CASES = {
     "T2048-split": (1, 2048, 2, 4, 128, 128, BF16, False, None),
     "T1000-B2-split": (2, 1000, 2, 4, 128, 128, BF16, False, None),
     "varlen-split": (1, 2048, 2, 4, 128, 128, BF16, False, [0, 1, 15, 700, 701, 1500, 2048]),
+    # strong decays in segments: GDN's maps and the backward's segment shares skip decayed-out chunks
+    "T4096-strong-split": (1, 4096, 2, 4, 128, 128, BF16, True, None),
+    "varlen-strong-split": (1, 2048, 2, 4, 128, 128, BF16, True, [0, 1, 15, 700, 701, 1500, 2048]),
     "T1000-alt1": (2, 1000, 2, 4, 128, 128, BF16, False, None),
     "T1000-split-alt2": (2, 1000, 2, 4, 128, 128, BF16, False, None),
     "T1000-alt3": (2, 1000, 2, 4, 128, 128, BF16, False, None),

@@ -346,6 +346,89 @@ def test_inference_scores_of_per_channel_decays_are_bf16(monkeypatch, variant):
     assert scores == [torch.float32, torch.float32]
 
 
+def _horizon_inputs(seq_len=6 * 64, nan_token=10):
+    """GDN inputs with strong decays (about -6 per step, so every chunk decays by far more than exp(-70)), bf16 keys
+    and values, a NaN in the values of token `nan_token` (in the first chunk), and its fp64 reference with that
+    value zeroed."""
+    q, k, v, g, beta, s0 = testing.linear_inputs("gdn", 1, seq_len, 1, 2, 16, 16, torch.float32, DEVICE, True)
+    v_clean = v.clone()
+    v_clean[:, nan_token] = 0.0
+    v[:, nan_token] = float("nan")
+    return (q, k, v, g, beta, s0), testing.naive_reference(*(x.double() for x in (q, k, v_clean, g, beta, s0)))
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["inference", "training"])
+def test_segment_maps_skip_chunks_their_decay_erased(monkeypatch, backward):
+    """Segments of two chunks under strong per-head decays: a segment's C starts at its last chunk (the first one
+    reaches the segment's end scaled below exp(-70)) and its M is zero. A NaN value in the first chunk therefore
+    stays in its own segment, whose state pass reads every chunk, and the later segments match the fp64 op with that
+    value zeroed; without the horizon (`DECAY_HORIZON = None`) the maps read it and it reaches every later token."""
+    linear_attn = kernels.linear_attn
+    monkeypatch.setattr(linear_attn, "SEGMENT_CHUNKS", 2)
+    inputs, (o_ref, s_ref) = _horizon_inputs()
+    results = {}
+    for horizon in (70.0, None):
+        monkeypatch.setattr(linear_attn, "DECAY_HORIZON", horizon)
+        leaves = [x.clone().requires_grad_(backward) for x in inputs[:3]]
+        with torch.set_grad_enabled(backward):
+            results[horizon] = kernels.chunk_linear_attention(
+                *leaves, *inputs[3:5], initial_state=inputs[5], output_final_state=True
+            )
+    o, s = results[70.0]
+    # the NaN's own segment (tokens 0-127) carries it from token 10 on; the others do not see it
+    assert torch.isnan(o[:, 10:128]).all()
+    later = {"o": testing.rel_rms(o[:, 128:], o_ref[:, 128:]), "state": testing.rel_rms(s, s_ref)}
+    assert_within_tolerance(later, torch.float32)
+    o_off, s_off = results[None]
+    assert torch.isnan(o_off[:, 128:]).all() and torch.isnan(s_off).all()
+
+
+def test_gradient_segment_shares_skip_chunks_their_decay_erased(monkeypatch):
+    """The backward's counterpart: a segment's own share of the gradient of its entering state stops at the chunk
+    from which the decay back to the segment's start falls below exp(-70). A NaN output gradient in the second
+    chunk of the first segment then reaches the gradients of that segment's tokens (the full backward pass reads
+    every chunk) but not the initial state's gradient, which matches the fp64 op's with that gradient zeroed; without
+    the horizon it is NaN."""
+    linear_attn = kernels.linear_attn
+    monkeypatch.setattr(linear_attn, "SEGMENT_CHUNKS", 2)
+    (q, k, v, g, beta, s0), _ = _horizon_inputs()
+    v = torch.nan_to_num(v)
+    gen = torch.Generator().manual_seed(5)
+    do = torch.randn(v.shape, generator=gen).to(DEVICE)
+    do_clean = do.clone()
+    do_clean[:, 100] = 0.0
+    do[:, 100] = float("nan")
+    ref = [x.double().requires_grad_(x is s0) for x in (q, k, v, g, beta, s0)]
+    o_ref, _ = testing.naive_reference(*ref)
+    (o_ref * do_clean.double()).sum().backward()
+    grads = {}
+    for horizon in (70.0, None):
+        monkeypatch.setattr(linear_attn, "DECAY_HORIZON", horizon)
+        leaf = s0.clone().requires_grad_()
+        o, _ = kernels.chunk_linear_attention(q.clone().requires_grad_(), k, v, g, beta, initial_state=leaf)
+        (o * do).sum().backward()
+        grads[horizon] = leaf.grad
+    assert_within_tolerance({"dh0": testing.rel_rms(grads[70.0], ref[5].grad)}, torch.float32)
+    assert torch.isnan(grads[None]).all()
+
+
+@pytest.mark.parametrize("expanding", ["positive-decay", "beta-above-2"])
+def test_segment_maps_keep_every_chunk_where_a_transition_may_expand(monkeypatch, expanding):
+    """The horizon holds only where every transition exp(g) (I - beta k k^T) contracts the state by its decay. One
+    token with g > 0, or with beta |k|^2 > 2, anywhere in the sequence turns it off for that sequence's head (the
+    WY kernel flags it): the maps then read every chunk, and the NaN of the first chunk reaches every later token."""
+    linear_attn = kernels.linear_attn
+    monkeypatch.setattr(linear_attn, "SEGMENT_CHUNKS", 2)
+    (q, k, v, g, beta, s0), _ = _horizon_inputs()
+    if expanding == "positive-decay":
+        g[:, 300] = 0.5
+    else:
+        beta[:, 300] = 2.5
+    with torch.no_grad():
+        o, s = kernels.chunk_linear_attention(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    assert torch.isnan(o[:, 128:]).all() and torch.isnan(s).all()
+
+
 def test_segment_register_cap_is_a_candidate_of_16_bit_cuda_launches_only(monkeypatch):
     """The segment maps' candidates include one capped at 168 registers per thread (three programs per SM); the cap
     is kept for 16-bit inputs on a CUDA device whose Triton takes it, and dropped for fp32 inputs, the interpreter
