@@ -883,44 +883,39 @@ def chunk_wu_fwd_kernel(
 
 
 @triton.jit
-def _decay_horizon(b, bos, seq_len, i_hv, c0, c1, HORIZON: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr):
-    """(first chunk, total log decay) of segment [c0, c1) under per-head decays: the first chunk is the last c with
-    sum_{i >= c} log decay of chunk i <= -HORIZON (c0 if none), so that with contracting transitions the writes of
-    every earlier chunk reach the segment's end scaled by at most exp(-HORIZON). Reads one value per chunk (the
-    cumulative decay at its last token), 64 chunks per step, from the segment's end."""
+def _decay_horizon(
+    b, bos, seq_len, i_hv, c0, c1, HORIZON: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr, FROM_END: tl.constexpr
+):
+    """(bound, total log decay) of segment [c0, c1) under per-head decays, summing one value per chunk (the
+    cumulative decay at its last token), 64 chunks per step. FROM_END (writes reaching the segment's end): the bound
+    is the last c with sum_{i >= c} log decay of chunk i <= -HORIZON (c0 if none), so that with contracting
+    transitions every earlier chunk's writes reach the end scaled by at most exp(-HORIZON). Otherwise (gradients
+    reaching the segment's start): the first c with sum_{c0 <= i < c} <= -HORIZON (c1 if none), from which on every
+    chunk's share is scaled that far."""
     NC: tl.constexpr = 64
-    start = c0
+    if FROM_END:
+        bound = c0
+    else:
+        bound = c1
     total = tl.zeros([], dtype=tl.float32)
     for j in range(0, tl.cdiv(c1 - c0, NC)):
-        o_c = c1 - (j + 1) * NC + tl.arange(0, NC)
-        m_c = o_c >= c0
+        if FROM_END:
+            o_c = c1 - (j + 1) * NC + tl.arange(0, NC)
+            m_c = o_c >= c0
+        else:
+            o_c = c0 + j * NC + tl.arange(0, NC)
+            m_c = o_c < c1
         last = tl.minimum(o_c * BT + BT, seq_len) - 1
         b_gl = tl.load(b + (bos + last) * HV + i_hv, mask=m_c, other=0.0)
-        # [NC]: the log decay from the start of chunk o_c to the segment's end
-        b_tail = total + tl.cumsum(b_gl, 0, reverse=True)
-        start = tl.maximum(start, tl.max(tl.where(m_c & (b_tail <= -HORIZON), o_c, c0), 0))
+        # [NC]: the log decay from the start of chunk o_c to the segment's end (FROM_END), or from the segment's
+        # start to the end of chunk o_c
+        m_far = m_c & (total + tl.cumsum(b_gl, 0, reverse=FROM_END) <= -HORIZON)
+        if FROM_END:
+            bound = tl.maximum(bound, tl.max(tl.where(m_far, o_c, c0), 0))
+        else:
+            bound = tl.minimum(bound, tl.min(tl.where(m_far, o_c + 1, c1), 0))
         total += tl.sum(b_gl, 0)
-    return start, total
-
-
-@triton.jit
-def _decay_horizon_end(b, bos, seq_len, i_hv, c0, c1, HORIZON: tl.constexpr, HV: tl.constexpr, BT: tl.constexpr):
-    """The end chunk of segment [c0, c1) for gradients flowing to its start under per-head decays: the first c with
-    sum_{c0 <= i < c} log decay of chunk i <= -HORIZON (c1 if none); with contracting transitions, what chunks from
-    there on add to the gradient of the segment's entering state is scaled by at most exp(-HORIZON)."""
-    NC: tl.constexpr = 64
-    end = c1
-    total = tl.zeros([], dtype=tl.float32)
-    for j in range(0, tl.cdiv(c1 - c0, NC)):
-        o_c = c0 + j * NC + tl.arange(0, NC)
-        m_c = o_c < c1
-        last = tl.minimum(o_c * BT + BT, seq_len) - 1
-        b_gl = tl.load(b + (bos + last) * HV + i_hv, mask=m_c, other=0.0)
-        # [NC]: the log decay from the segment's start to the end of chunk o_c
-        b_head = total + tl.cumsum(b_gl, 0)
-        end = tl.minimum(end, tl.min(tl.where(m_c & (b_head <= -HORIZON), o_c + 1, c1), 0))
-        total += tl.sum(b_gl, 0)
-    return end
+    return bound, total
 
 
 @triton.jit(do_not_specialize=["T", "NS", "SEG"])
@@ -997,7 +992,7 @@ def chunk_segment_fwd_kernel(
         b_x = tl.zeros([BK, BV], dtype=tl.float32)
     if HORIZON > 0:  # noqa: SIM102 (compile-time test outside, run-time test inside)
         if tl.load(expand + i_n * HV + i_hv) == 0:
-            start, total = _decay_horizon(b, bos, seq_len, i_hv, c0, c1, HORIZON, HV, BT)
+            start, total = _decay_horizon(b, bos, seq_len, i_hv, c0, c1, HORIZON, HV, BT, True)
             if i_col < NKB:
                 if total <= -HORIZON:
                     b_x = tl.zeros([BK, BV], dtype=tl.float32)
@@ -1334,13 +1329,13 @@ def chunk_state_bwd_kernel(
     dht[segment] (2); FINAL: that of its entering state goes to dh0[sequence] (1) or dh0[segment] (2).
     HORIZON > 0 (per-head decays, the segment's own share of its entering state's gradient: INIT 0, FINAL 2, no
     stores): where `expand` is 0, the chunks from which the decay back to the segment's start falls below
-    exp(-HORIZON) are skipped (`_decay_horizon_end`; see `chunk_segment_fwd_kernel`)."""
+    exp(-HORIZON) are skipped (`_decay_horizon`; see `chunk_segment_fwd_kernel`)."""
     i_seg, i_hv, i_h, i_n, bos, seq_len, first_chunk, c0, c1, o_v = _segment_program(
         T, NS, SEG, cu_seqlens, chunk_offsets, segments, H, HV, BT, BV, IS_VARLEN
     )
     if HORIZON > 0:  # noqa: SIM102 (compile-time test outside, run-time test inside)
         if tl.load(expand + i_n * HV + i_hv) == 0:
-            c1 = _decay_horizon_end(b, bos, seq_len, i_hv, c0, c1, HORIZON, HV, BT)
+            c1, _total = _decay_horizon(b, bos, seq_len, i_hv, c0, c1, HORIZON, HV, BT, False)
     o_k = tl.arange(0, BK)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if INIT == 1:
