@@ -51,8 +51,11 @@ MAX_HEAD_DIM = 256
 # decay its rounding accumulates in the state: DeltaNet's final state 1.2e-3 off at T = 640 in bf16, 4e-6 in fp32);
 # w h is formed from two bf16 halves of h (`_dot_split`).
 W_DTYPE: torch.dtype | None = None
-# forwards without a backward form the pseudo-values in the state passes from Ai, beta, k and v (False), instead of
-# storing w and u and reading them back (True: the training forward's path)
+# the forward's state passes form the pseudo-values from Ai, beta, k and v (False), instead of storing w and u and
+# reading them back (True). A training forward stores w either way (the backward's state pass reads it); its state
+# passes keep the split products. On an H100 (bf16, H = 16, D = 128) GDN's forward + backward took 9.33 -> 8.84 ms at
+# B = 2, T = 32k and 18.35 -> 17.36 ms at B = 1, T = 128k (True -> False; the state pass 1.82 -> 1.64 ms and the w/u
+# kernel 0.71 -> 0.39 ms at 32k), and the backward no longer keeps u
 WY_IN_MEMORY = False
 # (gate, delta rule) pairs whose forwards without a backward run the sequential pass in transposed form
 # (`chunk_state_fwd_t_kernel`, where the state-dependent operand of every product is the one an MMA reads from
@@ -88,6 +91,17 @@ SEGMENT_CANDIDATES = ((64, 4, 2), (64, 4, 2, 168), (64, 8, 2))
 # exp(-70) < 2^-100: what is left out stays below 2^-100 of the sum of the writes' norms, far under fp32 rounding.
 # Weak decays (long memories) skip nothing and cost what they did. None: never skip
 DECAY_HORIZON: float | None = 70.0
+# key channels per program of the backward's gradient kernel (`chunk_grad_kernel`; None: all of K). In blocks, a
+# program holds a block's share of the [BT, K] accumulators and the grid has a program per block; the products over
+# V that involve no key channels (dP, dA) are formed by each of them. On an H100 (bf16, B = 2, T = 32k, H = 16,
+# D = 128) the kernel took 4.31 ms in blocks of 64 (4 warps, tuned) and 4.33 ms whole (8 warps): alike, but blocks
+# bound the registers a larger K needs
+GRAD_KEY_BLOCK: int | None = 64
+# its launch candidates (V block, warps, stages), for key blocks of at least 64 channels and for narrower ones
+GRAD_CANDIDATES = {
+    True: ((32, 8, 3), (32, 8, 2), (64, 8, 2), (16, 8, 2), (32, 4, 2), (64, 4, 2)),
+    False: ((32, 4, 3), (32, 8, 2), (64, 8, 2), (16, 8, 2), (64, 4, 2)),
+}
 # launch candidates of the per-channel pairwise kernel: BC rows per program, a whole chunk (64) or a 16-row
 # sub-block. On an H100 (bf16, H = 16, D = 128, pregated operands; whole forward, B = 32, T = 2k): whole chunks at 8
 # warps took 2.02 ms (GLA) and 3.24 ms (KDA), at 16 warps 1.89 / 3.24 ms, 16-row sub-blocks at 2 warps 2.15 /
@@ -518,11 +532,11 @@ def _state_fwd(
     expand=None,
 ):
     """The forward sequential pass: o, and h and vn when given (for the backward); final_state when given. The delta
-    rule's pseudo-values come from w and u, or from `ai` and `beta` when w and u are None. gated: the pairwise
-    kernel's gated operands (qg, kl, kb) to read instead of q, k and b (forwards without a backward), or None.
-    expand: see `_join_segments`."""
+    rule's pseudo-values come from w and u, or from `ai` and `beta` when u is None (w may then be given for the
+    backward; the passes do not read it). gated: the pairwise kernel's gated operands (qg, kl, kb) to read instead of
+    q, k and b (forwards without a backward), or None. expand: see `_join_segments`."""
     qg, kl, kb = (None, None, None) if gated is None else gated
-    from_ai = delta and w is None
+    from_ai = delta and u is None
     # h is stored for a backward only
     split = SPLIT_STATE_PRODUCTS or h is not None
     seq_len, num_v_heads, key_dim, value_dim = q.shape[1], v.shape[2], q.shape[3], v.shape[3]
@@ -778,11 +792,12 @@ def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
             (ai,),
             device,
         )
-        # w and u only for the backward: without one the state passes form vn from Ai
+        # w for the backward's state pass; u (and w) for the forward's state passes only where they do not form vn
+        # from Ai
         if needs_grad or WY_IN_MEMORY:
             w_dtype = W_DTYPE or (k.dtype if gate else torch.float32)
             w = k.new_empty(batch, seq_len, num_v_heads, key_dim, dtype=w_dtype)
-            u = torch.empty_like(v, dtype=torch.float32)
+            u = torch.empty_like(v, dtype=torch.float32) if WY_IN_MEMORY else None
             _launch(
                 chunk_wu_fwd_kernel,
                 lambda c: (chunks.per_row * batch * num_v_heads,),
@@ -805,11 +820,12 @@ def _chunk_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
     _state_fwd(
         q, k, v, w, u, b, ai, beta, aqk, o, h, vn, initial_state, ht, scale, chunks, shape, gate, delta, gated, expand
     )
-    return o, ht, (b, aqk, akk, ai, w, u, h, vn, expand)
+    # the backward needs w (its state pass) but not u: the gradient of Ai is formed from vn = u - w h
+    return o, ht, (b, aqk, akk, ai, w, h, vn, expand)
 
 
 def _chunk_bwd(q, k, v, beta, g_dtype, scale, initial_state, chunks, saved, do, dht):
-    b, aqk, akk, ai, w, u, h, vn, expand = saved
+    b, aqk, akk, ai, w, h, vn, expand = saved
     batch, seq_len, num_heads, key_dim = q.shape
     num_v_heads, value_dim = v.shape[2], v.shape[3]
     gate, delta = rule_of(b, beta)
@@ -828,17 +844,24 @@ def _chunk_bwd(q, k, v, beta, g_dtype, scale, initial_state, chunks, saved, do, 
     dq = q.new_empty(per_value_head, dtype=q.dtype if direct else torch.float32)
     dk = q.new_empty(per_value_head, dtype=k.dtype if direct else torch.float32)
     dv = torch.empty_like(v)
-    dbeta = beta.new_empty(beta.shape, dtype=torch.float32) if delta else None
-    db = b.new_empty(b.shape) if b is not None else None
+    # key channels per program of the gradient kernel; the per-token sums over them come in NK parts
+    key_block = min(shape["BK"], GRAD_KEY_BLOCK or shape["BK"])
+    parts = triton.cdiv(key_dim, key_block)
+    dbeta = beta.new_empty((parts, *beta.shape), dtype=torch.float32) if delta else None
+    db = None
+    if gate == 1:
+        db = b.new_empty((parts, *b.shape))
+    elif gate == 2:
+        db = b.new_empty(b.shape)
     daqk = dakk = None
     if gate == 2:
         daqk = q.new_empty(aqk.shape, dtype=torch.float32)
         dakk = q.new_empty(aqk.shape, dtype=torch.float32) if delta else None
-    wide = shape["BK"] >= 64
+    wide = key_block >= 64
     _launch(
         chunk_grad_kernel,
-        lambda c: (chunks.per_row * batch * num_v_heads,),
-        _configs(q.dtype, value_dim, ((32, 8 if wide else 4, 3), (32, 8, 2), (64, 8, 2), (16, 8, 2))),
+        lambda c: (chunks.per_row * parts * batch * num_v_heads,),
+        _configs(q.dtype, value_dim, GRAD_CANDIDATES[wide]),
         (_size_class(chunks.total * num_v_heads),),
         (
             q,
@@ -848,8 +871,6 @@ def _chunk_bwd(q, k, v, beta, g_dtype, scale, initial_state, chunks, saved, do, 
             beta,
             akk,
             ai,
-            w,
-            u,
             vn,
             h,
             dh,
@@ -868,10 +889,14 @@ def _chunk_bwd(q, k, v, beta, g_dtype, scale, initial_state, chunks, saved, do, 
             seq_len,
             batch * num_v_heads,
         ),
-        {"V": value_dim, "GATE": gate, "DELTA": delta, **shape},
+        {"V": value_dim, "GATE": gate, "DELTA": delta, **shape, "BK": key_block},
         (dq, dk, dv, dbeta, db, daqk, dakk),
         device,
     )
+    if delta:
+        dbeta = dbeta.sum(0) if parts > 1 else dbeta[0]
+    if gate == 1:
+        db = db.sum(0) if parts > 1 else db[0]
     if gate == 2:
         chunk_pairwise_bwd_kernel[(chunks.per_row * (CHUNK_SIZE // SUB_CHUNK) * batch * num_v_heads,)](
             q,

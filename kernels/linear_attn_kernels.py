@@ -153,12 +153,13 @@ def _load_gate_rows(
     HV: tl.constexpr,
     K: tl.constexpr,
     BT: tl.constexpr,
-    BK: tl.constexpr,
+    o_k,
     GATE: tl.constexpr,
 ):
-    """Cumulative log decays of rows o_t: [BT, 1] (per head) or [BT, BK] (per channel); zeros without a gate."""
+    """Cumulative log decays of rows o_t: [BT, 1] (per head) or [BT, len(o_k)] (channels o_k); zeros without a
+    gate."""
     if GATE == 2:
-        return _load_tile(b, bos, seq_len, o_t, i_hv, HV, K, tl.arange(0, BK))
+        return _load_tile(b, bos, seq_len, o_t, i_hv, HV, K, o_k)
     elif GATE == 1:
         return _load_tokens(b, bos, seq_len, o_t, i_hv, HV)[:, None]
     else:
@@ -175,13 +176,12 @@ def _load_gate_last(
     HV: tl.constexpr,
     K: tl.constexpr,
     BT: tl.constexpr,
-    BK: tl.constexpr,
+    o_k,
     GATE: tl.constexpr,
 ):
-    """Cumulative log decay at the chunk's last token: [1, 1] or [1, BK]."""
+    """Cumulative log decay at the chunk's last token: [1, 1] or [1, len(o_k)] (channels o_k)."""
     last = tl.minimum(i_c * BT + BT, seq_len) - 1
     if GATE == 2:
-        o_k = tl.arange(0, BK)
         return tl.load(b + ((bos + last) * HV + i_hv) * K + o_k, mask=o_k < K, other=0.0)[None, :]
     elif GATE == 1:
         return tl.full([1, 1], 0.0, tl.float32) + tl.load(b + (bos + last) * HV + i_hv)
@@ -384,7 +384,7 @@ def _pass_keys(
     else:
         b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, tl.arange(0, BK))
         b_kx = b_k
-        b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
+        b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, tl.arange(0, BK), GATE)
     return b_k, b_kx, b_g
 
 
@@ -603,7 +603,7 @@ def chunk_pairwise_fwd_kernel(
         b_k = _load_tile(k, bos, seq_len, o_r, i_h, H, K, o_k).to(tl.float32)
         b_b = _load_tile(b, bos, seq_len, o_r, i_hv, HV, K, o_k)
     if PREGATED:
-        b_bl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, 2)
+        b_bl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, o_k, 2)
         _store_tile(qg, b_q * tl.exp(b_b) * scale, bos, seq_len, o_r, i_hv, HV, K, o_k)
         _store_tile(kl, b_k * _masked_exp(b_bl - b_b, m_rk), bos, seq_len, o_r, i_hv, HV, K, o_k)
         if DELTA:
@@ -864,8 +864,8 @@ def chunk_wu_fwd_kernel(
     GATE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """Delta rule, per chunk, for the backward: w = Ai (beta k exp(b)) and u = Ai (beta v), each one
-    [BT, BT] x [BT, K or BV] product (fp32 operands: tf32 on GPUs)."""
+    """Delta rule, per chunk: w = Ai (beta k exp(b)) (for the backward) and, unless u is None, u = Ai (beta v), each
+    one [BT, BT] x [BT, K or BV] product (fp32 operands: tf32 on GPUs)."""
     i_t, _, i_bh = _chunk_program(NBH, 1)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
@@ -876,10 +876,11 @@ def chunk_wu_fwd_kernel(
     o_k = tl.arange(0, BK)
     b_y = _wy_keys(k, b, bos, seq_len, i_c * BT, i_h, i_hv, b_beta, H, HV, K, BT, BK, GATE)
     _store_tile(w, tl.dot(b_ai, b_y), bos, seq_len, o_t, i_hv, HV, K, o_k)
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        b_x = _load_tile(v, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32) * b_beta[:, None]
-        _store_tile(u, tl.dot(b_ai, b_x), bos, seq_len, o_t, i_hv, HV, V, o_v)
+    if u is not None:
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            b_x = _load_tile(v, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32) * b_beta[:, None]
+            _store_tile(u, tl.dot(b_ai, b_x), bos, seq_len, o_t, i_hv, HV, V, o_v)
 
 
 @triton.jit
@@ -985,7 +986,7 @@ def chunk_segment_fwd_kernel(
             # additive writes leave M diagonal: the segment's total decay per key channel, with no product
             b_l = tl.zeros([1, BK], dtype=tl.float32)
             for i_c in range(c0, c1):
-                b_l += _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
+                b_l += _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, o_k, GATE)
             b_x = b_x * tl.trans(tl.exp(b_l))
             c1 = c0
     else:
@@ -1013,7 +1014,7 @@ def chunk_segment_fwd_kernel(
                 )
             else:
                 b_y = -_dot_split(_load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k), b_x, -b_y, SPLIT)
-        b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
+        b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, o_k, GATE)
         b_x = _decay_state(b_x, b_k, b_g, b_gl, b_y, m_t, GATE, PREGATED=PREGATED, SPLIT=SPLIT)
     if i_col < NKB:
         _store_state(mt, b_x, i_seg, i_hv, HV, K, K, o_k, o_c)
@@ -1150,7 +1151,7 @@ def chunk_state_fwd_kernel(
         else:
             b_q = _load_tile(q, bos, seq_len, o_t, i_h, H, K, o_k)
         b_k, b_kx, b_g = _pass_keys(k, kl, kb, b, bos, seq_len, o_t, i_h, i_hv, H, HV, K, BT, BK, GATE, DELTA, PREGATED)
-        b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
+        b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, o_k, GATE)
         # [BT, BV]
         if DELTA:
             if FROM_AI:
@@ -1260,7 +1261,7 @@ def chunk_state_fwd_t_kernel(
         else:
             b_q = _load_tile(q, bos, seq_len, o_t, i_h, H, K, o_k)
         b_k, b_kx, b_g = _pass_keys(k, kl, kb, b, bos, seq_len, o_t, i_h, i_hv, H, HV, K, BT, BK, GATE, DELTA, PREGATED)
-        b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
+        b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, o_k, GATE)
         # [BV, BT]
         b_vt = tl.load(v + _tile_offsets_t(bos, o_t, i_hv, HV, V, o_v), mask=m_vt, other=0.0).to(tl.float32)
         if DELTA:
@@ -1350,8 +1351,8 @@ def chunk_state_bwd_kernel(
             _store_state(dh, b_dh, first_chunk + i_c, i_hv, HV, K, V, o_k, o_v)
         b_q = _load_tile(q, bos, seq_len, o_t, i_h, H, K, o_k)
         b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
-        b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
-        b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
+        b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, o_k, GATE)
+        b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, o_k, GATE)
         b_do = _load_tile(do, bos, seq_len, o_t, i_hv, HV, V, o_v)
         dtype = b_do.dtype
         b_p = _qk_scores(b_q, b_k, b_g, aqk, bos, seq_len, o_t, i_hv, scale, HV, BT, GATE)
@@ -1386,8 +1387,6 @@ def chunk_grad_kernel(
     beta,
     akk,
     ai,
-    w,
-    u,
     vn,
     h,
     dh,
@@ -1416,27 +1415,34 @@ def chunk_grad_kernel(
     DELTA: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """Per chunk, all of K at once: dq, dk (per value head), dv, dbeta and the gradient of the cumulative log decay
-    db (fp32). With per-channel decays the pairwise terms are left to `chunk_pairwise_bwd_kernel`: this kernel then
-    stores their gradients dP and beta dA instead. Four passes over the V blocks (the later ones read from L2), each
-    with at most one [BT, BK] accumulator, keep the registers in bounds."""
-    i_t, _, i_bh = _chunk_program(NBH, 1)
+    """Per chunk and block of BK key channels: dq, dk (per value head), dv, dbeta and the gradient of the cumulative
+    log decay db (fp32). With NK = cdiv(K, BK) blocks, dbeta and per-head db are sums over the blocks: block i_k
+    writes its part to dbeta[i_k] and db[i_k] (`[NK, ..]`), and the terms that do not depend on the key channels
+    (dv, the values' part of dbeta) come from block 0. With per-channel decays the pairwise terms are left to
+    `chunk_pairwise_bwd_kernel`: this kernel then stores their gradients dP and beta dA (block 0) instead. Four passes
+    over the V blocks (the later ones read from L2), each with at most one [BT, BK] accumulator, keep the registers
+    in bounds."""
+    NK: tl.constexpr = (K + BK - 1) // BK
+    i_t, i_k, i_bh = _chunk_program(NBH, NK)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
     bos, seq_len, i_c, i_tg = _locate_chunk(i_t, i_b, T, cu_seqlens, chunk_indices, BT, IS_VARLEN)
     o_i = tl.arange(0, BT)
     o_t = i_c * BT + o_i
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)
     m_t = o_t < seq_len
+    first = i_k == 0
     b_q = _load_tile(q, bos, seq_len, o_t, i_h, H, K, o_k)
     b_k = _load_tile(k, bos, seq_len, o_t, i_h, H, K, o_k)
-    b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, BK, GATE)
-    b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, BK, GATE)
-    m_causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
-    m_strict = (o_i[:, None] > o_i[None, :]) & m_t[:, None] & m_t[None, :]
+    b_g = _load_gate_rows(b, bos, seq_len, o_t, i_hv, HV, K, BT, o_k, GATE)
+    b_gl = _load_gate_last(b, bos, seq_len, i_c, i_hv, HV, K, BT, o_k, GATE)
     dtype = b_q.dtype
+    # this block's part of the per-token, per-head sums over key channels: [NK, B, T, HV] (B = 1 with packing)
+    p_part = (i_k * (NBH // HV) * T + bos + o_t) * HV + i_hv
 
-    # values: dP = do vn^T, and through u = Ai (beta v): dv, dbeta and dA; b_last through the state: sum_v h dh
+    # values: dP = do vn^T, and through u = Ai (beta v): dv, dbeta and dA; b_last through the state: sum_v h dh.
+    # dA gathers -dyu u^T from u and -dyw w^T from w = Ai (beta k exp(b)), where dyw = -Ai^T dvn h^T: the sum is
+    # -dyu (u - w h)^T = -dyu vn^T, one product over V (no key channels) and without the cancellation of its terms
     b_dp = tl.zeros([BT, BT], dtype=tl.float32)
     b_da = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
@@ -1460,13 +1466,14 @@ def chunk_grad_kernel(
         if DELTA:
             # gradient of beta v through u = Ai (beta v)
             b_dyu = tl.dot(tl.trans(b_ai), b_dvn)
-            _store_tile(dv, b_dyu * b_beta[:, None], bos, seq_len, o_t, i_hv, HV, V, o_v)
-            b_v = _load_tile(v, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32)
-            b_dbeta += tl.sum(b_v * b_dyu, axis=1)
-            b_u = _load_tile(u, bos, seq_len, o_t, i_hv, HV, V, o_v)
-            b_da = tl.dot((-b_dyu).to(b_u.dtype), tl.trans(b_u), b_da)
+            b_da = tl.dot(-b_dyu, tl.trans(b_vn), b_da)
+            if first:
+                _store_tile(dv, b_dyu * b_beta[:, None], bos, seq_len, o_t, i_hv, HV, V, o_v)
+                b_v = _load_tile(v, bos, seq_len, o_t, i_hv, HV, V, o_v).to(tl.float32)
+                b_dbeta += tl.sum(b_v * b_dyu, axis=1)
         else:
-            _store_tile(dv, b_dvn, bos, seq_len, o_t, i_hv, HV, V, o_v)
+            if first:
+                _store_tile(dv, b_dvn, bos, seq_len, o_t, i_hv, HV, V, o_v)
 
     # dq: through o = scale (q exp(b)) h (decays with +b) and through P
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
@@ -1477,9 +1484,11 @@ def chunk_grad_kernel(
         b_dq = tl.dot(b_do.to(b_h.dtype), tl.trans(b_h), b_dq)
     b_eg = tl.exp(b_g)
     b_dq *= scale * b_eg
+    m_causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None] & m_t[None, :]
     b_dp = tl.where(m_causal, b_dp * scale, 0.0)
     if GATE == 2:
-        _store_tile(daqk, b_dp, bos, seq_len, o_t, i_hv, HV, BT, o_i)
+        if first:
+            _store_tile(daqk, b_dp, bos, seq_len, o_t, i_hv, HV, BT, o_i)
     else:
         b_decay = tl.zeros([BT, BT], dtype=tl.float32) + 1.0
         if GATE == 1:
@@ -1493,7 +1502,7 @@ def chunk_grad_kernel(
     if GATE != 2:
         b_db = tl.sum(b_db, axis=1)[:, None]
 
-    # dk through w = Ai (beta k exp(b)) and A (decays with +b), dbeta and dA
+    # dk through w = Ai (beta k exp(b)) and A (decays with +b), and dbeta
     b_dkp = tl.zeros([BT, BK], dtype=tl.float32)
     if DELTA:
         b_dw = tl.zeros([BT, BK], dtype=tl.float32)
@@ -1502,24 +1511,30 @@ def chunk_grad_kernel(
             b_h = _load_state(h, i_tg, i_hv, HV, K, V, o_k, o_v)
             b_dvn = _load_tile(dvn, bos, seq_len, o_t, i_hv, HV, V, o_v)
             b_dw = tl.dot((-b_dvn).to(b_h.dtype), tl.trans(b_h), b_dw)
-        # gradient of beta k exp(b) through w = Ai (beta k exp(b))
+        # gradient of beta k exp(b) through w = Ai (beta k exp(b)); Ai, the masks and decays are formed again rather
+        # than held through the passes above (registers)
+        b_ai = _load_tile(ai, bos, seq_len, o_t, i_hv, HV, BT, o_i)
         b_dyw = tl.dot(tl.trans(b_ai), b_dw)
         b_dkp = b_dyw * b_eg * b_beta[:, None]
         b_dbeta += tl.sum(b_k.to(tl.float32) * b_eg * b_dyw, axis=1)
-        b_w = _load_tile(w, bos, seq_len, o_t, i_hv, HV, K, o_k).to(tl.float32)
-        b_da = tl.dot(-b_dyw, tl.trans(b_w), b_da)
+        m_strict = (o_i[:, None] > o_i[None, :]) & m_t[:, None] & m_t[None, :]
         b_da = tl.where(m_strict, b_da, 0.0)
         if GATE == 2:
-            b_kk = tl.where(m_strict, _load_tile(akk, bos, seq_len, o_t, i_hv, HV, BT, o_i), 0.0)
-            b_dbeta += tl.sum(b_da * b_kk, axis=1)
-            _store_tile(dakk, b_da * b_beta[:, None], bos, seq_len, o_t, i_hv, HV, BT, o_i)
+            if first:
+                b_kk = tl.where(m_strict, _load_tile(akk, bos, seq_len, o_t, i_hv, HV, BT, o_i), 0.0)
+                b_dbeta += tl.sum(b_da * b_kk, axis=1)
+                _store_tile(dakk, b_da * b_beta[:, None], bos, seq_len, o_t, i_hv, HV, BT, o_i)
         else:
+            # A = beta k k^T (decayed): this block's channels give their part of k k^T
+            b_decay = tl.zeros([BT, BT], dtype=tl.float32) + 1.0
+            if GATE == 1:
+                b_decay = tl.exp(tl.where(m_strict, b_gt[:, None] - b_gt[None, :], 0.0))
             b_kk = tl.dot(b_k, tl.trans(b_k))
             b_kk = tl.where(m_strict, b_kk * b_decay, 0.0)
             b_dbeta += tl.sum(b_da * b_kk, axis=1)
             b_mk = (b_da * b_decay * b_beta[:, None]).to(dtype)
             b_dkp = tl.dot(b_mk, b_k, b_dkp)
-        tl.store(dbeta + (bos + o_t) * HV + i_hv, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
+        tl.store(dbeta + p_part, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
     if GATE == 2:
         b_db += b_k.to(tl.float32) * b_dkp
     elif GATE == 1:
@@ -1554,7 +1569,7 @@ def chunk_grad_kernel(
         else:
             b_dbt = tl.sum(b_db, axis=1) - tl.sum(b_kf * b_dkn, axis=1)
             b_dbt += tl.where(o_t == last, tl.sum(b_dbl, axis=0), 0.0)
-            tl.store(db + (bos + o_t) * HV + i_hv, b_dbt, mask=m_t)
+            tl.store(db + p_part, b_dbt, mask=m_t)
 
 
 @triton.jit(do_not_specialize=["T", "NBH"])

@@ -69,6 +69,48 @@ def test_chunk_split_into_segments_matches_naive(monkeypatch, variant, batch, se
     assert_within_tolerance(errors, torch.float32)
 
 
+@pytest.mark.parametrize("variant", testing.VARIANTS)
+@pytest.mark.parametrize(
+    "key_dim, cu_seqlens",
+    [pytest.param(24, None, id="K24-two-blocks"), pytest.param(40, [0, 1, 65, 100], id="K40-three-blocks-varlen")],
+)
+def test_gradient_kernel_split_over_key_blocks_matches_naive(monkeypatch, variant, key_dim, cu_seqlens):
+    """The gradient kernel over blocks of 16 key channels, the last one partly outside K: the per-token sums over
+    key channels (dbeta, per-head db) come in parts, and the terms without key channels from the first block."""
+    monkeypatch.setattr(kernels.linear_attn, "GRAD_KEY_BLOCK", 16)
+    batch = 2 if cu_seqlens is None else 1
+    errors = testing.check_chunk(variant, batch, 100, 1, 2, key_dim, 16, torch.float32, DEVICE, cu_seqlens=cu_seqlens)
+    assert_within_tolerance(errors, torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["gdn", "kda"])
+def test_training_pseudo_values_from_ai_match_those_from_w_and_u(monkeypatch, variant):
+    """The training forward's state passes form vn from Ai (the default) or read w and u (`WY_IN_MEMORY`): the same
+    outputs and gradients up to fp32 rounding, and only the second path stores u."""
+    linear_attn = kernels.linear_attn
+    stored_u = []
+    original = linear_attn._launch
+
+    def spy(kernel, grid, configs, key, args, kwargs, outputs, device):
+        if kernel.fn.__name__ == "chunk_wu_fwd_kernel":
+            stored_u.append(outputs[1] is not None)
+        original(kernel, grid, configs, key, args, kwargs, outputs, device)
+
+    monkeypatch.setattr(linear_attn, "_launch", spy)
+    inputs = testing.linear_inputs(variant, 1, 100, 1, 2, 16, 16, torch.float32, DEVICE)
+    results = []
+    for in_memory in (False, True):
+        monkeypatch.setattr(linear_attn, "WY_IN_MEMORY", in_memory)
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        o, s = kernels.chunk_linear_attention(*leaves[:5], initial_state=leaves[5], output_final_state=True)
+        (o.square().sum() + s.square().sum()).backward()
+        results.append([o.detach(), s.detach(), *(x.grad for x in leaves)])
+    assert stored_u == [False, True]
+    # fp32 roundings of the two orders (Ai applied before or after the subtraction); dg reaches ~30 here
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 TUNED_KERNELS = (
     "chunk_pairwise_fwd_kernel",
     "chunk_wy_fwd_kernel",
