@@ -5,6 +5,8 @@ Qwen2 or Qwen3 checkpoint maps onto it 1:1. This file and its siblings import on
 they are copied, flat, into every saved checkpoint (remote code).
 """
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -31,6 +33,19 @@ from .mixer_full import FullAttention
 from .mixer_hedgehog import HedgehogAttention, HedgehogFeatureMap
 from .mixer_linear import DeltaNet, GatedDeltaNet, GatedLinearAttention, KimiDeltaAttention, LinearMixer
 from .mixer_sliding import SinkLinearWindowLayer, SlidingWindowAttention
+
+# transformers 5.24 renamed the cache from `past_key_values` to `cache`: in the arguments generate passes to forward,
+# in model outputs, in generate's model kwargs and in the mask helpers (the old names warn, then go). These files
+# take either name and use the one the installed version expects
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MASK_CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _cache_argument(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    if past_key_values is not None and cache is not None:
+        raise ValueError("The cache was passed twice, as `past_key_values` and as `cache`: pass it once.")
+    return cache if cache is not None else past_key_values
+
 
 MIXER_CLASSES = {
     "full": FullAttention,
@@ -246,8 +261,11 @@ class EffAttnModel(EffAttnPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """`cache` is `past_key_values` under its transformers >= 5.24 name; pass either."""
+        past_key_values = _cache_argument(past_key_values, cache)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -276,7 +294,11 @@ class EffAttnModel(EffAttnPreTrainedModel):
             position_ids = (past_length + torch.arange(seq_len, device=inputs_embeds.device)).unsqueeze(0)
         if static_cache:
             pass  # the mask below covers the whole static buffer; a 2-D mask is checked by transformers
-        elif attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past_length + seq_len:
+        elif (
+            attention_mask is not None
+            and attention_mask.dim() == 2
+            and attention_mask.shape[1] != past_length + seq_len
+        ):
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[1]} positions but the cache holds {past_length} tokens "
                 f"and {seq_len} are new: pass a 2-D mask over all {past_length + seq_len} positions."
@@ -290,9 +312,9 @@ class EffAttnModel(EffAttnPreTrainedModel):
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
                 position_ids=position_ids,
                 layer_idx=self.config.mixer_types.index("full"),
+                **{_MASK_CACHE_NAME: past_key_values},
             )
         # a decode step on a static cache with no mask from the caller: the full layers' valid keys are the first
         # past_length + 1 slots of the buffer, which their decode kernel reads without the mask (a tensor: a compiled
@@ -320,7 +342,7 @@ class EffAttnModel(EffAttnPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if past_key_values is not None and not static_cache:
             past_key_values.effattn_seen_tokens = past_length + seq_len
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: past_key_values})
 
 
 class EffAttnForCausalLM(EffAttnPreTrainedModel, GenerationMixin):
@@ -335,10 +357,10 @@ class EffAttnForCausalLM(EffAttnPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_NAME)
         # generate builds a plain DynamicCache, which cannot report its length when all layers are linear
         if type(cache) is DynamicCache and not _has_attention_layer(cache):
-            model_kwargs["past_key_values"] = EffAttnCache(config=self.config.get_text_config(decoder=True))
+            model_kwargs[CACHE_NAME] = EffAttnCache(config=self.config.get_text_config(decoder=True))
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -362,13 +384,15 @@ class EffAttnForCausalLM(EffAttnPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """`cache` is `past_key_values` under its transformers >= 5.24 name; pass either."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=_cache_argument(past_key_values, cache),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -379,7 +403,7 @@ class EffAttnForCausalLM(EffAttnPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: getattr(outputs, CACHE_NAME)})
 
 
 __all__ = ["EffAttnForCausalLM", "EffAttnModel", "EffAttnPreTrainedModel"]

@@ -138,6 +138,24 @@ def test_greedy_generate_matches_manual_argmax_decode(tiny_config):
     assert torch.equal(generated, greedy_without_cache(model, prompt, 8))
 
 
+def test_cache_is_taken_under_either_name(tiny_config):
+    """transformers >= 5.24 passes the cache as `cache`, earlier versions as `past_key_values`: both continue a
+    prompt alike, the output carries it under the installed version's name, and passing it twice is an error."""
+    from hf_effattn.modeling_effattn import CACHE_NAME
+
+    model = build_model(tiny_config, LAYOUTS["hybrid"])
+    prompt, token = random_ids(1, 7, seed=2), random_ids(1, 1, seed=9)
+    steps = []
+    for name in ("past_key_values", "cache"):
+        first = model(prompt, use_cache=True)
+        cache = getattr(first, CACHE_NAME)
+        steps.append(model(token, use_cache=True, **{name: cache}).logits)
+    assert cache.get_seq_length() == 8
+    torch.testing.assert_close(steps[0], steps[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="passed twice"):
+        model(token, past_key_values=cache, cache=cache)
+
+
 @pytest.mark.parametrize("mixer_types", [["gdn", "gdn"], ["gdn", "deltanet", "gla"]], ids=["all-gdn", "gdn-deltanet-gla"])
 def test_all_linear_model_generates_with_cache(tiny_config, mixer_types):
     model = build_model(tiny_config, mixer_types)
