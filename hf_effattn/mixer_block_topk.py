@@ -12,7 +12,8 @@ a decode step scores O(T / block_size) pooled keys and reads O((top_k + 2) * blo
 
 On the Triton ops at inference, an unpadded prefill applies the rotary embedding with `block_topk_rotary`, which
 writes the block means in the same pass: the selection then reads neither q nor k again, and an empty cache takes its
-decode state from those means.
+decode state from those means. A decode step (one token per row, no gradient) runs `block_topk_decode`: selection,
+attention and the update of the means in one kernel; longer cached chunks and steps with gradients run the reference.
 """
 
 import torch
@@ -30,16 +31,16 @@ BLOCK_TOPK_OPS_OVERRIDE = None
 
 
 def _import_block_topk():
-    from .block_topk import block_topk_attention, block_topk_rotary
+    from .block_topk import block_topk_attention, block_topk_decode, block_topk_rotary
 
-    return block_topk_attention, block_topk_rotary
+    return block_topk_attention, block_topk_rotary, block_topk_decode
 
 
 BLOCK_TOPK_OPS = TritonOps("block_topk", _import_block_topk)
 
 
 def triton_block_topk():
-    """The Triton ops (prefill attention, rotary with block means), or None where triton is missing."""
+    """The Triton ops (prefill attention, rotary with block means, decode step), or None where triton is missing."""
     return BLOCK_TOPK_OPS.get()
 
 
@@ -199,6 +200,11 @@ class BlockTopkAttention(nn.Module):
             o = self.prefill(q, k, v, padding)
             _, state = block_topk_cached_attention(
                 q, k_all, v_all, None, first_real, scale=self.scaling, attend=False, **self.options
+            )
+        elif seq_len == 1 and layer.block_means is not None and not torch.is_grad_enabled() and use_triton(q):
+            # a decode step: selection, attention and the update of the block means in one kernel (no backward)
+            o, state = triton_block_topk()[2](
+                q, k_all, v_all, layer.block_means, first_real, scale=self.scaling, **self.options
             )
         else:
             o, state = block_topk_cached_attention(

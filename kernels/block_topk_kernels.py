@@ -618,3 +618,194 @@ def block_attn_bwd_delta_kernel(o, do, delta, N, D: tl.constexpr, BD: tl.constex
     b_o = tl.load(o + o_nd, mask=m, other=0.0).to(tl.float32)
     b_do = tl.load(do + o_nd, mask=m, other=0.0).to(tl.float32)
     tl.store(delta + o_n, tl.sum(b_o * b_do, 1), mask=o_n < N)
+
+
+@triton.jit(do_not_specialize=["total", "num_blocks"])
+def block_topk_decode_scores_kernel(
+    kbar,
+    qbar,
+    first_real,
+    scores,
+    total,
+    num_blocks,
+    stride_cb,
+    stride_cj,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    BC: tl.constexpr,
+    KEEP_FIRST: tl.constexpr,
+):
+    """Decode step, selection scores: qbar . kbar[j] in fp32 for BC candidate blocks j < i (j >= 1 with KEEP_FIRST)
+    of one (row, kv head), i the block of the token at cache index total - 1; -inf for the other slots of its
+    `num_blocks`-long row of `scores`."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    # a row whose first real token comes later has rel < 0: no candidates
+    rel = total - 1 - tl.load(first_real + i_b).to(tl.int64)
+    i_blk = tl.where(rel >= 0, rel // BS, 0)
+    o_j = i_c * BC + tl.arange(0, BC)
+    m_j = (o_j >= (1 if KEEP_FIRST else 0)) & (o_j < i_blk)
+    b_q = tl.load(qbar + i_bh * D + o_d, mask=m_d, other=0.0)
+    p_c = kbar + i_b * stride_cb + i_h * D + o_j[:, None] * stride_cj + o_d[None, :]
+    b_c = tl.load(p_c, mask=m_j[:, None] & m_d[None, :], other=0.0)
+    b_s = tl.where(m_j, tl.sum(b_c * b_q[None, :], 1), float("-inf"))
+    tl.store(scores + i_bh * num_blocks + o_j, b_s, mask=o_j < num_blocks)
+
+
+@triton.jit
+def _decode_load_block(k_base, v_base, stride_kt, stride_vt, i_j, num_valid, o_d, m_d, BS: tl.constexpr):
+    """[BS, BD] keys and values of cache block i_j (its first num_valid tokens; zeros past them)."""
+    o_t = tl.arange(0, BS)
+    m_td = (o_t < num_valid)[:, None] & m_d[None, :]
+    b_k = tl.load(k_base + (i_j * BS + o_t)[:, None] * stride_kt + o_d[None, :], mask=m_td, other=0.0)
+    b_v = tl.load(v_base + (i_j * BS + o_t)[:, None] * stride_vt + o_d[None, :], mask=m_td, other=0.0)
+    return b_k, b_v
+
+
+@triton.jit
+def _decode_entry(b_list, s):
+    """Entry s of a [BL] block list (a scalar)."""
+    return tl.sum(tl.where(tl.arange(0, b_list.shape[0]) == s, b_list, 0), 0).to(tl.int64)
+
+
+@triton.jit(do_not_specialize=["total", "num_blocks"])
+def block_topk_decode_kernel(
+    q,
+    k,
+    v,
+    o,
+    kbar,
+    qbar,
+    qsum,
+    new_qbar,
+    new_qsum,
+    first_real,
+    scores,
+    total,
+    num_blocks,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_oh,
+    stride_cb,
+    stride_cj,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    BS: tl.constexpr,
+    BG: tl.constexpr,
+    BN: tl.constexpr,
+    NBP: tl.constexpr,
+    TOPK: tl.constexpr,
+    KEEP_FIRST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One decode step of one (row, kv head): the token at cache index total - 1 selects, attends and updates the
+    block means, as `block_topk_cached_attention` does for one new token.
+
+    Selection: the row's scores (`block_topk_decode_scores_kernel`), NBP at a time; TOPK rounds of max (the lowest
+    index among equal maxima) per chunk, merged with the running list as int64 keys (score order, then lower
+    index) by one sort, so ties go to the lower index. Attention: the G query heads (rows of a BG tile) over block
+    0, the selected blocks and the own block up to the token, in ascending order, each block's keys and values
+    loaded while the previous block is computed. State: the block's query sum gains the group's queries; when the
+    token completes block i, its query mean becomes qbar and the mean of its keys kbar[i] (written in place; kbar has
+    room for it). Rows whose first real token comes later give zeros and keep their state."""
+    i_b, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    G: tl.constexpr = H // HKV
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_g = tl.arange(0, BG)
+    m_qd = (o_g < G)[:, None] & m_d[None, :]
+    # [BG, BD] the group's queries
+    o_q = (i_h * G + o_g)[:, None]
+    b_q = tl.load(q + i_b * stride_qb + o_q * stride_qh + o_d[None, :], mask=m_qd, other=0.0)
+    p_o = o + i_b * stride_ob + o_q * stride_oh + o_d[None, :]
+    p_state = (i_b * HKV + i_h) * D + o_d
+    qk_scale = scale * 1.4426950408889634
+    b_qbar = tl.load(qbar + p_state, mask=m_d, other=0.0)
+    b_qsum = tl.load(qsum + p_state, mask=m_d, other=0.0)
+    first = tl.load(first_real + i_b).to(tl.int64)
+    rel = total - 1 - first
+    if rel < 0:
+        tl.store(p_o, tl.zeros([BG, BD], dtype=tl.float32).to(o.dtype.element_ty), mask=m_qd)
+        tl.store(new_qbar + p_state, b_qbar, mask=m_d)
+        tl.store(new_qsum + p_state, b_qsum, mask=m_d)
+    else:
+        i_blk = rel // BS
+        k_base = k + i_b * stride_kb + i_h * stride_kh + first * stride_kt
+        v_base = v + i_b * stride_vb + i_h * stride_vh + first * stride_vt
+        o_n = tl.arange(0, BN)
+        lowest = -9223372036854775808
+        b_top = tl.full([BN], lowest, tl.int64)
+        p_s = scores + (i_b * HKV + i_h) * num_blocks
+        for j0 in range(0, i_blk, NBP):
+            o_j = j0 + tl.arange(0, NBP)
+            b_s = tl.load(p_s + o_j, mask=o_j < i_blk, other=float("-inf"))
+            b_key = tl.full([BN], lowest, tl.int64)
+            for r in range(TOPK):
+                b_max, a_max = tl.max(b_s, 0, return_indices=True, return_indices_tie_break_left=True)
+                # order-preserving int32 image of the fp32 score, then 2^31 - 1 - j (lower index first)
+                bits = b_max.to(tl.int32, bitcast=True)
+                key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) << 32) | (2147483647 - j0 - a_max)
+                b_key = tl.where(o_n == r, tl.where(b_max > float("-inf"), key, lowest), b_key)
+                b_s = tl.where(tl.arange(0, NBP) == a_max, float("-inf"), b_s)
+            # the best BN of the running list and this chunk's: the first half of both, sorted
+            b_both = tl.sort(tl.reshape(tl.join(b_top, b_key), [2 * BN]), descending=True)
+            b_top, _ = tl.split(tl.permute(tl.reshape(b_both, [2, BN]), (1, 0)))
+
+        # the blocks to read, ascending: block 0, the selected ones (all between), the own block (the last)
+        big = 2147483647
+        b_list = tl.where((o_n < TOPK) & (b_top != lowest), (2147483647 - (b_top & 0xFFFFFFFF)).to(tl.int32), big)
+        if KEEP_FIRST:
+            b_list = tl.where((o_n == TOPK) & (i_blk > 0), 0, b_list)
+        b_list = tl.sort(tl.where(o_n == TOPK + 1, i_blk.to(tl.int32), b_list))
+        num_list = tl.sum((b_list != big).to(tl.int32), 0)
+
+        b_m = tl.full([BG], float("-inf"), dtype=tl.float32)
+        b_l = tl.zeros([BG], dtype=tl.float32)
+        b_acc = tl.zeros([BG, BD], dtype=tl.float32)
+        own_valid = rel - i_blk * BS + 1
+        i_j = _decode_entry(b_list, 0)
+        b_k, b_v = _decode_load_block(
+            k_base, v_base, stride_kt, stride_vt, i_j, tl.where(i_j == i_blk, own_valid, BS), o_d, m_d, BS
+        )
+        for s in range(num_list):
+            # the next block's loads go out before this block's products (the last iteration reloads the own block)
+            i_next = tl.where(s + 1 < num_list, _decode_entry(b_list, s + 1), i_blk)
+            n_next = tl.where(i_next == i_blk, own_valid, BS)
+            b_kn, b_vn = _decode_load_block(k_base, v_base, stride_kt, stride_vt, i_next, n_next, o_d, m_d, BS)
+            m_t = tl.arange(0, BS) < tl.where(i_j == i_blk, own_valid, BS)
+            # [BG, BS] in base-2 units
+            b_sc = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+            b_sc = tl.where(m_t[None, :], b_sc, float("-inf"))
+            b_mn = tl.maximum(b_m, tl.max(b_sc, 1))
+            b_p = tl.exp2(b_sc - b_mn[:, None])
+            b_alpha = tl.exp2(b_m - b_mn)
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=PRECISION)
+            b_m = b_mn
+            b_k, b_v, i_j = b_kn, b_vn, i_next
+        tl.store(p_o, (b_acc / b_l[:, None]).to(o.dtype.element_ty), mask=m_qd)
+
+        b_sum = b_qsum + tl.sum(b_q.to(tl.float32), 0)
+        if (rel + 1) % BS == 0:
+            tl.store(new_qbar + p_state, b_sum / (BS * G), mask=m_d)
+            tl.store(new_qsum + p_state, tl.zeros([BD], dtype=tl.float32), mask=m_d)
+            # the own block is complete: the mean of its keys (b_k holds them after the last iteration)
+            c_base = kbar + i_b * stride_cb + i_h * D
+            tl.store(c_base + i_blk * stride_cj + o_d, tl.sum(b_k.to(tl.float32), 0) / BS, mask=m_d)
+        else:
+            tl.store(new_qbar + p_state, b_qbar, mask=m_d)
+            tl.store(new_qsum + p_state, b_sum, mask=m_d)

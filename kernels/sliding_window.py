@@ -58,16 +58,21 @@ DECODE_OPTIONS = {"num_warps": 4, "num_stages": 2}
 PACK_GQA_HEADS = True
 # fully visible tiles can load k/v (forward, dq) and q/do (dk/dv) through TMA tensor descriptors, on GPUs of compute
 # capability 9 (Hopper) and later when the head dim is a power of two. Per kernel, by measurement on an H100 (bf16,
-# window 4096, profiler GPU times): dk/dv gains (37.97 -> 35.80 ms at T = 128k), the forward loses (20.2 -> 21.1 ms)
-# and dq does not change. USE_TENSOR_DESCRIPTORS = True or False forces every kernel (True also runs under the
-# interpreter, which is how CPU tests cover that path).
-TENSOR_DESCRIPTOR_KERNELS = {"fwd": False, "dq": False, "dkdv": True}
+# D = 128, window 4096): dk/dv gains (profiler GPU times, 37.97 -> 35.80 ms at T = 128k) and dq does not change.
+# The forward lost with one program per SM (20.2 -> 21.1 ms) but gains with its register-capped tile, two programs
+# per SM: timed back to back (do_bench, 500 ms, seven rounds alternating with Flex) 0.957 -> 0.939 ms at 8k,
+# 4.63 -> 4.50 ms at 32k, 19.35 -> 19.05 ms at 128k (likely because descriptor loads need no per-thread tile
+# offsets, which compete for the 128 registers). USE_TENSOR_DESCRIPTORS = True or False
+# forces every kernel (True also runs under the interpreter, which is how CPU tests cover that path).
+TENSOR_DESCRIPTOR_KERNELS = {"fwd": True, "dq": False, "dkdv": True}
 USE_TENSOR_DESCRIPTORS = None
 # per kernel: launch the query blocks last first, so that the blocks that see a whole window start first and the
-# short ones at the start of a sequence fill the end. On an H100 (bf16, window 4096, profiler GPU times, medians of
-# 3 interleaved rounds) dq gains at 8k and 32k (1.288 -> 1.248 ms, 6.41 -> 6.25 ms) and is flat at 128k; the forward
-# does not gain (0.938 -> 0.933 ms at 8k) and loses at 128k (19.4 -> 20.2 ms)
-HEAVY_BLOCKS_FIRST = {"fwd": False, "dq": True}
+# short ones at the start of a sequence fill the end. On an H100 (bf16, window 4096): dq gains at 8k and 32k
+# (profiler GPU times, medians of 3 interleaved rounds: 1.288 -> 1.248 ms, 6.41 -> 6.25 ms) and is flat at 128k.
+# The forward with its capped tile and descriptors gains at 8k and is flat beyond (do_bench, seven alternating
+# rounds: 0.939 -> 0.919 ms at 8k, 4.50 / 4.52 ms at 32k, 19.05 / 19.12 ms at 128k); with one program per SM and
+# pointer loads it had lost at 128k (19.4 -> 20.2 ms)
+HEAVY_BLOCKS_FIRST = {"fwd": True, "dq": True}
 
 
 def _block(dim: int) -> int:

@@ -15,8 +15,9 @@ SDPA flash and compiled FlexAttention, and decode time per token.
    middle length. GPU time alone (CUDA graph replay) of the forward, the selection and its parts and the attention,
    the selection's share of the attention in GPU time, a check of the selection against the torch reference (rows
    that differ other than by ties fail the run), and the selection's launch choices.
-3. Decode: one token against a cache of 4k ... 128k tokens (`block_topk_cached_attention`), against SDPA over the
-   whole cache.
+3. Decode: one token against a cache of 4k ... 128k tokens: the decode kernel (`block_topk_decode`, eager and as
+   GPU time from graph replay, its output against the torch reference's), the torch reference step
+   (`block_topk_cached_attention`) and SDPA over the whole cache.
 
 Prints one table and writes block_topk_gpu.json to OUTPUT_DIR; every row runs in its own try/except. The exit status
 is 1 when a correctness row fails (or raises), after the JSON is written.
@@ -500,6 +501,9 @@ def benchmark(rows, seq_len, sweep):
 
 
 def decode(rows, context):
+    """One decode step after `context` cached tokens: the kernel (`block_topk_decode`: eager with CUDA events, and
+    GPU time from graph replay), its output against the torch reference's, the reference step itself, and SDPA over
+    the whole cache."""
     try:
         torch.manual_seed(0)
         q_all = torch.randn(1, context + 1, HEADS, HEAD_DIM, device="cuda", dtype=BF16)
@@ -510,16 +514,33 @@ def decode(rows, context):
         _, state = block_topk_cached_attention(
             q_all[:, :context], k_all[:, :context], v_all[:, :context], None, first_real, attend=False, **options
         )
+        q_new = q_all[:, context:]
 
-        def step():
-            return block_topk_cached_attention(q_all[:, context:], k_all, v_all, state, first_real, **options)
+        def reference():
+            return block_topk_cached_attention(q_new, k_all, v_all, state, first_real, **options)
 
-        ms = timed(step, warmup=5, reps=50)
-        qt, kt, vt = q_all[:, context:].transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2)
+        def kernel():
+            # the step completes no block (the context is whole blocks), so repeated calls leave the state as it was
+            return ops.block_topk_decode(q_new, k_all, v_all, state, first_real, **options)
+
+        error = rel_rms(kernel()[0], reference()[0])
+        kernel_ms = timed(kernel, warmup=5, reps=50)
+        kernel_gpu = graph_ms(kernel)
+        ms = timed(reference, warmup=5, reps=50)
+        qt, kt, vt = q_new.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2)
         dense = timed(lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True), warmup=5, reps=50)
+        rows.append({"section": "decode", "T": context, "name": "block_topk decode step (kernel)", "ms": kernel_ms})
+        rows.append(
+            {"section": "decode", "T": context, "name": "block_topk decode step (kernel), GPU", "ms": kernel_gpu}
+        )
+        rows.append({"section": "decode", "T": context, "name": "block_topk decode kernel vs reference", "rel": error})
         rows.append({"section": "decode", "T": context, "name": "block_topk decode step (torch)", "ms": ms})
         rows.append({"section": "decode", "T": context, "name": "SDPA decode over the whole cache", "ms": dense})
-        print(f"  decode {context // 1024}k: {ms:.3f} ms (SDPA {dense:.3f} ms)", flush=True)
+        print(
+            f"  decode {context // 1024}k: kernel {kernel_ms:.3f} ms ({kernel_gpu:.4f} ms GPU, rel err {error:.1e}), "
+            f"torch {ms:.3f} ms, SDPA {dense:.3f} ms",
+            flush=True,
+        )
     except Exception as error:  # noqa: BLE001
         rows.append({"section": "decode", "T": context, "name": "decode", "error": repr(error)[:300]})
         traceback.print_exc()
@@ -540,6 +561,8 @@ def print_table(rows):
             result = f"{row['differ']} of {row['rows']} rows differ, {row['not_ties']} not ties"
         elif "share" in row:
             result = f"{100 * row['share']:.1f} %"
+        elif "rel" in row:
+            result = f"rel RMS {row['rel']:.1e}" + ("" if row["rel"] <= 0.005 else " FAIL")
         else:
             result = f"{row['ms']:.3f} ms" + (f" ({row['tflops']:.0f} TFLOP/s)" if "tflops" in row else "")
         print(f"{row['section']:<12} {row.get('T', ''):>7} {row['name']:<52} {result:>40}")
@@ -606,6 +629,7 @@ def main():
         checked = [row for row in rows if row["section"] == "correctness"]
         failed = [row["name"] for row in checked if not row.get("ok")]
         failed += [f"selection T={row['T']}" for row in rows if row["section"] == "selection" and not row.get("ok")]
+        failed += [f"decode T={row['T']}" for row in rows if row.get("rel", 0.0) > 0.005 or row["name"] == "decode"]
         missing = len(CORRECTNESS_CASES) - len(checked)
         if failed or missing:
             sys.exit(f"correctness: {len(failed)} failed {failed}, {missing} did not run")

@@ -111,6 +111,104 @@ def test_given_selection_is_used_and_checked():
         kernels.block_topk_attention(q, k, v, 16, 1, block_indices=selected[:, :2])
 
 
+# (B, H, Hkv, D, block_size, top_k, keep_first_block, dtype, prompt, steps, first real token per row)
+DECODE_CASES = [
+    pytest.param(2, 6, 2, 24, 16, 2, True, torch.float32, 40, 30, [3, 42], id="G3-D24-top2-padding"),
+    pytest.param(2, 4, 2, 16, 16, 1, False, torch.float32, 20, 14, [0, 7], id="top1-no-first"),
+    pytest.param(1, 4, 1, 32, 32, 3, True, torch.bfloat16, 70, 30, [0], id="MQA-bf16-block32"),
+    # 70 blocks: two programs of the scores kernel
+    pytest.param(1, 2, 1, 16, 16, 5, True, torch.float32, 16 * 70, 20, [0], id="70-blocks"),
+]
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "head_dim", "block", "top_k", "first", "dtype", "prompt", "steps", "first_real"),
+    DECODE_CASES,
+)
+def test_decode_matches_the_cached_reference(
+    batch, heads, kv_heads, head_dim, block, top_k, first, dtype, prompt, steps, first_real
+):
+    """Decode steps on the kernel against `block_topk_cached_attention`, each from the state the kernel left: outputs
+    and the block-mean state across block boundaries (query sums and means, the key means of completed blocks).
+    Left-padded rows count blocks from their first real token; a row whose first real token comes after the first
+    steps gets zeros there and keeps its state. kbar is written in place while it has room and grows past it."""
+    check_decode(batch, heads, kv_heads, head_dim, block, top_k, first, dtype, prompt, steps, first_real)
+
+
+def test_decode_selects_over_chunks_of_scores(monkeypatch):
+    """Rows with more candidate blocks than the selection holds at once: chunks of 16 scores, each chunk's top-k
+    merged into the running list."""
+    monkeypatch.setattr(kernels, "DECODE_MAX_SCORES", 16)
+    check_decode(1, 2, 1, 16, 16, 5, True, torch.float32, 16 * 70, 6, [0])
+
+
+def check_decode(batch, heads, kv_heads, head_dim, block, top_k, first, dtype, prompt, steps, first_real):
+    q, k, v = inputs(batch, prompt + steps, heads, kv_heads, head_dim, dtype, seed=6)
+    first_real = torch.tensor(first_real, device=DEVICE)
+    options = {"block_size": block, "top_k": top_k, "keep_first_block": first}
+    _, ref_state = ops_reference.block_topk_cached_attention(
+        q[:, :prompt], k[:, :prompt], v[:, :prompt], None, first_real, attend=False, **options
+    )
+    state = {name: x.clone() for name, x in ref_state.items()}
+    # room for the prompt's blocks alone: the first step into a new block grows kbar
+    state["kbar"] = state["kbar"][:, : -(-prompt // block)].clone()
+    output_tol = TOLERANCE[dtype][0]
+    grew = 0
+    for t in range(prompt, prompt + steps):
+        cache = (k[:, : t + 1], v[:, : t + 1])
+        o_ref, ref_state = ops_reference.block_topk_cached_attention(
+            q[:, t : t + 1], *cache, ref_state, first_real, **options
+        )
+        room = state["kbar"].shape[1] >= -(-(t + 1) // block)
+        o, new = kernels.block_topk_decode(q[:, t : t + 1], *cache, state, first_real, **options)
+        assert o.dtype == dtype and o.shape == (batch, 1, heads, head_dim)
+        assert rel_rms(o, o_ref) <= output_tol, f"step {t}: {rel_rms(o, o_ref):.2e}"
+        padded = first_real > t
+        assert not o[padded].any()
+        assert (new["kbar"] is state["kbar"]) == room
+        grew += not room
+        state = new
+        # fp32 sums in another order
+        for name in ("qbar", "qsum"):
+            torch.testing.assert_close(state[name], ref_state[name], rtol=1e-5, atol=1e-5, msg=f"step {t}: {name}")
+        blocks = min(state["kbar"].shape[1], ref_state["kbar"].shape[1])
+        torch.testing.assert_close(state["kbar"][:, :blocks], ref_state["kbar"][:, :blocks], rtol=1e-5, atol=1e-5)
+        assert not state["kbar"][:, blocks:].any() and not ref_state["kbar"][:, blocks:].any()
+    assert grew >= 1
+
+
+def test_decode_ties_go_to_the_lower_blocks():
+    """Equal keys in every block: every score ties and the decode step reads the lowest blocks, as the reference."""
+    q, _, v = inputs(1, 16 * 20 + 1, 2, 1, 16, torch.float32, seed=7)
+    k = torch.ones(1, 16 * 20 + 1, 1, 16, device=DEVICE)
+    first_real = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    options = {"block_size": 16, "top_k": 3, "keep_first_block": True}
+    _, state = ops_reference.block_topk_cached_attention(
+        q[:, :-1], k[:, :-1], v[:, :-1], None, first_real, attend=False, **options
+    )
+    o_ref, _ = ops_reference.block_topk_cached_attention(q[:, -1:], k, v, state, first_real, **options)
+    o, _ = kernels.block_topk_decode(q[:, -1:], k, v, state, first_real, **options)
+    assert rel_rms(o, o_ref) <= TOLERANCE[torch.float32][0]
+    # the same step over blocks 1, 2, 4 instead of 1, 2, 3 differs far beyond the tolerance
+    shifted = torch.cat([v[:, : 16 * 3], v[:, 16 * 4 : 16 * 5], v[:, 16 * 3 : 16 * 4], v[:, 16 * 5 :]], dim=1)
+    o_other, _ = kernels.block_topk_decode(q[:, -1:], k, shifted, state, first_real, **options)
+    assert rel_rms(o_other, o_ref) > 10 * TOLERANCE[torch.float32][0]
+
+
+def test_decode_bad_arguments_raise():
+    q, k, v = inputs(1, 40, 4, 2, 16, torch.float32)
+    first_real = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    _, state = ops_reference.block_topk_cached_attention(q, k, v, None, first_real, block_size=16, attend=False)
+    with pytest.raises(ValueError, match="one new token per row"):
+        kernels.block_topk_decode(q[:, -2:], k, v, state, first_real, block_size=16)
+    with pytest.raises(ValueError, match="block-mean state"):
+        kernels.block_topk_decode(q[:, -1:], k, v, None, first_real, block_size=16)
+    with pytest.raises(ValueError, match="state qbar and qsum"):
+        kernels.block_topk_decode(q[:, -1:], k, v, {**state, "qbar": state["qbar"][:, :1]}, first_real, block_size=16)
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        kernels.block_topk_decode(q[:, -1:], k, v, state, first_real, block_size=24)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -237,15 +335,19 @@ def test_bad_block_means_and_rotary_inputs_raise():
 def test_fused_rotary_prefill_and_its_decode_state(tiny_config, monkeypatch, prompt, num_steps):
     """At inference on the kernels, an unpadded prefill takes its rotary embedding and block means from one kernel;
     the cache's decode state built from those means matches the one the reference builds from q and k, and so do
-    the decode steps that read it, past the next block boundary."""
+    the decode steps that read it (on the decode kernel), past the next block boundary."""
     torch.manual_seed(0)
     options = {"block_topk": {"block_size": 16, "top_k": 1}}
     model = EffAttnForCausalLM(tiny_config(["block_topk", "full", "block_topk"], options)).to(DEVICE).eval()
     ids = torch.randint(1, 97, (2, prompt), device=DEVICE)
     steps = torch.randint(1, 97, (2, num_steps), device=DEVICE)
-    attention, rotary = mixer_block_topk.triton_block_topk()
-    fused = []
-    monkeypatch.setattr(mixer_block_topk.BLOCK_TOPK_OPS, "ops", (attention, lambda *a: fused.append(1) or rotary(*a)))
+    attention, rotary, decode = mixer_block_topk.triton_block_topk()
+    fused, decoded = [], []
+    monkeypatch.setattr(
+        mixer_block_topk.BLOCK_TOPK_OPS,
+        "ops",
+        (attention, lambda *a: fused.append(1) or rotary(*a), lambda *a, **kw: decoded.append(1) or decode(*a, **kw)),
+    )
 
     def run(ops):
         monkeypatch.setattr(mixer_block_topk, "BLOCK_TOPK_OPS_OVERRIDE", ops)
@@ -261,10 +363,10 @@ def test_fused_rotary_prefill_and_its_decode_state(tiny_config, monkeypatch, pro
         return torch.cat(logits, dim=1), state
 
     ref_logits, ref_state = run("reference")
-    assert not fused
+    assert not fused and not decoded
     logits, state = run("triton")
-    # two layers, each in the cached prefill and in the cache-free forward
-    assert len(fused) == 4
+    # two layers, each in the cached prefill and in the cache-free forward; each step in both layers
+    assert len(fused) == 4 and len(decoded) == 2 * num_steps
     assert rel_rms(logits, ref_logits) <= MODEL_TOL
     # the reference keeps room for the next blocks (zeros); fp32 means summed in another order
     blocks = state["kbar"].shape[1]
