@@ -12,8 +12,9 @@ a decode step scores O(T / block_size) pooled keys and reads O((top_k + 2) * blo
 
 On the Triton ops at inference, an unpadded prefill applies the rotary embedding with `block_topk_rotary`, which
 writes the block means in the same pass: the selection then reads neither q nor k again, and an empty cache takes its
-decode state from those means. A decode step (one token per row, no gradient) runs `block_topk_decode`: selection,
-attention and the update of the means in one kernel; longer cached chunks and steps with gradients run the reference.
+decode state from those means. A decode step (one token per row, no gradient) runs `block_topk_decode`: scores, then
+selection, attention and the update of the means in a second kernel; longer cached chunks and steps with gradients
+run the reference.
 """
 
 import torch
@@ -202,7 +203,7 @@ class BlockTopkAttention(nn.Module):
                 q, k_all, v_all, None, first_real, scale=self.scaling, attend=False, **self.options
             )
         elif seq_len == 1 and layer.block_means is not None and not torch.is_grad_enabled() and use_triton(q):
-            # a decode step: selection, attention and the update of the block means in one kernel (no backward)
+            # a decode step: selection, attention and the update of the block means on the kernels (no backward)
             o, state = triton_block_topk()[2](
                 q, k_all, v_all, layer.block_means, first_real, scale=self.scaling, **self.options
             )

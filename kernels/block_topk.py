@@ -4,8 +4,8 @@
     block_topk_attention  causal softmax over each query block's own block, block 0 and its top-k blocks
     block_topk_rotary     the rotary embedding of q and k with the block means of the result, in one pass: the
                           selection then reads neither q nor k again (`block_means=` of the two ops above)
-    block_topk_decode     one decode step against a cache: selection from the kept block means, attention and the
-                          update of those means in one kernel
+    block_topk_decode     one decode step against a cache: the selection's scores from the kept block means, then
+                          selection, attention and the update of those means in a second kernel
 
 Semantics are those of `hf_effattn.ops_reference.block_topk_select` / `block_topk_attention`: blocks of
 `block_size` tokens from each sequence start; query block i scores key blocks j < i by the mean of block i - 1's
@@ -598,9 +598,9 @@ def block_topk_decode(
     keep_first_block: bool = True,
     scale: float | None = None,
 ):
-    """`hf_effattn.ops_reference.block_topk_cached_attention` for one new token per row, in one kernel launch: the
-    token's block selects from the kept block means, attends to block 0, its top-k blocks and its own block up to
-    itself, and the means take the new token. Forward only.
+    """`hf_effattn.ops_reference.block_topk_cached_attention` for one new token per row, in two kernel launches: the
+    kept key-block means are scored, then the token's block selects its top-k, attends to block 0, those blocks and
+    its own block up to itself, and the means take the new token. Forward only.
 
     Args:
         q: `[B, 1, H, D]` the new queries (last dim contiguous).

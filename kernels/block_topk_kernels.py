@@ -776,17 +776,17 @@ def block_topk_decode_kernel(
         b_m = tl.full([BG], float("-inf"), dtype=tl.float32)
         b_l = tl.zeros([BG], dtype=tl.float32)
         b_acc = tl.zeros([BG, BD], dtype=tl.float32)
+        # tokens of a block the token sees: all of them, but in its own block only those up to itself
         own_valid = rel - i_blk * BS + 1
         i_j = _decode_entry(b_list, 0)
-        b_k, b_v = _decode_load_block(
-            k_base, v_base, stride_kt, stride_vt, i_j, tl.where(i_j == i_blk, own_valid, BS), o_d, m_d, BS
-        )
+        n_j = tl.where(i_j == i_blk, own_valid, BS)
+        b_k, b_v = _decode_load_block(k_base, v_base, stride_kt, stride_vt, i_j, n_j, o_d, m_d, BS)
         for s in range(num_list):
             # the next block's loads go out before this block's products (the last iteration reloads the own block)
             i_next = tl.where(s + 1 < num_list, _decode_entry(b_list, s + 1), i_blk)
             n_next = tl.where(i_next == i_blk, own_valid, BS)
             b_kn, b_vn = _decode_load_block(k_base, v_base, stride_kt, stride_vt, i_next, n_next, o_d, m_d, BS)
-            m_t = tl.arange(0, BS) < tl.where(i_j == i_blk, own_valid, BS)
+            m_t = tl.arange(0, BS) < n_j
             # [BG, BS] in base-2 units
             b_sc = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
             b_sc = tl.where(m_t[None, :], b_sc, float("-inf"))
@@ -796,7 +796,7 @@ def block_topk_decode_kernel(
             b_l = b_l * b_alpha + tl.sum(b_p, 1)
             b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=PRECISION)
             b_m = b_mn
-            b_k, b_v, i_j = b_kn, b_vn, i_next
+            b_k, b_v, n_j = b_kn, b_vn, n_next
         tl.store(p_o, (b_acc / b_l[:, None]).to(o.dtype.element_ty), mask=m_qd)
 
         b_sum = b_qsum + tl.sum(b_q.to(tl.float32), 0)
