@@ -40,13 +40,15 @@ MAX_HEAD_DIM = 256
 #   three interleaved rounds): 0.915 -> 0.882 ms at 8k, 4.40 -> 4.05 ms at 32k (a cap of 168 keeps one program per
 #   SM and spills: 1.18 / 6.06 ms). Timed back to back for 500 ms (do_bench), where the GPU runs at its power cap,
 #   the gain mostly goes: 0.963 -> 0.949 ms at 8k, 4.63 / 4.64 ms at 32k;
-# - dq (128, 128, 8, 2) and dk/dv (32, 64, 4, 3) with tensor descriptors. dq capped at 240 registers and dk/dv at
-#   (64, 64, 4, 2) were 3% faster per kernel at 8k and 1-5% at 32k, but not back to back (fwd+bwd 4.13 -> 4.18 ms
-#   at 8k, 19.68 -> 19.63 ms at 32k).
+# - dq (128, 128, 8, 2) and dk/dv (64, 64, 4, 2), both with tensor descriptors for every window tile (dq then
+#   needs 252 registers and spills none, against 48 bytes with pointer tiles). Timed back to back (do_bench, five
+#   rounds alternating with Flex), dk/dv at (64, 64, 4, 2) against (32, 64, 4, 3): backward 3.13 -> 3.04 ms at 8k,
+#   15.21 -> 14.57 ms at 32k, 64.07 -> 61.50 ms at 128k, though it spills more (164 against 38 bytes); 8 warps
+#   (64 x 64, 128 x 64, 64 x 128), 16 or 32 keys, or one stage were 1.3-2.5x slower.
 GPU_TILES = {
     "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 2, 128), 256: (64, 64, 8, 2)},
     "dq": {64: (128, 128, 4, 2), 128: (128, 128, 8, 2), 256: (64, 64, 8, 2)},
-    "dkdv": {64: (32, 64, 4, 4), 128: (32, 64, 4, 3), 256: (32, 64, 8, 2)},
+    "dkdv": {64: (32, 64, 4, 4), 128: (64, 64, 4, 2), 256: (32, 64, 8, 2)},
 }
 CPU_TILES = {"fwd": (32, 16, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
 # decode: key tile, and programs per SM to aim for when splitting the cache
@@ -56,15 +58,15 @@ DECODE_OPTIONS = {"num_warps": 4, "num_stages": 2}
 # the forward and dq kernels put the query heads of a GQA group in one tile (rows = (query, head) pairs), so each k/v
 # tile they load serves the whole group and a tile spans fewer queries (less of the window's edges is masked)
 PACK_GQA_HEADS = True
-# fully visible tiles can load k/v (forward, dq) and q/do (dk/dv) through TMA tensor descriptors, on GPUs of compute
-# capability 9 (Hopper) and later when the head dim is a power of two. Per kernel, by measurement on an H100 (bf16,
-# D = 128, window 4096): dk/dv gains (profiler GPU times, 37.97 -> 35.80 ms at T = 128k) and dq does not change.
-# The forward lost with one program per SM (20.2 -> 21.1 ms) but gains with its register-capped tile, two programs
-# per SM: timed back to back (do_bench, 500 ms, seven rounds alternating with Flex) 0.957 -> 0.939 ms at 8k,
-# 4.63 -> 4.50 ms at 32k, 19.35 -> 19.05 ms at 128k (likely because descriptor loads need no per-thread tile
-# offsets, which compete for the 128 registers). USE_TENSOR_DESCRIPTORS = True or False
-# forces every kernel (True also runs under the interpreter, which is how CPU tests cover that path).
-TENSOR_DESCRIPTOR_KERNELS = {"fwd": True, "dq": False, "dkdv": True}
+# the window's tiles can load k/v (forward, dq) and q/do (dk/dv) through TMA tensor descriptors, on GPUs of compute
+# capability 9 (Hopper) and later when the head dim is a power of two; the masked tiles at the window's edges then
+# load unmasked and mask the scores alone (the sink keys' tile keeps its masked pointer loads). With descriptors
+# only for the fully visible tiles, the pointer tiles of the edges held the registers: the forward (capped at 128)
+# spilled 66 bytes, dq 48, dk/dv 78. With every window tile on descriptors, on an H100 (bf16, D = 128, window 4096,
+# do_bench, five rounds alternating with Flex; two runs, each against its own Flex): the forward spills 22 bytes and
+# its ratio to Flex goes 1.209 -> 1.226 at 8k, 1.218 -> 1.241 at 32k, 1.233 -> 1.257 at 128k. USE_TENSOR_DESCRIPTORS = True or False forces every kernel (True
+# also runs under the interpreter, which is how CPU tests cover that path).
+TENSOR_DESCRIPTOR_KERNELS = {"fwd": True, "dq": True, "dkdv": True}
 USE_TENSOR_DESCRIPTORS = None
 # per kernel: launch the query blocks last first, so that the blocks that see a whole window start first and the
 # short ones at the start of a sequence fill the end. On an H100 (bf16, window 4096): dq gains at 8k and 32k
@@ -73,6 +75,30 @@ USE_TENSOR_DESCRIPTORS = None
 # rounds: 0.939 -> 0.919 ms at 8k, 4.50 / 4.52 ms at 32k, 19.05 / 19.12 ms at 128k); with one program per SM and
 # pointer loads it had lost at 128k (19.4 -> 20.2 ms)
 HEAVY_BLOCKS_FIRST = {"fwd": True, "dq": True}
+# per kernel: run the blocks that see a whole window row by row (batch row, head tile), then the shorter ones across
+# the rows, longest first (`_program_block`); off: every block row by row, so the launch ends on all the blocks of its
+# last row. On an H100 (profiler GPU times, bf16, window 4096) dk/dv gains at 8k, where a launch is a few waves of
+# long programs: 1.82 -> 1.64 ms (8.39 -> 8.23 ms at 32k, 36.04 / 36.15 ms at 128k). dq lost at 8k and 32k
+# (1.256 -> 1.279 ms, 6.17 -> 6.29 ms) and the forward did not change; every block across the rows (without the
+# full ones row by row) lost at 32k and 128k, where a row's neighbouring blocks no longer share their L2 tiles
+SHORT_BLOCKS_ACROSS_ROWS = {"fwd": False, "dq": False, "dkdv": True}
+# the forward moves its running max (and rescales its accumulator) only when a tile's scores exceed it by more than
+# 2^8 (`RESCALE_SLACK`), instead of at every tile: on an H100 (do_bench, five rounds alternating with Flex) the
+# forward's ratio to Flex went 1.201 -> 1.209 at 8k, 1.196 -> 1.218 at 32k, 1.218 -> 1.233 at 128k
+LAZY_RESCALE = True
+
+
+def _full_blocks(kind: str, count: int, block: int, seq_len: int, window: int, packed: bool) -> int:
+    """How many blocks of a row see a whole window, counted from the heaviest (`_program_block`): query blocks
+    (forward, dq) whose first query is past the window's reach, key blocks (dk/dv) whose window of queries ends in the
+    sequence. Packed sequences run every block row by row."""
+    if packed or not SHORT_BLOCKS_ACROSS_ROWS[kind]:
+        return count
+    if kind == "dkdv":
+        full = (seq_len - window - block + 1) // block + 1
+    else:
+        full = count - triton.cdiv(window - 1, block)
+    return min(max(full, 0), count)
 
 
 def _block(dim: int) -> int:
@@ -174,7 +200,9 @@ def _forward(q, k, v, sink_logits, window, num_sinks, scale, cu_seqlens, seq_len
     o = torch.empty_like(q)
     lse = torch.empty(num_heads, tokens, dtype=torch.float32, device=q.device)
     use_desc = _use_descriptors("fwd", q, head_dim)
-    sliding_fwd_kernel[(blocks.count, (1 if seq_lens else batch) * num_heads // pack)](
+    grid_rows = (1 if seq_lens else batch) * num_heads // pack
+    num_full = _full_blocks("fwd", blocks.count, tiles["BM"] // pack, seq_len, window, seq_lens is not None)
+    sliding_fwd_kernel[(blocks.count * grid_rows,)](
         q,
         k,
         v,
@@ -190,6 +218,8 @@ def _forward(q, k, v, sink_logits, window, num_sinks, scale, cu_seqlens, seq_len
         window,
         seq_len,
         tokens,
+        grid_rows,
+        num_full,
         H=num_heads,
         HKV=num_kv_heads,
         D=head_dim,
@@ -204,6 +234,7 @@ def _forward(q, k, v, sink_logits, window, num_sinks, scale, cu_seqlens, seq_len
         USE_DESC=use_desc,
         PACK=pack,
         HEAVY_FIRST=HEAVY_BLOCKS_FIRST["fwd"],
+        LAZY_RESCALE=LAZY_RESCALE,
         **_launch_options(tiles),
     )
     return o, lse
@@ -241,7 +272,9 @@ def _backward(q, k, v, o, lse, do, sink_logits, window, num_sinks, scale, cu_seq
         partial_shape = (blocks.count, rows * num_heads // pack, num_sinks, head_dim)
         sink_dk = torch.zeros(partial_shape, dtype=torch.float32, device=q.device)
         sink_dv = torch.zeros(partial_shape, dtype=torch.float32, device=q.device)
-    sliding_bwd_dq_kernel[(blocks.count, rows * num_heads // pack)](
+    grid_rows = rows * num_heads // pack
+    num_full = _full_blocks("dq", blocks.count, tiles["BM"] // pack, seq_len, window, seq_lens is not None)
+    sliding_bwd_dq_kernel[(blocks.count * grid_rows,)](
         q,
         k,
         v,
@@ -261,6 +294,8 @@ def _backward(q, k, v, o, lse, do, sink_logits, window, num_sinks, scale, cu_seq
         window,
         seq_len,
         tokens,
+        grid_rows,
+        num_full,
         BM=tiles["BM"],
         BN=tiles["BN"],
         BS=_block(num_sinks),
@@ -289,7 +324,9 @@ def _backward(q, k, v, o, lse, do, sink_logits, window, num_sinks, scale, cu_seq
     blocks = _Blocks(seq_len, seq_lens, tiles["BN"], q.device)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    sliding_bwd_dkdv_kernel[(blocks.count, rows * num_kv_heads)](
+    grid_rows = rows * num_kv_heads
+    num_full = _full_blocks("dkdv", blocks.count, tiles["BN"], seq_len, window, seq_lens is not None)
+    sliding_bwd_dkdv_kernel[(blocks.count * grid_rows,)](
         q,
         k,
         v,
@@ -309,6 +346,8 @@ def _backward(q, k, v, o, lse, do, sink_logits, window, num_sinks, scale, cu_seq
         window,
         seq_len,
         tokens,
+        grid_rows,
+        num_full,
         BM=tiles["BM"],
         BN=tiles["BN"],
         USE_DESC=use_desc,

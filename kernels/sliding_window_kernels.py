@@ -23,6 +23,8 @@ except ImportError as error:  # the importer falls back to the torch reference
 
 # a constexpr: compiled kernels read no other globals
 LOG2E = tl.constexpr(1.4426950408889634)
+# how far (log2 units) a row's score max may exceed the forward's reference max before the reference moves
+RESCALE_SLACK = tl.constexpr(8.0)
 
 
 @triton.jit
@@ -62,13 +64,24 @@ def _locate(
 
 
 @triton.jit
-def _query_block(HEAVY_FIRST: tl.constexpr):
-    """The query block of this program; HEAVY_FIRST: the last block first. A query block's work grows with its
-    index up to the window, so the GPU then starts the longest programs first and ends on short ones."""
-    i_m = tl.program_id(0)
+def _program_block(num_rows, num_full, HEAVY_FIRST: tl.constexpr):
+    """(block, row) of this program in a 1-D grid over blocks x `num_rows` rows (batch row, head or head tile).
+    Counted from the heaviest block (the last one with HEAVY_FIRST, for query blocks, whose work grows up to the
+    window; the first one otherwise, for key blocks, whose work shrinks at the end of the sequence), the first
+    `num_full` blocks of a row see a whole window: programs take them row by row (neighbouring blocks of a row share
+    their tiles in L2), then the shorter blocks, block by block across the rows and longest first, so that the launch
+    ends on the shortest block of every row rather than on all the blocks of its last row."""
+    pid = tl.program_id(0)
+    heavy = num_full * num_rows
+    if pid < heavy:
+        i_row = pid // tl.maximum(num_full, 1)
+        i_blk = pid - i_row * num_full
+    else:
+        i_blk = num_full + (pid - heavy) // num_rows
+        i_row = (pid - heavy) - (i_blk - num_full) * num_rows
     if HEAVY_FIRST:
-        i_m = tl.num_programs(0) - 1 - i_m
-    return i_m
+        i_blk = tl.num_programs(0) // num_rows - 1 - i_blk
+    return i_blk, i_row
 
 
 @triton.jit
@@ -122,55 +135,73 @@ def _fwd_tile(
     S: tl.constexpr,
     MASK_D: tl.constexpr,
     USE_DESC: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
 ):
     """One online-softmax step over keys `o_s`. MODE 0: fully visible; 1: window, causal and key-bound masks;
-    2: sink keys (o_s = first + j), visible once out of the window. With USE_DESC, MODE 0 loads its k and v tiles
-    through tensor descriptors (TMA) at row `desc_row` (= the flat token of o_s[0]) and column `desc_col`."""
+    2: sink keys (o_s = first + j), visible once out of the window. With USE_DESC, MODE 0 and 1 load their k and v
+    tiles through tensor descriptors (TMA) at row `desc_row` (= the flat token of o_s[0]) and column `desc_col`,
+    unmasked: a masked key gets p = 0, so the finite values its row holds (a neighbouring sequence, padding, TMA's
+    zeros past the end) add nothing."""
     # full pointer tiles per step: hoisting the [BN, BD] offsets out of the loop (as dq and dk/dv do) made this
     # kernel 19% slower on an H100 (4.59 -> 5.48 ms at T = 32k)
     p_k = k_base + o_s[:, None] * stride_kv + o_d[None, :]
     p_v = v_base + o_s[:, None] * stride_kv + o_d[None, :]
-    if MODE == 0:
-        if USE_DESC:
-            b_k = k_desc.load([desc_row, desc_col])
-        else:
-            b_k = _load_tile(p_k, o_s, m_d, False, MASK_D)
-    else:
+    if MODE != 0:
         m_s = (o_s >= k_lo) & (o_s < k_hi)
         if MODE == 2:
             m_s = m_s & (o_s - k_lo < S)
+    if USE_DESC and MODE != 2:
+        b_k = k_desc.load([desc_row, desc_col])
+    elif MODE == 0:
+        b_k = _load_tile(p_k, o_s, m_d, False, MASK_D)
+    else:
         b_k = _load_tile(p_k, m_s, m_d, True, MASK_D)
     # [BM, BN]
     b_s = tl.dot(b_q, tl.trans(b_k))
-    if MODE == 0:
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
-        b_p = tl.exp2(b_s * qk_scale - b_mn[:, None])
-        b_ms = b_mn
+    if MODE == 0 and LAZY_RESCALE:
+        # the running max m is only a reference: o = acc / l and lse = m + log2(l) hold for any m that bounds the
+        # scores closely enough, so m moves (and acc and l are rescaled) only when a row's max exceeds it by more than
+        # RESCALE_SLACK; otherwise p <= 2^RESCALE_SLACK, exact in the fp32 sums and the 16-bit p
+        b_mx = tl.max(b_s, 1) * qk_scale
+        if tl.max(b_mx - b_m, 0) > RESCALE_SLACK:
+            b_mn = tl.maximum(b_m, b_mx)
+            b_alpha = tl.exp2(b_m - b_mn)
+            b_l = b_l * b_alpha
+            b_acc = b_acc * b_alpha[:, None]
+            b_m = b_mn
+        b_p = tl.exp2(b_s * qk_scale - b_m[:, None])
+        b_l = b_l + tl.sum(b_p, 1)
+        b_mn = b_m
     else:
-        dist = o_t[:, None] - o_s[None, :]
-        if MODE == 1:
-            m_ts = (dist >= 0) & (dist < window) & m_s[None, :]
+        if MODE == 0:
+            b_mn = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
+            b_p = tl.exp2(b_s * qk_scale - b_mn[:, None])
+            b_ms = b_mn
         else:
-            m_ts = (dist >= window) & m_s[None, :]
-        b_s = tl.where(m_ts, b_s * qk_scale, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        # rows that have seen no key yet keep m = -inf; exponentiate against 0 there
-        b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-        b_p = tl.exp2(b_s - b_ms[:, None])
-    b_alpha = tl.exp2(b_m - b_ms)
-    b_l = b_l * b_alpha + tl.sum(b_p, 1)
-    if MODE == 0:
-        if USE_DESC:
-            b_v = v_desc.load([desc_row, desc_col])
-        else:
-            b_v = _load_tile(p_v, o_s, m_d, False, MASK_D)
+            dist = o_t[:, None] - o_s[None, :]
+            if MODE == 1:
+                m_ts = (dist >= 0) & (dist < window) & m_s[None, :]
+            else:
+                m_ts = (dist >= window) & m_s[None, :]
+            b_s = tl.where(m_ts, b_s * qk_scale, float("-inf"))
+            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+            # rows that have seen no key yet keep m = -inf; exponentiate against 0 there
+            b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+            b_p = tl.exp2(b_s - b_ms[:, None])
+        b_alpha = tl.exp2(b_m - b_ms)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None]
+    if USE_DESC and MODE != 2:
+        b_v = v_desc.load([desc_row, desc_col])
+    elif MODE == 0:
+        b_v = _load_tile(p_v, o_s, m_d, False, MASK_D)
     else:
         b_v = _load_tile(p_v, m_s, m_d, True, MASK_D)
-    b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None])
+    b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc)
     return b_acc, b_mn, b_l
 
 
-@triton.jit(do_not_specialize=["T", "N", "window"])
+@triton.jit(do_not_specialize=["T", "N", "window", "num_rows", "num_full"])
 def sliding_fwd_kernel(
     q,
     k,
@@ -187,6 +218,8 @@ def sliding_fwd_kernel(
     window,
     T,
     N,
+    num_rows,
+    num_full,
     H: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -201,11 +234,12 @@ def sliding_fwd_kernel(
     USE_DESC: tl.constexpr,
     PACK: tl.constexpr,
     HEAVY_FIRST: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr,
 ):
     """o and the log2-sum-exp of one tile of BM rows: BM // PACK queries of PACK query heads of one GQA group (row r
     is query m0 + r // PACK of head i_hp * PACK + r % PACK), so the group's heads share every k/v tile they load."""
     BT: tl.constexpr = BM // PACK
-    i_m, i_bh = _query_block(HEAVY_FIRST), tl.program_id(1)
+    i_m, i_bh = _program_block(num_rows, num_full, HEAVY_FIRST)
     i_b, i_hp = i_bh // (H // PACK), i_bh % (H // PACK)
     i_hkv = i_hp * PACK // (H // HKV)
     bos, seq_len, m0, k_lo, k_hi, _i_seq = _locate(
@@ -262,6 +296,7 @@ def sliding_fwd_kernel(
                 S,
                 MASK_D,
                 False,
+                LAZY_RESCALE,
             )
     lo, a, b, hi = _window_phases(m0, k_lo, k_hi, window, BT, BN)
     for n0 in range(lo, a, BN):
@@ -283,12 +318,13 @@ def sliding_fwd_kernel(
             qk_scale,
             k_desc,
             v_desc,
-            0,
-            0,
+            (bos + n0).to(tl.int32),
+            i_hkv * D,
             1,
             S,
             MASK_D,
-            False,
+            USE_DESC,
+            LAZY_RESCALE,
         )
     for n0 in range(a, b, BN):
         b_acc, b_m, b_l = _fwd_tile(
@@ -315,6 +351,7 @@ def sliding_fwd_kernel(
             S,
             MASK_D,
             USE_DESC,
+            LAZY_RESCALE,
         )
     for n0 in range(b, hi, BN):
         b_acc, b_m, b_l = _fwd_tile(
@@ -335,12 +372,13 @@ def sliding_fwd_kernel(
             qk_scale,
             k_desc,
             v_desc,
-            0,
-            0,
+            (bos + n0).to(tl.int32),
+            i_hkv * D,
             1,
             S,
             MASK_D,
-            False,
+            USE_DESC,
+            LAZY_RESCALE,
         )
 
     # rows with no visible key (padding) give 0 and lse = +inf, so that the backward sees p = 0
@@ -384,17 +422,17 @@ def _dq_tile(
     o_s = n0 + o_n
     p_k = (k_base + n0 * stride_kv) + o_kv
     p_v = (v_base + n0 * stride_kv) + o_kv
-    if MODE == 0:
-        if USE_DESC:
-            b_k = k_desc.load([desc_row0 + n0, desc_col])
-            b_v = v_desc.load([desc_row0 + n0, desc_col])
-        else:
-            b_k = _load_tile(p_k, o_s, m_d, False, MASK_D)
-            b_v = _load_tile(p_v, o_s, m_d, False, MASK_D)
-    else:
+    if MODE != 0:
         m_s = (o_s >= k_lo) & (o_s < k_hi)
         if MODE == 2:
             m_s = m_s & (o_s - k_lo < S)
+    if USE_DESC and MODE != 2:
+        b_k = k_desc.load([desc_row0 + n0, desc_col])
+        b_v = v_desc.load([desc_row0 + n0, desc_col])
+    elif MODE == 0:
+        b_k = _load_tile(p_k, o_s, m_d, False, MASK_D)
+        b_v = _load_tile(p_v, o_s, m_d, False, MASK_D)
+    else:
         b_k = _load_tile(p_k, m_s, m_d, True, MASK_D)
         b_v = _load_tile(p_v, m_s, m_d, True, MASK_D)
     # [BM, BN]
@@ -412,7 +450,7 @@ def _dq_tile(
     return b_dq, b_p, b_ds
 
 
-@triton.jit(do_not_specialize=["T", "N", "window"])
+@triton.jit(do_not_specialize=["T", "N", "window", "num_rows", "num_full"])
 def sliding_bwd_dq_kernel(
     q,
     k,
@@ -433,6 +471,8 @@ def sliding_bwd_dq_kernel(
     window,
     T,
     N,
+    num_rows,
+    num_full,
     H: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -451,7 +491,7 @@ def sliding_bwd_dq_kernel(
     `sliding_fwd_kernel`); with sinks, also this tile's share of the sink keys' dk (unscaled) and dv from the queries
     outside their window, into `sink_dk/sink_dv[i_m, b * (H / PACK) + i_hp, j]`."""
     BT: tl.constexpr = BM // PACK
-    i_m, i_bh = _query_block(HEAVY_FIRST), tl.program_id(1)
+    i_m, i_bh = _program_block(num_rows, num_full, HEAVY_FIRST)
     i_b, i_hp = i_bh // (H // PACK), i_bh % (H // PACK)
     i_hkv = i_hp * PACK // (H // HKV)
     bos, seq_len, m0, k_lo, k_hi, _i_seq = _locate(
@@ -513,7 +553,7 @@ def sliding_bwd_dq_kernel(
             b_sdv = tl.dot(tl.trans(b_p.to(b_do.dtype)), b_do)
             b_sdk = tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q)
             o_j = tl.arange(0, BS)
-            p_s = (i_m.to(tl.int64) * tl.num_programs(1) + i_bh) * S * D + o_j[:, None] * D + o_d[None, :]
+            p_s = (i_m.to(tl.int64) * num_rows + i_bh) * S * D + o_j[:, None] * D + o_d[None, :]
             m_s = (o_j < S)[:, None] & m_d[None, :]
             tl.store(sink_dk + p_s, b_sdk, mask=m_s)
             tl.store(sink_dv + p_s, b_sdv, mask=m_s)
@@ -541,12 +581,12 @@ def sliding_bwd_dq_kernel(
             qk_scale,
             k_desc,
             v_desc,
-            0,
-            0,
+            bos.to(tl.int32),
+            i_hkv * D,
             1,
             S,
             MASK_D,
-            False,
+            USE_DESC,
         )
     for n0 in range(a, b, BN):
         b_dq, _b_p, _b_ds = _dq_tile(
@@ -597,12 +637,12 @@ def sliding_bwd_dq_kernel(
             qk_scale,
             k_desc,
             v_desc,
-            0,
-            0,
+            bos.to(tl.int32),
+            i_hkv * D,
             1,
             S,
             MASK_D,
-            False,
+            USE_DESC,
         )
     tl.store(dq + p_q, (b_dq * scale).to(dq.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
@@ -636,11 +676,12 @@ def _dkdv_tile(
     USE_DESC: tl.constexpr,
 ):
     """dk += ds^T q, dv += p^T do over queries o_t = m0 + o_m (tile offsets `o_qd`, loop-invariant; MASKED:
-    causal, window and sequence-end masks). With USE_DESC an unmasked tile loads q and do through tensor
-    descriptors at row desc_row0 + m0 (desc_row0: the flat token of the sequence's first query), column desc_col."""
+    causal, window and sequence-end masks). With USE_DESC a tile loads q and do through tensor descriptors at row
+    desc_row0 + m0 (desc_row0: the flat token of the sequence's first query), column desc_col, unmasked (a masked
+    query gets p = 0, as in `_fwd_tile`)."""
     o_t = m0 + o_m
     m_t = o_t < seq_len
-    if USE_DESC and not MASKED:
+    if USE_DESC:
         b_q = q_desc.load([desc_row0 + m0, desc_col])
         b_do = do_desc.load([desc_row0 + m0, desc_col])
     else:
@@ -664,7 +705,7 @@ def _dkdv_tile(
     return b_dk, b_dv
 
 
-@triton.jit(do_not_specialize=["T", "N", "window"])
+@triton.jit(do_not_specialize=["T", "N", "window", "num_rows", "num_full"])
 def sliding_bwd_dkdv_kernel(
     q,
     k,
@@ -685,6 +726,8 @@ def sliding_bwd_dkdv_kernel(
     window,
     T,
     N,
+    num_rows,
+    num_full,
     H: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -698,7 +741,7 @@ def sliding_bwd_dkdv_kernel(
 ):
     """dk, dv of one [BN]-key block of one kv head: every query head of the group, every query block inside the
     keys' window; the sink keys add the partials of `sliding_bwd_dq_kernel` (summed per sequence and kv head)."""
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_bh = _program_block(num_rows, num_full, False)
     i_b, i_hkv = i_bh // HKV, i_bh % HKV
     G: tl.constexpr = H // HKV
     bos, seq_len, n0, k_lo, k_hi, i_seq = _locate(

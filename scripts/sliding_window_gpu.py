@@ -425,7 +425,7 @@ def run_profile(results):
 SWEEP = {
     "fwd": [(128, 64, 8, 2, 128), (128, 64, 8, 3), (128, 64, 8, 2, 168), (64, 64, 4, 3), (256, 64, 16, 2)],
     "dq": [(128, 128, 8, 2), (128, 128, 8, 2, 240), (128, 64, 8, 3), (64, 128, 4, 2)],
-    "dkdv": [(32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)],
+    "dkdv": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
 }
 # the option each candidate runs with off and on: GQA heads packed per tile (forward, dq), tensor descriptors (dk/dv)
 SWEEP_OPTION = {"fwd": "PACK_GQA_HEADS", "dq": "PACK_GQA_HEADS", "dkdv": "TENSOR_DESCRIPTOR_KERNELS"}

@@ -103,11 +103,13 @@ def some_cases(*names):
     return found
 
 
-@pytest.mark.parametrize("case", some_cases("window>T", "T200-window90-GQA-bf16", "varlen-window70"))
+@pytest.mark.parametrize(
+    "case", some_cases("window>T", "T200-window90-GQA-bf16", "varlen-window70", "T150-G4-sinks-logits-padding")
+)
 def test_matches_naive_through_tensor_descriptors(case, monkeypatch):
-    """Tensor-descriptor (TMA) loads of the fully visible tiles, forced on in all three kernels (on Hopper GPUs the
-    dk/dv kernel uses them by default), read the same tiles as the pointer loads: each kernel builds its two
-    descriptors, and the results match the naive op."""
+    """Tensor-descriptor (TMA) loads of the window's tiles, forced on in all three kernels (on Hopper GPUs they are
+    on by default), read unmasked tiles where the pointer loads mask keys (or queries) of padding, of a neighbouring
+    sequence or past the end: each kernel builds its descriptors, and the results match the naive op."""
     monkeypatch.setattr(ops, "USE_TENSOR_DESCRIPTORS", True)
     built = []
     from_tensor = ops.TensorDescriptor.from_tensor
@@ -140,6 +142,77 @@ def test_matches_naive_with_the_other_block_order(case, monkeypatch):
     its block, and dq's sink partials their slot, from the block index alone."""
     monkeypatch.setattr(ops, "HEAVY_BLOCKS_FIRST", {kind: not last for kind, last in ops.HEAVY_BLOCKS_FIRST.items()})
     check_against_naive(*case)
+
+
+@pytest.mark.parametrize("across", [True, False])
+@pytest.mark.parametrize("case", some_cases("T200-window90-GQA-bf16", "T150-G4-sinks-logits-padding"))
+def test_matches_naive_in_either_block_schedule(case, across, monkeypatch):
+    """Every kernel runs with its blocks row by row, or with the blocks that see a whole window row by row and the
+    shorter ones across the rows (`SHORT_BLOCKS_ACROSS_ROWS`, on by default for dk/dv): each program takes one
+    (block, row), and none is left out."""
+    monkeypatch.setattr(ops, "SHORT_BLOCKS_ACROSS_ROWS", dict.fromkeys(ops.SHORT_BLOCKS_ACROSS_ROWS, across))
+    heads, window = case[2], case[5]
+    fwd = ops._tiles("fwd", case[4], case[8], torch.device(DEVICE))
+    dkdv = ops._tiles("dkdv", case[4], case[8], torch.device(DEVICE))
+    # these cases have both kinds of blocks: some that see a whole window, some shorter
+    for kind, block in (("fwd", fwd["BM"] // ops._pack(heads, case[3], fwd["BM"])), ("dkdv", dkdv["BN"])):
+        count = -(-case[1] // block)
+        full = ops._full_blocks(kind, count, block, case[1], window, False)
+        assert 0 < full < count if across else full == count
+    check_against_naive(*case)
+
+
+def jumping_scores(dtype, seed=3):
+    """(q, k, v, do) `[1, 160, 2 or 1, 32]` whose scores carry an offset per key: flat, +6 (log2 units) at key 30,
+    +17 at 60, back to +6 at 75, +29 at 100, +150 at 140 (past fp32's range as p = 2^150 against a stale max). q and k hold bf16 values, so that a GPU's tf32 products of
+    the fp32 inputs are exact too."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_len, head_dim = 160, 32
+    direction = torch.randn(head_dim, generator=gen)
+    q = torch.randn(1, seq_len, 2, head_dim, generator=gen) * 0.3 + direction
+    bump = torch.zeros(seq_len)
+    for start, rise in ((30, 6.0), (60, 17.0), (75, 6.0), (100, 29.0), (140, 150.0)):
+        bump[start:] = rise
+    # log2 units of the score per unit of `direction` in k
+    unit = head_dim**-0.5 * direction.square().sum() * 1.4426950408889634
+    k = torch.randn(1, seq_len, 1, head_dim, generator=gen) * 0.3 + (bump / unit)[None, :, None, None] * direction
+    v = torch.randn(1, seq_len, 1, head_dim, generator=gen)
+    do = torch.randn(1, seq_len, 2, head_dim, generator=gen)
+    return [x.to(torch.bfloat16).to(dtype).to(DEVICE) for x in (q, k, v, do)]
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_matches_naive_when_the_score_max_jumps(lazy, monkeypatch):
+    """The forward moves its reference max only when a tile's scores exceed it by more than `RESCALE_SLACK` (2^8):
+    scores that jump by 17, 29 and 150 (forcing a rescale) and rise by 6 (within the slack, so p runs up to 2^6
+    against the old max) give the naive op's output and gradients, with the lazy rescale and without."""
+    monkeypatch.setattr(ops, "LAZY_RESCALE", lazy)
+    q, k, v, do = jumping_scores(torch.float32)
+    tri = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    o = kernels.sliding_window_attention(*tri, 120, 2)
+    o_ref = testing.naive_sliding_window_attention(*ref, 120, 2)
+    (o * do).sum().backward()
+    (o_ref * do.double()).sum().backward()
+    output_tol, grad_tol = TOLERANCE[torch.float32]
+    assert rel_rms(o, o_ref) <= output_tol
+    for a, b in zip(tri, ref, strict=True):
+        assert rel_rms(a.grad, b.grad) <= grad_tol
+
+
+def test_lazy_rescale_in_bf16(monkeypatch):
+    """With bf16 inputs, p is rounded to bf16 whatever its scale: the lazy rescale (p up to 2^8 times the row's share)
+    gives the output of the exact one. (Against the fp64 naive op these nearly one-hot rows lose about 2% of their
+    gradients to the 16-bit p and ds, with either rescale.)"""
+    q, k, v, _do = jumping_scores(torch.bfloat16)
+    outputs = []
+    for lazy in (True, False):
+        monkeypatch.setattr(ops, "LAZY_RESCALE", lazy)
+        outputs.append(kernels.sliding_window_attention(q, k, v, 120, 2))
+    o_ref = testing.naive_sliding_window_attention(q.double(), k.double(), v.double(), 120, 2)
+    assert rel_rms(outputs[0], o_ref) <= TOLERANCE[torch.bfloat16][0]
+    # both round o to bf16 (2^-9 relative)
+    assert rel_rms(outputs[0], outputs[1]) <= TOLERANCE[torch.bfloat16][0]
 
 
 def test_heads_packed_per_tile():
