@@ -567,7 +567,8 @@ def main():
         "tiles": {kind: {str(k): v for k, v in tiles.items()} for kind, tiles in ops.GPU_TILES.items()},
         "pack_gqa_heads": ops.PACK_GQA_HEADS,
         "tensor_descriptors": {
-            kind: ops._use_descriptors(kind, torch.empty(0, device="cuda"), HEAD_DIM) for kind in ops.GPU_TILES
+            kind: ops._use_descriptors(kind, torch.empty(1, 1, 1, HEAD_DIM, device="cuda"), HEAD_DIM)
+            for kind in ops.GPU_TILES
         },
         "correctness": [],
         "prefill": [],
