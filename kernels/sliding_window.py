@@ -60,7 +60,9 @@ DECODE_OPTIONS = {"num_warps": 4, "num_stages": 2}
 PACK_GQA_HEADS = True
 # the window's tiles can load k/v (forward, dq) and q/do (dk/dv) through TMA tensor descriptors, on GPUs of compute
 # capability 9 (Hopper) and later when the head dim is a power of two; the masked tiles at the window's edges then
-# load unmasked and mask the scores alone (the sink keys' tile keeps its masked pointer loads). With descriptors
+# load whole tiles and mask the scores alone (the sink keys' tile keeps its masked pointer loads), so padding keys
+# and values are zeroed on the host first (`_zero_padding`): p = 0 there, but 0 * NaN is not 0. Zeroing the masked
+# rows in the kernels instead cost 3-6% per kernel on an H100 (dk/dv 7.43 -> 7.90 ms at 32k, forward 3.94 -> 4.07). With descriptors
 # only for the fully visible tiles, the pointer tiles of the edges held the registers: the forward (capped at 128)
 # spilled 66 bytes, dq 48, dk/dv 78. With every window tile on descriptors, on an H100 (bf16, D = 128, window 4096,
 # do_bench, five rounds alternating with Flex; two runs, each against its own Flex): the forward spills 22 bytes and
@@ -83,7 +85,7 @@ HEAVY_BLOCKS_FIRST = {"fwd": True, "dq": True}
 # full ones row by row) lost at 32k and 128k, where a row's neighbouring blocks no longer share their L2 tiles
 SHORT_BLOCKS_ACROSS_ROWS = {"fwd": False, "dq": False, "dkdv": True}
 # the forward moves its running max (and rescales its accumulator) only when a tile's scores exceed it by more than
-# 2^8 (`RESCALE_SLACK`), instead of at every tile: on an H100 (do_bench, five rounds alternating with Flex) the
+# 8 in log2 units, a factor of 2^8 (`RESCALE_SLACK`), instead of at every tile: on an H100 (do_bench, five rounds alternating with Flex) the
 # forward's ratio to Flex went 1.201 -> 1.209 at 8k, 1.196 -> 1.218 at 32k, 1.218 -> 1.233 at 128k
 LAZY_RESCALE = True
 
@@ -142,7 +144,7 @@ def takes_register_caps() -> bool:
 
 
 def _use_descriptors(kind: str, x: torch.Tensor, head_dim: int) -> bool:
-    """Whether kernel `kind` ("fwd", "dq", "dkdv") loads its fully visible tiles through tensor descriptors."""
+    """Whether kernel `kind` ("fwd", "dq", "dkdv") loads the tiles of the window through tensor descriptors."""
     if TensorDescriptor is None or _block(head_dim) != head_dim or x.numel() == 0:
         return False
     if USE_TENSOR_DESCRIPTORS is not None:
@@ -382,6 +384,14 @@ class SlidingWindowAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, dsink, None, None, None, None, None, None
 
 
+def _zero_padding(k: torch.Tensor, v: torch.Tensor, key_bounds: torch.Tensor):
+    """k and v with the keys outside each row's `[first, end)` set to 0: tensor-descriptor loads read them with the
+    window's edge tiles, and a model's padding positions may hold anything, NaN and inf included."""
+    positions = torch.arange(k.shape[1], device=k.device)
+    padding = ((positions < key_bounds[:, :1]) | (positions >= key_bounds[:, 1:]))[:, :, None, None]
+    return k.masked_fill(padding, 0), v.masked_fill(padding, 0)
+
+
 def _check_head_dims(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(
@@ -458,6 +468,8 @@ def sliding_window_attention(
     scale = head_dim**-0.5 if scale is None else float(scale)
     dtype = q.dtype
     q, k, v = q.contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous()
+    if key_bounds is not None and any(_use_descriptors(kind, q, head_dim) for kind in ("fwd", "dq")):
+        k, v = _zero_padding(k, v, key_bounds)
     return SlidingWindowAttentionFunction.apply(
         q, k, v, sink_logits, int(window), int(num_sink_tokens), scale, cu_seqlens, seq_lens, key_bounds
     )
