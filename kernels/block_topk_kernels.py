@@ -27,6 +27,7 @@ try:
 except ImportError as error:  # the importer falls back to the torch reference
     raise ImportError("the block top-k kernels need triton (`pip install triton`)") from error
 
+from .decode_attention import masked_attention_step
 from .decoder_fusion import rotate_half_rounded
 
 
@@ -787,15 +788,7 @@ def block_topk_decode_kernel(
             n_next = tl.where(i_next == i_blk, own_valid, BS)
             b_kn, b_vn = _decode_load_block(k_base, v_base, stride_kt, stride_vt, i_next, n_next, o_d, m_d, BS)
             m_t = tl.arange(0, BS) < n_j
-            # [BG, BS] in base-2 units
-            b_sc = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-            b_sc = tl.where(m_t[None, :], b_sc, float("-inf"))
-            b_mn = tl.maximum(b_m, tl.max(b_sc, 1))
-            b_p = tl.exp2(b_sc - b_mn[:, None])
-            b_alpha = tl.exp2(b_m - b_mn)
-            b_l = b_l * b_alpha + tl.sum(b_p, 1)
-            b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=PRECISION)
-            b_m = b_mn
+            b_acc, b_m, b_l = masked_attention_step(b_q, b_k, b_v, m_t, b_m, b_l, b_acc, qk_scale, PRECISION)
             b_k, b_v, n_j = b_kn, b_vn, n_next
         tl.store(p_o, (b_acc / b_l[:, None]).to(o.dtype.element_ty), mask=m_qd)
 

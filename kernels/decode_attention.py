@@ -43,6 +43,22 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+@triton.jit
+def masked_attention_step(b_q, b_k, b_v, m_n, b_m, b_l, b_acc, qk_scale, PRECISION: tl.constexpr):
+    """One online-softmax step of query rows `b_q` [BG, BD] over a key tile `b_k`, `b_v` [BN, BD] whose valid keys are
+    `m_n` [BN] (at least one): returns the new (acc, running max, row sum), scores in log2 units (`qk_scale` = scale *
+    log2(e)), so the running max stays finite. Also the block_topk decode kernel's step."""
+    # [BG, BN]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
+    b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    b_p = tl.exp2(b_s - b_mn[:, None])
+    b_alpha = tl.exp2(b_m - b_mn)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=PRECISION)
+    return b_acc, b_mn, b_l
+
+
 @triton.jit(do_not_specialize=["L", "stride_len"])
 def decode_attention_split_kernel(
     q,
@@ -106,15 +122,8 @@ def decode_attention_split_kernel(
         # [BN, BD]
         b_k = tl.load(k_base + o_n.to(tl.int64)[:, None] * stride_kt + o_d[None, :], mask=m_nd, other=0.0)
         b_v = tl.load(v_base + o_n.to(tl.int64)[:, None] * stride_vt + o_d[None, :], mask=m_nd, other=0.0)
-        # [BG, BN] scores in log2 units; every tile holds a valid key, so the running max stays finite
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mn[:, None])
-        b_alpha = tl.exp2(b_m - b_mn)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc * b_alpha[:, None], input_precision=PRECISION)
-        b_m = b_mn
+        # every tile holds a valid key
+        b_acc, b_m, b_l = masked_attention_step(b_q, b_k, b_v, m_n, b_m, b_l, b_acc, qk_scale, PRECISION)
 
     # an empty split stores a zero output and lse = -inf: it weighs nothing in the merge
     m_any = b_l > 0.0

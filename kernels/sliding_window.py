@@ -267,14 +267,14 @@ def _backward(q, k, v, o, lse, do, sink_logits, window, num_sinks, scale, cu_seq
     pack = _pack(num_heads, num_kv_heads, tiles["BM"])
     blocks = _Blocks(seq_len, seq_lens, tiles["BM"] // pack, q.device)
     dq = torch.empty_like(q)
+    grid_rows = rows * num_heads // pack
     sink_dk = sink_dv = None
     if num_sinks:
         # one partial per query block and tile of query heads; blocks whose queries never see a sink out of the
         # window leave theirs at zero
-        partial_shape = (blocks.count, rows * num_heads // pack, num_sinks, head_dim)
+        partial_shape = (blocks.count, grid_rows, num_sinks, head_dim)
         sink_dk = torch.zeros(partial_shape, dtype=torch.float32, device=q.device)
         sink_dv = torch.zeros(partial_shape, dtype=torch.float32, device=q.device)
-    grid_rows = rows * num_heads // pack
     num_full = _full_blocks("dq", blocks.count, tiles["BM"] // pack, seq_len, window, seq_lens is not None)
     sliding_bwd_dq_kernel[(blocks.count * grid_rows,)](
         q,
